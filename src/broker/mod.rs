@@ -1,0 +1,244 @@
+//! The broker: an axum service that issues tokens, publishes keys and revocations, and answers
+//! dry-run authorisation questions. One file per API resource; `problem` maps every error.
+//!
+//! The route table below is the single source of what the broker serves: the router is built
+//! from it and a test compares it with `openapi.yaml`.
+
+mod authorize;
+mod health;
+mod keys;
+pub mod problem;
+mod revocations;
+mod tokens;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::Method;
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::BrokerConfig;
+use crate::guard::{Guard, GuardConfig, KeyView};
+use crate::identity::Authenticator;
+use crate::policy::{GrantEvaluator, PolicySet};
+use crate::revocation::RevocationView;
+use crate::store::{SqliteStore, Store};
+use crate::token::Keyring;
+use problem::ApiError;
+
+pub use revocations::FeedPage;
+pub use tokens::{AuthorizationDetail, TokenResponse};
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How often the broker refreshes its own revocation view and key ring from disk and store.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(250);
+/// Adapters and the dry run deny once their revocation view is older than this.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Keys(#[from] crate::token::KeyError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityConfigError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+pub struct BrokerState {
+    pub config: BrokerConfig,
+    keyring: RwLock<Arc<Keyring>>,
+    keys: KeyView,
+    pub authenticator: Authenticator,
+    pub grants: GrantEvaluator,
+    pub guard: Guard,
+    pub store: Arc<dyn Store>,
+    /// Latest revocation cursor, for long-polling feed readers.
+    revocation_cursor: watch::Sender<u64>,
+}
+
+impl BrokerState {
+    /// Loads everything the broker needs and refuses to start on any doubt.
+    pub fn open(config: BrokerConfig) -> Result<Arc<Self>, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let (keyring, created) = Keyring::open_or_create(&config.data_dir)?;
+        if created {
+            tracing::info!(key_id = keyring.active_key_id(), "generated a new root key");
+        }
+        let grant_policy = PolicySet::load_dir(&config.policies)?;
+        let adapter_policy = PolicySet::load_dir(&config.adapter_policies)?;
+        let authenticator = Authenticator::from_config(&config.identity, &config.operators)?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("state.db"))?);
+        let keys: KeyView = Arc::new(RwLock::new(Arc::new(keyring.public_keys()?)));
+        let guard = Guard::new(
+            GuardConfig {
+                adapter: "broker-dry-run".into(),
+                max_token_bytes: config.tokens.max_token_bytes,
+                max_staleness: DEFAULT_MAX_STALENESS,
+                limits: config.datalog.clone(),
+            },
+            keys.clone(),
+            Arc::new(RevocationView::new()),
+            adapter_policy,
+        );
+        Ok(Arc::new(BrokerState {
+            grants: GrantEvaluator::new(grant_policy, &config),
+            config,
+            keyring: RwLock::new(Arc::new(keyring)),
+            keys,
+            authenticator,
+            guard,
+            store,
+            revocation_cursor: watch::channel(0).0,
+        }))
+    }
+
+    pub fn keyring(&self) -> Result<Arc<Keyring>, ApiError> {
+        self.keyring
+            .read()
+            .map(|k| k.clone())
+            .map_err(|_| ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "keys_unavailable",
+                "signing keys are unavailable",
+            ))
+    }
+
+    pub(crate) fn notify_revocation(&self, cursor: u64) {
+        self.revocation_cursor.send_if_modified(|current| {
+            let newer = cursor > *current;
+            if newer {
+                *current = cursor;
+            }
+            newer
+        });
+    }
+
+    /// Pulls new revocations from the store into the dry-run guard's view and wakes feed
+    /// readers. The store is the source of truth, so several brokers converge on it.
+    async fn refresh_revocations(&self) {
+        let sent = Instant::now();
+        let view = self.guard.revocations();
+        match self.store.revocations_since(view.cursor(), 10_000).await {
+            Ok(entries) => {
+                view.apply(&entries, sent);
+                self.notify_revocation(view.cursor());
+            }
+            Err(e) => tracing::error!(error = %e, "cannot refresh revocations; dry runs will deny once stale"),
+        }
+    }
+
+    /// Picks up `capgate keys rotate` run against the same data directory.
+    fn reload_keys_if_changed(&self, last: &mut Option<SystemTime>) {
+        let modified = Keyring::ring_modified(&self.config.data_dir);
+        if modified == *last {
+            return;
+        }
+        *last = modified;
+        match Keyring::open(&self.config.data_dir).and_then(|ring| Ok((ring.public_keys()?, ring))) {
+            Ok((public, ring)) => {
+                tracing::info!(active_key_id = ring.active_key_id(), "key ring reloaded");
+                if let (Ok(mut keys), Ok(mut keyring)) = (self.keys.write(), self.keyring.write()) {
+                    *keys = Arc::new(public);
+                    *keyring = Arc::new(ring);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "key ring changed but cannot be loaded; keeping the previous one"),
+        }
+    }
+}
+
+/// Every route the broker serves: (method, path, handler). The router is built from this.
+pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>>)> {
+    vec![
+        (Method::POST, "/v1/tokens", post(tokens::issue)),
+        (Method::GET, "/v1/keys", get(keys::list)),
+        (Method::POST, "/v1/revocations", post(revocations::create)),
+        (Method::GET, "/v1/revocations", get(revocations::feed)),
+        (Method::POST, "/v1/authorize", post(authorize::dry_run)),
+        (Method::GET, "/v1/health", get(health::health)),
+    ]
+}
+
+pub fn router(state: Arc<BrokerState>) -> Router {
+    let mut by_path: BTreeMap<&str, MethodRouter<Arc<BrokerState>>> = BTreeMap::new();
+    for (_, path, handler) in route_table() {
+        let merged = match by_path.remove(path) {
+            Some(existing) => existing.merge(handler),
+            None => handler,
+        };
+        by_path.insert(path, merged);
+    }
+    let mut router = Router::new();
+    for (path, handler) in by_path {
+        router = router.route(path, handler.fallback(|| async { ApiError::method_not_allowed() }));
+    }
+    router
+        .fallback(|| async { ApiError::not_found() })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Starts background refreshers and serves until `shutdown` completes.
+pub async fn serve(
+    config: BrokerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let addr = config.listen;
+    let state = BrokerState::open(config)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    run(listener, state, shutdown).await
+}
+
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<BrokerState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    state.refresh_revocations().await;
+    let background = state.clone();
+    let refresher = tokio::spawn(async move {
+        let mut ring_modified = Keyring::ring_modified(&background.config.data_dir);
+        let mut ticker = tokio::time::interval(REFRESH_INTERVAL);
+        loop {
+            ticker.tick().await;
+            background.refresh_revocations().await;
+            background.reload_keys_if_changed(&mut ring_modified);
+        }
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "capgate broker listening");
+    }
+    let result = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(StartError::Serve);
+    refresher.abort();
+    result
+}

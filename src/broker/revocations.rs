@@ -1,0 +1,123 @@
+//! `POST /v1/revocations` (operators only) and `GET /v1/revocations?since=` (the feed adapters
+//! follow, with optional long polling so revocations reach them within milliseconds).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::problem::{bearer, parse_json, require_json, ApiError, Body};
+use super::BrokerState;
+use crate::identity::{validate_agent_name, AuthError};
+use crate::store::{NewRevocation, Revocation, RevocationKind};
+use crate::token::unix_seconds_now;
+
+/// Longest a feed request may wait for news.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+const FEED_PAGE: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    kind: RevocationKind,
+    value: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+pub async fn create(
+    State(state): State<Arc<BrokerState>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<(StatusCode, Json<Revocation>), ApiError> {
+    let credential = bearer(&headers).ok_or(AuthError::MissingCredential)?;
+    let operator = state.authenticator.authenticate_operator(credential)?;
+    require_json(&headers)?;
+    let request: RevokeRequest = parse_json(&body)?;
+    let invalid = |detail: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_revocation", detail.to_owned());
+    let max_ttl = state.config.tokens.max_ttl.as_secs();
+    let expires_at = match request.kind {
+        RevocationKind::Token => {
+            // biscuit revocation ids are 64-byte signatures.
+            if request.value.len() != 128 || !request.value.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid("a token revocation id is 128 hex characters"));
+            }
+            Some(unix_seconds_now() + max_ttl)
+        }
+        RevocationKind::Session => {
+            if request.value.is_empty() || request.value.len() > 64 {
+                return Err(invalid("a session id is 1 to 64 characters"));
+            }
+            // Unknown sessions are revoked all the same: the entry costs nothing and fails closed.
+            let known = state.store.session(&request.value).await?;
+            Some(known.map(|s| s.expires_at).unwrap_or(unix_seconds_now() + max_ttl))
+        }
+        RevocationKind::Agent => {
+            validate_agent_name(&request.value).map_err(|_| invalid("not a valid agent name"))?;
+            None
+        }
+    };
+    let reason = request.reason.unwrap_or_default();
+    if reason.len() > 1024 {
+        return Err(invalid("reason is longer than 1024 bytes"));
+    }
+    let entry = state
+        .store
+        .revoke(NewRevocation {
+            kind: request.kind,
+            // Revocation ids are hex; one spelling so the set lookup matches.
+            value: if request.kind == RevocationKind::Token {
+                request.value.to_ascii_lowercase()
+            } else {
+                request.value
+            },
+            reason,
+            revoked_by: operator.name.clone(),
+            expires_at,
+        })
+        .await?;
+    state.guard.revocations().apply(std::slice::from_ref(&entry), std::time::Instant::now());
+    state.notify_revocation(entry.cursor);
+    tracing::warn!(operator = %operator.name, kind = entry.kind.as_str(), value = %entry.value, cursor = entry.cursor, "revoked");
+    Ok((StatusCode::CREATED, Json(entry)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedQuery {
+    #[serde(default)]
+    since: u64,
+    /// Seconds to wait for news when there is none (long poll); 0 answers at once.
+    #[serde(default)]
+    wait: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FeedPage {
+    pub revocations: Vec<Revocation>,
+    pub next_cursor: u64,
+}
+
+pub async fn feed(
+    State(state): State<Arc<BrokerState>>,
+    query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<FeedPage>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let wait = Duration::from_secs(query.wait).min(MAX_WAIT);
+    let mut news = state.revocation_cursor.subscribe();
+    let mut revocations = state.store.revocations_since(query.since, FEED_PAGE).await?;
+    if revocations.is_empty() && !wait.is_zero() {
+        let deadline = tokio::time::Instant::now() + wait;
+        while *news.borrow_and_update() <= query.since {
+            if tokio::time::timeout_at(deadline, news.changed()).await.is_err() {
+                break;
+            }
+        }
+        revocations = state.store.revocations_since(query.since, FEED_PAGE).await?;
+    }
+    let next_cursor = revocations.last().map(|r| r.cursor).unwrap_or(query.since);
+    Ok(Json(FeedPage { revocations, next_cursor }))
+}

@@ -1,0 +1,234 @@
+//! The agent side: ask the broker for a token at startup, and keep it fresh for long-running
+//! agents by refreshing before expiry. Also the few operator and adapter calls the CLI needs.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::broker::TokenResponse;
+use crate::scope::Scope;
+use crate::store::{Revocation, RevocationKind};
+use crate::token::KeySetDocument;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the broker: {0}")]
+    Unreachable(String),
+    #[error("broker refused ({status} {code}): {detail}")]
+    Refused {
+        status: u16,
+        code: String,
+        detail: String,
+        /// Refused scopes and reasons, for `scope_refused`.
+        refused: Vec<String>,
+    },
+    #[error("unexpected broker response: {0}")]
+    BadResponse(String),
+    #[error("token expired and could not be refreshed")]
+    Expired,
+}
+
+#[derive(Debug, Deserialize)]
+struct Problem {
+    code: String,
+    #[serde(default)]
+    detail: String,
+    #[serde(default)]
+    refused: Vec<RefusedScope>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RefusedScope {
+    resource: String,
+    verb: String,
+    reason: String,
+}
+
+/// A token as issued, with when to stop using it.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub session_id: String,
+    pub issued_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    broker: String,
+}
+
+impl Client {
+    pub fn new(broker_url: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(40))
+            .build()
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        Ok(Client {
+            http,
+            broker: broker_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Requests a token for `scopes` with the agent's credential (API key or JWT).
+    pub async fn request_token(
+        &self,
+        credential: &str,
+        scopes: &[Scope],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedToken, ClientError> {
+        let details: Vec<_> = scopes
+            .iter()
+            .map(|s| json!({"type": "capgate", "locations": [s.resource], "actions": [s.verb]}))
+            .collect();
+        let mut body = json!({ "authorization_details": details });
+        if let Some(ttl) = ttl {
+            body["ttl_seconds"] = json!(ttl.as_secs().max(1));
+        }
+        let issued_at = SystemTime::now();
+        let response = self
+            .http
+            .post(format!("{}/v1/tokens", self.broker))
+            .bearer_auth(credential)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let response: TokenResponse = decode(response).await?;
+        Ok(IssuedToken {
+            token: response.access_token,
+            session_id: response.session_id,
+            issued_at,
+            // Our own clock, not the broker's string: a refresh must never come too late.
+            expires_at: issued_at + Duration::from_secs(response.expires_in),
+        })
+    }
+
+    pub async fn keys(&self) -> Result<KeySetDocument, ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/keys", self.broker))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        decode(response).await
+    }
+
+    pub async fn revoke(
+        &self,
+        operator_key: &str,
+        kind: RevocationKind,
+        value: &str,
+        reason: &str,
+    ) -> Result<Revocation, ClientError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/revocations", self.broker))
+            .bearer_auth(operator_key)
+            .json(&json!({"kind": kind, "value": value, "reason": reason}))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        decode(response).await
+    }
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse(e.to_string()));
+    }
+    match serde_json::from_slice::<Problem>(&bytes) {
+        Ok(problem) => Err(ClientError::Refused {
+            status: status.as_u16(),
+            code: problem.code,
+            detail: problem.detail,
+            refused: problem
+                .refused
+                .into_iter()
+                .map(|r| format!("{}:{}: {}", r.resource, r.verb, r.reason))
+                .collect(),
+        }),
+        Err(_) => Err(ClientError::BadResponse(format!("HTTP {status} without a problem body"))),
+    }
+}
+
+/// Keeps a token fresh for a long-running agent: refreshes when two thirds of its life have
+/// passed, retries on failure, and stops handing out the token once it has expired.
+pub struct TokenRefresher {
+    current: watch::Receiver<Arc<IssuedToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TokenRefresher {
+    /// Requests the first token (failing if the broker refuses) and starts refreshing.
+    pub async fn start(
+        client: Client,
+        credential: String,
+        scopes: Vec<Scope>,
+        ttl: Option<Duration>,
+    ) -> Result<Self, ClientError> {
+        let first = client.request_token(&credential, &scopes, ttl).await?;
+        let (sender, current) = watch::channel(Arc::new(first));
+        let task = tokio::spawn(async move {
+            loop {
+                let (issued_at, expires_at) = {
+                    let token = sender.borrow();
+                    (token.issued_at, token.expires_at)
+                };
+                let lifetime = expires_at.duration_since(issued_at).unwrap_or_default();
+                let refresh_at = issued_at + lifetime * 2 / 3;
+                if let Ok(wait) = refresh_at.duration_since(SystemTime::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    match client.request_token(&credential, &scopes, ttl).await {
+                        Ok(token) => {
+                            if sender.send(Arc::new(token)).is_err() {
+                                return; // nobody listens any more
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "token refresh failed; retrying");
+                            if matches!(e, ClientError::Refused { status: 401 | 403, .. }) {
+                                return; // revoked or no longer granted: stop, let it expire
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        });
+        Ok(TokenRefresher { current, task })
+    }
+
+    /// The current token, unless it has expired.
+    pub fn token(&self) -> Result<String, ClientError> {
+        let token = self.current.borrow();
+        if token.expires_at <= SystemTime::now() {
+            return Err(ClientError::Expired);
+        }
+        Ok(token.token.clone())
+    }
+
+    pub fn current(&self) -> Arc<IssuedToken> {
+        self.current.borrow().clone()
+    }
+}
+
+impl Drop for TokenRefresher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,359 @@
+//! The guard: the one decision path every adapter (and the broker's dry run) goes through.
+//!
+//! "May this token do this verb on this resource, now?" Cheap rejections come first (size,
+//! expiry), then root key and signature, then the local revocation view, then the token's own
+//! checks together with the adapter policy over request facts the adapter derived itself.
+//! The guard never does network I/O; every error is a deny. Only the guard can construct an
+//! `Authorized<T>`, so an adapter cannot forward anything it did not ask about.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use biscuit_auth::builder::{date, fact, string};
+use biscuit_auth::error::{FailedCheck, Logic, MatchedPolicy, Token as BiscuitError};
+use serde::Serialize;
+
+use crate::config::RunLimits;
+use crate::policy::PolicySet;
+use crate::revocation::{RevocationDenial, RevocationView};
+use crate::scope::Verb;
+use crate::token::{random_id, verify, PublicKeySet, TokenRejected, VerifiedToken};
+
+/// What an adapter asks about. Every field comes from the adapter's own configuration and
+/// parsing of the request, never from anything the agent asserts.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub resource: String,
+    pub verb: Verb,
+    /// The environment the adapter fronts (prod, staging), from its configuration.
+    pub environment: String,
+    /// Protocol details (HTTP method, route, SQL kind…) that policies may inspect.
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Stable deny codes, part of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyCode {
+    TokenTooLarge,
+    TokenMalformed,
+    TokenUnknownKey,
+    TokenKeyRetired,
+    TokenBadSignature,
+    TokenExpired,
+    TokenRevoked,
+    RevocationFeedStale,
+    PolicyDenied,
+    PolicyRunLimit,
+    PolicyError,
+}
+
+impl DenyCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::TokenTooLarge => "token_too_large",
+            DenyCode::TokenMalformed => "token_malformed",
+            DenyCode::TokenUnknownKey => "token_unknown_key",
+            DenyCode::TokenKeyRetired => "token_key_retired",
+            DenyCode::TokenBadSignature => "token_bad_signature",
+            DenyCode::TokenExpired => "token_expired",
+            DenyCode::TokenRevoked => "token_revoked",
+            DenyCode::RevocationFeedStale => "revocation_feed_stale",
+            DenyCode::PolicyDenied => "policy_denied",
+            DenyCode::PolicyRunLimit => "policy_run_limit",
+            DenyCode::PolicyError => "policy_error",
+        }
+    }
+
+    /// Whether the token itself is unusable (HTTP 401) rather than not allowed this (403).
+    pub fn is_authentication_failure(self) -> bool {
+        matches!(
+            self,
+            DenyCode::TokenTooLarge
+                | DenyCode::TokenMalformed
+                | DenyCode::TokenUnknownKey
+                | DenyCode::TokenKeyRetired
+                | DenyCode::TokenBadSignature
+                | DenyCode::TokenExpired
+                | DenyCode::TokenRevoked
+        )
+    }
+}
+
+impl From<&TokenRejected> for DenyCode {
+    fn from(rejected: &TokenRejected) -> Self {
+        match rejected {
+            TokenRejected::TooLarge { .. } => DenyCode::TokenTooLarge,
+            TokenRejected::Malformed => DenyCode::TokenMalformed,
+            TokenRejected::MissingKeyId | TokenRejected::UnknownRootKey(_) => {
+                DenyCode::TokenUnknownKey
+            }
+            TokenRejected::RetiredRootKey(_) => DenyCode::TokenKeyRetired,
+            TokenRejected::BadSignature => DenyCode::TokenBadSignature,
+            TokenRejected::Expired => DenyCode::TokenExpired,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Outcome {
+    Allow,
+    Deny { code: DenyCode, reason: String },
+}
+
+/// A decision with its id, for logs, responses and the audit trail.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub id: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub agent: Option<String>,
+    pub session: Option<String>,
+    /// Which policy allowed, or which checks failed.
+    pub explanation: Vec<String>,
+}
+
+impl Decision {
+    pub fn is_allow(&self) -> bool {
+        self.outcome == Outcome::Allow
+    }
+}
+
+/// Proof that the guard allowed `T`. Only this module can make one.
+#[derive(Debug)]
+pub struct Authorized<T> {
+    inner: T,
+    decision_id: String,
+}
+
+impl<T> Authorized<T> {
+    pub fn decision_id(&self) -> &str {
+        &self.decision_id
+    }
+
+    pub fn get(&self) -> &T {
+        &self.inner
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GuardConfig {
+    /// Adapter name, given to policies as `adapter($name)` and logged.
+    pub adapter: String,
+    pub max_token_bytes: usize,
+    /// How old the revocation view may be before every decision is a deny.
+    pub max_staleness: Duration,
+    pub limits: RunLimits,
+}
+
+/// Keys the guard verifies against; replaced wholesale when the published set changes.
+pub type KeyView = Arc<RwLock<Arc<PublicKeySet>>>;
+
+pub struct Guard {
+    config: GuardConfig,
+    keys: KeyView,
+    revocations: Arc<RevocationView>,
+    policy: PolicySet,
+}
+
+impl Guard {
+    pub fn new(
+        config: GuardConfig,
+        keys: KeyView,
+        revocations: Arc<RevocationView>,
+        policy: PolicySet,
+    ) -> Self {
+        Guard {
+            config,
+            keys,
+            revocations,
+            policy,
+        }
+    }
+
+    pub fn revocations(&self) -> &Arc<RevocationView> {
+        &self.revocations
+    }
+
+    /// Decides, logs the decision, and returns it.
+    pub fn decide(&self, token: &str, request: &Request) -> Decision {
+        let decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        log_decision(&self.config.adapter, request, &decision);
+        decision
+    }
+
+    /// Decides and, on allow, wraps `payload` as proof of the decision.
+    pub fn authorize<T>(
+        &self,
+        token: &str,
+        request: &Request,
+        payload: T,
+    ) -> Result<Authorized<T>, Decision> {
+        let decision = self.decide(token, request);
+        if decision.is_allow() {
+            Ok(Authorized {
+                inner: payload,
+                decision_id: decision.id,
+            })
+        } else {
+            Err(decision)
+        }
+    }
+
+    fn evaluate(&self, token: &str, request: &Request, now: SystemTime, mono: Instant) -> Decision {
+        let id = random_id();
+        let deny = |code: DenyCode, reason: String, verified: Option<&VerifiedToken>, explanation| Decision {
+            id: id.clone(),
+            outcome: Outcome::Deny { code, reason },
+            agent: verified.map(|v| v.agent.clone()),
+            session: verified.map(|v| v.session.clone()),
+            explanation,
+        };
+        let keys = match self.keys.read() {
+            Ok(keys) => keys.clone(),
+            Err(_) => {
+                return deny(DenyCode::TokenUnknownKey, "key view unavailable".into(), None, vec![])
+            }
+        };
+        let verified = match verify(token, &keys, self.config.max_token_bytes, now) {
+            Ok(verified) => verified,
+            Err(rejected) => {
+                return deny(DenyCode::from(&rejected), rejected.to_string(), None, vec![])
+            }
+        };
+        if let Err(denial) = self
+            .revocations
+            .check(&verified, self.config.max_staleness, mono)
+        {
+            let code = match denial {
+                RevocationDenial::Revoked(_) => DenyCode::TokenRevoked,
+                RevocationDenial::NeverSynced | RevocationDenial::Stale { .. } => {
+                    DenyCode::RevocationFeedStale
+                }
+            };
+            return deny(code, denial.to_string(), Some(&verified), vec![]);
+        }
+        match self.run_policy(&verified, request, now) {
+            Ok(explanation) => Decision {
+                id: id.clone(),
+                outcome: Outcome::Allow,
+                agent: Some(verified.agent.clone()),
+                session: Some(verified.session.clone()),
+                explanation,
+            },
+            Err((code, reason, explanation)) => deny(code, reason, Some(&verified), explanation),
+        }
+    }
+
+    /// The token's checks and the adapter policy, over facts the adapter supplied.
+    fn run_policy(
+        &self,
+        verified: &VerifiedToken,
+        request: &Request,
+        now: SystemTime,
+    ) -> Result<Vec<String>, (DenyCode, String, Vec<String>)> {
+        let internal = |e: BiscuitError| (DenyCode::PolicyError, e.to_string(), vec![]);
+        let mut builder = self
+            .policy
+            .builder()
+            .set_limits(self.config.limits.to_biscuit())
+            .fact(fact("time", &[date(&now)]))
+            .and_then(|b| b.fact(fact("resource", &[string(&request.resource)])))
+            .and_then(|b| b.fact(fact("verb", &[string(request.verb.as_str())])))
+            .and_then(|b| b.fact(fact("environment", &[string(&request.environment)])))
+            .and_then(|b| b.fact(fact("adapter", &[string(&self.config.adapter)])))
+            .map_err(internal)?;
+        for (key, value) in &request.attributes {
+            builder = builder
+                .fact(fact("attribute", &[string(key), string(value)]))
+                .map_err(internal)?;
+        }
+        let mut authorizer = builder.build(&verified.biscuit).map_err(internal)?;
+        let policies = || authorizer_policies(&self.policy);
+        match authorizer.authorize() {
+            Ok(index) => Ok(vec![format!(
+                "allowed by `{}`",
+                policies().get(index).cloned().unwrap_or_else(|| format!("policy #{index}"))
+            )]),
+            Err(BiscuitError::RunLimit(limit)) => Err((
+                DenyCode::PolicyRunLimit,
+                format!("Datalog run limit reached: {limit}"),
+                vec![],
+            )),
+            Err(BiscuitError::FailedLogic(logic)) => {
+                let explanation = explain_failure(&logic, &policies());
+                Err((
+                    DenyCode::PolicyDenied,
+                    explanation.first().cloned().unwrap_or_else(|| "denied by policy".into()),
+                    explanation,
+                ))
+            }
+            Err(other) => Err(internal(other)),
+        }
+    }
+}
+
+fn authorizer_policies(policy: &PolicySet) -> Vec<String> {
+    policy
+        .builder()
+        .build_unauthenticated()
+        .map(|a| a.dump().3.iter().map(|p| p.to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn explain_failure(logic: &Logic, policies: &[String]) -> Vec<String> {
+    let (matched, checks) = match logic {
+        Logic::Unauthorized { policy, checks } => (Some(policy), checks.as_slice()),
+        Logic::NoMatchingPolicy { checks } => (None, checks.as_slice()),
+        other => return vec![other.to_string()],
+    };
+    let mut lines = Vec::new();
+    for check in checks {
+        lines.push(match check {
+            FailedCheck::Block(b) if b.block_id == 0 => {
+                format!("token authority check failed: `{}`", b.rule)
+            }
+            FailedCheck::Block(b) => {
+                format!("check in attenuation block {} failed: `{}`", b.block_id, b.rule)
+            }
+            FailedCheck::Authorizer(a) => format!("adapter policy check failed: `{}`", a.rule),
+        });
+    }
+    match matched {
+        Some(MatchedPolicy::Deny(index)) => lines.push(format!(
+            "denied by `{}`",
+            policies.get(*index).cloned().unwrap_or_else(|| format!("policy #{index}"))
+        )),
+        Some(MatchedPolicy::Allow(_)) => {}
+        None => lines.push("no allow policy matched: the token grants no right covering this resource and verb".into()),
+    }
+    lines
+}
+
+fn log_decision(adapter: &str, request: &Request, decision: &Decision) {
+    match &decision.outcome {
+        Outcome::Allow => tracing::info!(
+            decision_id = %decision.id,
+            adapter,
+            agent = decision.agent.as_deref().unwrap_or("-"),
+            resource = %request.resource,
+            verb = %request.verb,
+            "allow"
+        ),
+        Outcome::Deny { code, reason } => tracing::warn!(
+            decision_id = %decision.id,
+            adapter,
+            agent = decision.agent.as_deref().unwrap_or("-"),
+            resource = %request.resource,
+            verb = %request.verb,
+            code = code.as_str(),
+            reason = %reason,
+            "deny"
+        ),
+    }
+}

@@ -1,0 +1,436 @@
+//! The `capgate` command line: parse, call the library, print. Logs go to stderr so that
+//! `export CAPGATE_TOKEN=$(capgate token request ...)` captures only the token.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+
+use capgate::client::Client;
+use capgate::config::BrokerConfig;
+use capgate::guard::{Guard, GuardConfig, Request};
+use capgate::identity::{new_key, AGENT_KEY_PREFIX, OPERATOR_KEY_PREFIX};
+use capgate::policy::{run_cases, CaseOutcome, GrantEvaluator, PolicySet};
+use capgate::revocation::RevocationView;
+use capgate::scope::{ResourcePattern, Scope, Verb};
+use capgate::store::{RevocationKind, SqliteStore, Store};
+use capgate::token::{attenuate, inspect, Attenuation, Keyring, PublicKeySet};
+
+const DEFAULT_CONFIG: &str = "capgate.toml";
+
+#[derive(Parser)]
+#[command(name = "capgate", version, about = "Capability-token permission broker for AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArg {
+    /// Broker configuration file (defaults apply when ./capgate.toml does not exist).
+    #[arg(long, short, env = "CAPGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (creates the root key on first start).
+    Serve(ConfigArg),
+    /// Create the root signing key in the data directory if there is none.
+    Keygen(ConfigArg),
+    /// Root key management.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Request, inspect and attenuate tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Check, test and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Revoke a token, a session or every token of an agent (operator).
+    Revoke(RevokeArgs),
+    /// Create a new agent API key and print its configuration entry.
+    ApiKey {
+        #[arg(long)]
+        agent: String,
+    },
+    /// Create a new operator key and print its configuration entry.
+    OperatorKey {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new key active; the old one keeps verifying until the given date.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// RFC 3339 date until which the old key still verifies (default: now + max token TTL).
+        #[arg(long)]
+        verify_old_until: Option<String>,
+    },
+    /// Print the published key set.
+    List(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Ask the broker for a token and print it (for `export CAPGATE_TOKEN=$(...)`).
+    Request {
+        #[arg(long, env = "CAPGATE_BROKER", default_value = "http://127.0.0.1:8080")]
+        broker: String,
+        /// RESOURCE:VERB, e.g. pg://staging/:write. Repeatable.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<Scope>,
+        /// Lifetime, e.g. 5m (capped by policy).
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// Agent credential: an API key (cgk_…) or an identity JWT.
+        #[arg(long, env = "CAPGATE_CREDENTIAL", hide_env_values = true)]
+        credential: String,
+    },
+    /// Show a token's blocks, facts, checks, expiry, key id and revocation ids.
+    Inspect {
+        /// The token (reads stdin when absent).
+        token: Option<String>,
+        /// Verify the signature against this broker's published keys.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Verify against the keys in this configuration's data directory.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Append a block that narrows resource, verbs or lifetime. Needs no key.
+    Attenuate {
+        token: Option<String>,
+        #[arg(long)]
+        resource: Option<ResourcePattern>,
+        #[arg(long = "verb")]
+        verbs: Vec<Verb>,
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Parse every grant and adapter policy; exit non-zero on any error.
+    Check(ConfigArg),
+    /// Run the cases in policies/tests/ and exit non-zero on any mismatch.
+    Test {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        cases: Option<PathBuf>,
+    },
+    /// Explain offline whether a token may do VERB on RESOURCE, and why.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        resource: ResourcePattern,
+        #[arg(long)]
+        verb: Verb,
+    },
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    #[arg(long, env = "CAPGATE_BROKER", default_value = "http://127.0.0.1:8080")]
+    broker: String,
+    #[arg(long, env = "CAPGATE_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: String,
+    #[arg(long, group = "target")]
+    agent: Option<String>,
+    #[arg(long, group = "target")]
+    session: Option<String>,
+    /// A biscuit revocation id (hex), as shown by `capgate token inspect`.
+    #[arg(long, group = "target")]
+    token_id: Option<String>,
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<ExitCode, String>;
+
+async fn run(command: Command) -> CliResult {
+    match command {
+        Command::Serve(args) => {
+            let config = load_config(&args)?;
+            capgate::broker::serve(config, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen(args) => {
+            let config = load_config(&args)?;
+            std::fs::create_dir_all(&config.data_dir).map_err(|e| e.to_string())?;
+            let (ring, created) = Keyring::open_or_create(&config.data_dir).map_err(|e| e.to_string())?;
+            let verb = if created { "created" } else { "already present" };
+            println!("root key {} {verb} in {}", ring.active_key_id(), config.data_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::Rotate { config, verify_old_until }) => {
+            let config = load_config(&config)?;
+            let until = match verify_old_until {
+                Some(date) => humantime::parse_rfc3339_weak(&date).map_err(|e| format!("--verify-old-until: {e}"))?,
+                None => SystemTime::now() + config.tokens.max_ttl,
+            };
+            let ring = Keyring::rotate(&config.data_dir, until).map_err(|e| e.to_string())?;
+            println!(
+                "active root key is now {}; the previous key verifies until {}",
+                ring.active_key_id(),
+                humantime::format_rfc3339_seconds(until)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::List(args)) => {
+            let config = load_config(&args)?;
+            let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string_pretty(ring.document()).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(command) => token_command(command).await,
+        Command::Policy(command) => policy_command(command).await,
+        Command::Revoke(args) => {
+            let (kind, value) = match (args.agent, args.session, args.token_id) {
+                (Some(agent), None, None) => (RevocationKind::Agent, agent),
+                (None, Some(session), None) => (RevocationKind::Session, session),
+                (None, None, Some(id)) => (RevocationKind::Token, id),
+                _ => return Err("give exactly one of --agent, --session, --token-id".into()),
+            };
+            let client = Client::new(&args.broker).map_err(|e| e.to_string())?;
+            let entry = client
+                .revoke(&args.operator_key, kind, &value, &args.reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("revoked {} {} (cursor {})", entry.kind.as_str(), entry.value, entry.cursor);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ApiKey { agent } => {
+            capgate::identity::validate_agent_name(&agent).map_err(|e| e.to_string())?;
+            let (key, hash) = new_key(AGENT_KEY_PREFIX);
+            println!("# give this key to the agent (shown once):\n# {key}\n[[identity.api_keys]]\nagent = {agent:?}\nsha256 = \"{hash}\"");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::OperatorKey { name } => {
+            let (key, hash) = new_key(OPERATOR_KEY_PREFIX);
+            println!("# give this key to the operator (shown once):\n# {key}\n[[operators]]\nname = {name:?}\nsha256 = \"{hash}\"");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn token_command(command: TokenCommand) -> CliResult {
+    match command {
+        TokenCommand::Request { broker, scopes, ttl, credential } => {
+            let client = Client::new(&broker).map_err(|e| e.to_string())?;
+            match client.request_token(&credential, &scopes, ttl.map(Into::into)).await {
+                Ok(issued) => {
+                    println!("{}", issued.token);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(capgate::client::ClientError::Refused { code, detail, refused, .. }) => {
+                    eprintln!("error: broker refused ({code}): {detail}");
+                    for line in refused {
+                        eprintln!("  refused {line}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        TokenCommand::Inspect { token, broker, config, json } => {
+            let token = token_arg(token)?;
+            let keys = match (broker, config) {
+                (Some(broker), _) => {
+                    let document = Client::new(&broker)
+                        .map_err(|e| e.to_string())?
+                        .keys()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Some(PublicKeySet::from_document(&document)?)
+                }
+                (None, Some(path)) => {
+                    let config = BrokerConfig::load(&path).map_err(|e| e.to_string())?;
+                    let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
+                    Some(ring.public_keys().map_err(|e| e.to_string())?)
+                }
+                (None, None) => None,
+            };
+            let inspection = inspect(&token, keys.as_ref()).map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inspection).map_err(|e| e.to_string())?);
+            } else {
+                print!("{inspection}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Attenuate { token, resource, verbs, ttl } => {
+            let token = token_arg(token)?;
+            let narrowing = Attenuation {
+                resource,
+                verbs,
+                expires_at: ttl.map(|t| SystemTime::now() + Duration::from(t)),
+            };
+            println!("{}", attenuate(&token, &narrowing).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn policy_command(command: PolicyCommand) -> CliResult {
+    match command {
+        PolicyCommand::Check(args) => {
+            let config = load_config(&args)?;
+            for dir in [&config.policies, &config.adapter_policies] {
+                let set = PolicySet::load_dir(dir).map_err(|e| e.to_string())?;
+                for file in set.files() {
+                    println!("ok  {}", file.path.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Test { config, cases } => {
+            let config = load_config(&config)?;
+            let cases = cases.unwrap_or_else(|| config.policies.join("tests"));
+            let policy = PolicySet::load_dir(&config.policies).map_err(|e| e.to_string())?;
+            let evaluator = GrantEvaluator::new(policy, &config);
+            let reports = run_cases(&cases, &evaluator)?;
+            let mut failed = 0;
+            for report in &reports {
+                match &report.outcome {
+                    CaseOutcome::Pass => println!("PASS {}: {}", report.file.display(), report.name),
+                    CaseOutcome::Fail(why) => {
+                        failed += 1;
+                        println!("FAIL {}: {}\n     {why}", report.file.display(), report.name);
+                    }
+                }
+            }
+            println!("{} passed, {} failed", reports.len() - failed, failed);
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        PolicyCommand::Explain { config, token, resource, verb } => {
+            let config = load_config(&config)?;
+            let token = token_arg(token)?;
+            let environment = config
+                .environment_of(&resource)
+                .ok_or("resource belongs to no configured environment")?
+                .to_owned();
+            let guard = offline_guard(&config).await?;
+            let decision = guard.decide(
+                &token,
+                &Request { resource: resource.to_string(), verb, environment, attributes: vec![] },
+            );
+            println!("{}", serde_json::to_string_pretty(&decision).map_err(|e| e.to_string())?);
+            Ok(if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+/// A guard over the data directory's keys and stored revocations, for offline explanations.
+async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
+    let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let keys = Arc::new(std::sync::RwLock::new(Arc::new(ring.public_keys().map_err(|e| e.to_string())?)));
+    let view = Arc::new(RevocationView::new());
+    let db = config.data_dir.join("state.db");
+    if db.exists() {
+        let store = SqliteStore::open(&db).map_err(|e| e.to_string())?;
+        let entries = store.revocations_since(0, usize::MAX >> 1).await.map_err(|e| e.to_string())?;
+        view.apply(&entries, Instant::now());
+    } else {
+        view.apply(&[], Instant::now());
+    }
+    let policy = PolicySet::load_dir(&config.adapter_policies).map_err(|e| e.to_string())?;
+    Ok(Guard::new(
+        GuardConfig {
+            adapter: "policy-explain".into(),
+            max_token_bytes: config.tokens.max_token_bytes,
+            max_staleness: Duration::from_secs(60),
+            limits: config.datalog.clone(),
+        },
+        keys,
+        view,
+        policy,
+    ))
+}
+
+fn load_config(args: &ConfigArg) -> Result<BrokerConfig, String> {
+    match &args.config {
+        Some(path) => BrokerConfig::load(path).map_err(|e| e.to_string()),
+        None if Path::new(DEFAULT_CONFIG).exists() => {
+            BrokerConfig::load(Path::new(DEFAULT_CONFIG)).map_err(|e| e.to_string())
+        }
+        None => Ok(BrokerConfig::default()),
+    }
+}
+
+fn token_arg(token: Option<String>) -> Result<String, String> {
+    match token {
+        Some(token) if token != "-" => Ok(token),
+        _ => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(1 << 20)
+                .read_to_string(&mut text)
+                .map_err(|e| format!("reading token from stdin: {e}"))?;
+            Ok(text.trim().to_owned())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,96 @@
+//! Durable state behind the broker: issued sessions and revocations (and, later, approvals,
+//! counters and audit). A trait so the embedded SQLite default and a shared Redis store are
+//! interchangeable without touching handlers. Signing keys are never stored here.
+//!
+//! Every method can fail; callers treat any error as a deny (fail closed).
+
+mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    /// A biscuit revocation id: that token and everything attenuated from it.
+    Token,
+    /// Every token of one issuance session.
+    Session,
+    /// Every token of an agent, and no new ones (kill switch).
+    Agent,
+}
+
+impl RevocationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Token => "token",
+            RevocationKind::Session => "session",
+            RevocationKind::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "token" => Some(RevocationKind::Token),
+            "session" => Some(RevocationKind::Session),
+            "agent" => Some(RevocationKind::Agent),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRevocation {
+    pub kind: RevocationKind,
+    pub value: String,
+    pub reason: String,
+    pub revoked_by: String,
+    /// When what it revokes expires anyway (seconds since epoch); `None` = forever.
+    pub expires_at: Option<u64>,
+}
+
+/// One entry of the revocation feed; `cursor` is strictly increasing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    pub cursor: u64,
+    pub kind: RevocationKind,
+    pub value: String,
+    pub reason: String,
+    pub revoked_by: String,
+    pub revoked_at: u64,
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session_id: String,
+    pub agent: String,
+    pub key_id: u32,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    /// The granted rights, as JSON, for audit and inspection.
+    pub rights: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn record_session(&self, session: SessionRecord) -> Result<(), StoreError>;
+    async fn session(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError>;
+    /// Idempotent: revoking the same thing twice returns the first entry.
+    async fn revoke(&self, revocation: NewRevocation) -> Result<Revocation, StoreError>;
+    async fn revocations_since(&self, cursor: u64, limit: usize) -> Result<Vec<Revocation>, StoreError>;
+    async fn agent_revoked(&self, agent: &str) -> Result<bool, StoreError>;
+    /// Cheap liveness check for health endpoints.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,261 @@
+//! The embedded default store: one SQLite file in the data directory, needing nothing
+//! installed. Writes are synchronous (WAL, synchronous=FULL) so nothing acknowledged is lost
+//! on restart. Queries run on the blocking pool, never on the async executor.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{NewRevocation, Revocation, RevocationKind, SessionRecord, Store, StoreError};
+use crate::token::unix_seconds_now;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    agent      TEXT NOT NULL,
+    key_id     INTEGER NOT NULL,
+    issued_at  INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    rights     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    cursor     INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind       TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    revoked_by TEXT NOT NULL,
+    revoked_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    UNIQUE (kind, value)
+);
+";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(unavailable)?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory().map_err(unavailable)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn row_to_revocation(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Revocation, String)> {
+    let kind: String = row.get(1)?;
+    Ok((
+        Revocation {
+            cursor: row.get::<_, i64>(0)? as u64,
+            kind: RevocationKind::Token,
+            value: row.get(2)?,
+            reason: row.get(3)?,
+            revoked_by: row.get(4)?,
+            revoked_at: row.get::<_, i64>(5)? as u64,
+            expires_at: row.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        },
+        kind,
+    ))
+}
+
+fn with_kind((mut revocation, kind): (Revocation, String)) -> Result<Revocation, StoreError> {
+    revocation.kind = RevocationKind::parse(&kind)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown revocation kind {kind:?}")))?;
+    Ok(revocation)
+}
+
+const REVOCATION_COLUMNS: &str =
+    "cursor, kind, value, reason, revoked_by, revoked_at, expires_at";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn record_session(&self, s: SessionRecord) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO sessions (session_id, agent, key_id, issued_at, expires_at, rights)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    s.session_id,
+                    s.agent,
+                    s.key_id,
+                    s.issued_at as i64,
+                    s.expires_at as i64,
+                    s.rights
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let id = session_id.to_owned();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT session_id, agent, key_id, issued_at, expires_at, rights
+                 FROM sessions WHERE session_id = ?1",
+                params![id],
+                |row| {
+                    Ok(SessionRecord {
+                        session_id: row.get(0)?,
+                        agent: row.get(1)?,
+                        key_id: row.get(2)?,
+                        issued_at: row.get::<_, i64>(3)? as u64,
+                        expires_at: row.get::<_, i64>(4)? as u64,
+                        rights: row.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn revoke(&self, r: NewRevocation) -> Result<Revocation, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO revocations (kind, value, reason, revoked_by, revoked_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (kind, value) DO NOTHING",
+                params![
+                    r.kind.as_str(),
+                    r.value,
+                    r.reason,
+                    r.revoked_by,
+                    unix_seconds_now() as i64,
+                    r.expires_at.map(|v| v as i64)
+                ],
+            )
+            .map_err(unavailable)?;
+            let row = tx
+                .query_row(
+                    &format!(
+                        "SELECT {REVOCATION_COLUMNS} FROM revocations WHERE kind = ?1 AND value = ?2"
+                    ),
+                    params![r.kind.as_str(), r.value],
+                    row_to_revocation,
+                )
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            with_kind(row)
+        })
+        .await
+    }
+
+    async fn revocations_since(&self, cursor: u64, limit: usize) -> Result<Vec<Revocation>, StoreError> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations WHERE cursor > ?1 ORDER BY cursor LIMIT ?2"
+                ))
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![cursor as i64, limit as i64], row_to_revocation)
+                .map_err(unavailable)?;
+            rows.map(|row| row.map_err(unavailable).and_then(with_kind))
+                .collect()
+        })
+        .await
+    }
+
+    async fn agent_revoked(&self, agent: &str) -> Result<bool, StoreError> {
+        let agent = agent.to_owned();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT 1 FROM revocations WHERE kind = 'agent' AND value = ?1",
+                params![agent],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revocation(kind: RevocationKind, value: &str) -> NewRevocation {
+        NewRevocation {
+            kind,
+            value: value.into(),
+            reason: "test".into(),
+            revoked_by: "alice".into(),
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn revocations_survive_reopen_and_cursor_is_monotonic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            let a = store.revoke(revocation(RevocationKind::Agent, "bot")).await.expect("a");
+            let b = store.revoke(revocation(RevocationKind::Session, "s1")).await.expect("b");
+            assert!(b.cursor > a.cursor);
+            let again = store.revoke(revocation(RevocationKind::Agent, "bot")).await.expect("again");
+            assert_eq!(again.cursor, a.cursor, "revoking twice is idempotent");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert!(store.agent_revoked("bot").await.expect("query"));
+        assert!(!store.agent_revoked("other").await.expect("query"));
+        let all = store.revocations_since(0, 100).await.expect("feed");
+        assert_eq!(all.len(), 2);
+        let rest = store.revocations_since(all[0].cursor, 100).await.expect("feed");
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].kind, RevocationKind::Session);
+    }
+}
