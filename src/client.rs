@@ -137,7 +137,9 @@ impl Client {
     }
 }
 
-async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
+async fn decode<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, ClientError> {
     let status = response.status();
     let bytes = response
         .bytes()
@@ -157,7 +159,9 @@ async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> 
                 .map(|r| format!("{}:{}: {}", r.resource, r.verb, r.reason))
                 .collect(),
         }),
-        Err(_) => Err(ClientError::BadResponse(format!("HTTP {status} without a problem body"))),
+        Err(_) => Err(ClientError::BadResponse(format!(
+            "HTTP {status} without a problem body"
+        ))),
     }
 }
 
@@ -200,7 +204,13 @@ impl TokenRefresher {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "token refresh failed; retrying");
-                            if matches!(e, ClientError::Refused { status: 401 | 403, .. }) {
+                            if matches!(
+                                e,
+                                ClientError::Refused {
+                                    status: 401 | 403,
+                                    ..
+                                }
+                            ) {
                                 return; // revoked or no longer granted: stop, let it expire
                             }
                             tokio::time::sleep(backoff).await;

@@ -35,10 +35,7 @@ pub struct RunLimits {
     pub max_facts: u64,
     #[serde(default = "RunLimits::default_max_iterations")]
     pub max_iterations: u64,
-    #[serde(
-        default = "RunLimits::default_max_time",
-        deserialize_with = "duration"
-    )]
+    #[serde(default = "RunLimits::default_max_time", deserialize_with = "duration")]
     pub max_time: Duration,
 }
 
@@ -79,7 +76,10 @@ pub struct TokenSettings {
     #[serde(default = "TokenSettings::default_ttl", deserialize_with = "duration")]
     pub default_ttl: Duration,
     /// Hard maximum: no policy and no request can exceed it.
-    #[serde(default = "TokenSettings::default_max_ttl", deserialize_with = "duration")]
+    #[serde(
+        default = "TokenSettings::default_max_ttl",
+        deserialize_with = "duration"
+    )]
     pub max_ttl: Duration,
     /// Larger tokens are rejected before any parsing.
     #[serde(default = "TokenSettings::default_max_bytes")]
@@ -269,14 +269,16 @@ impl BrokerConfig {
                 }
             }
         }
-        let agent_hashes = self.identity.api_keys.iter().map(|k| (&k.sha256, "api key"));
+        let agent_hashes = self
+            .identity
+            .api_keys
+            .iter()
+            .map(|k| (&k.sha256, "api key"));
         let operator_hashes = self.operators.iter().map(|o| (&o.sha256, "operator key"));
         let mut seen = std::collections::HashSet::new();
         for (hash, what) in agent_hashes.chain(operator_hashes) {
             if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "{what} sha256 {hash:?} is not 64 hex characters"
-                ));
+                return Err(format!("{what} sha256 {hash:?} is not 64 hex characters"));
             }
             // An agent credential must never double as an operator credential.
             if !seen.insert(hash.to_ascii_lowercase()) {
@@ -381,9 +383,15 @@ mod tests {
         )
         .expect("config");
         let pattern = |s| ResourcePattern::parse(s).expect("pattern");
-        assert_eq!(config.environment_of(&pattern("pg://staging/public.t")), Some("staging"));
-        assert_eq!(config.environment_of(&pattern("http://railway/volumes/")), Some("prod"));
-        assert_eq!(config.environment_of(&pattern("pg://")), None);
+        assert_eq!(
+            config.environment_of(&pattern("pg://staging/public.t")),
+            Some("staging")
+        );
+        assert_eq!(
+            config.environment_of(&pattern("http://railway/volumes/")),
+            Some("prod")
+        );
+        assert_eq!(config.environment_of(&pattern("pg://staging")), None);
         assert_eq!(config.environment_of(&pattern("pg://other/x")), None);
     }
 }

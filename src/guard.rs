@@ -207,7 +207,10 @@ impl Guard {
 
     fn evaluate(&self, token: &str, request: &Request, now: SystemTime, mono: Instant) -> Decision {
         let id = random_id();
-        let deny = |code: DenyCode, reason: String, verified: Option<&VerifiedToken>, explanation| Decision {
+        let deny = |code: DenyCode,
+                    reason: String,
+                    verified: Option<&VerifiedToken>,
+                    explanation| Decision {
             id: id.clone(),
             outcome: Outcome::Deny { code, reason },
             agent: verified.map(|v| v.agent.clone()),
@@ -217,13 +220,23 @@ impl Guard {
         let keys = match self.keys.read() {
             Ok(keys) => keys.clone(),
             Err(_) => {
-                return deny(DenyCode::TokenUnknownKey, "key view unavailable".into(), None, vec![])
+                return deny(
+                    DenyCode::TokenUnknownKey,
+                    "key view unavailable".into(),
+                    None,
+                    vec![],
+                )
             }
         };
         let verified = match verify(token, &keys, self.config.max_token_bytes, now) {
             Ok(verified) => verified,
             Err(rejected) => {
-                return deny(DenyCode::from(&rejected), rejected.to_string(), None, vec![])
+                return deny(
+                    DenyCode::from(&rejected),
+                    rejected.to_string(),
+                    None,
+                    vec![],
+                )
             }
         };
         if let Err(denial) = self
@@ -278,7 +291,10 @@ impl Guard {
         match authorizer.authorize() {
             Ok(index) => Ok(vec![format!(
                 "allowed by `{}`",
-                policies().get(index).cloned().unwrap_or_else(|| format!("policy #{index}"))
+                policies()
+                    .get(index)
+                    .cloned()
+                    .unwrap_or_else(|| format!("policy #{index}"))
             )]),
             Err(BiscuitError::RunLimit(limit)) => Err((
                 DenyCode::PolicyRunLimit,
@@ -289,7 +305,10 @@ impl Guard {
                 let explanation = explain_failure(&logic, &policies());
                 Err((
                     DenyCode::PolicyDenied,
-                    explanation.first().cloned().unwrap_or_else(|| "denied by policy".into()),
+                    explanation
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "denied by policy".into()),
                     explanation,
                 ))
             }
@@ -319,7 +338,10 @@ fn explain_failure(logic: &Logic, policies: &[String]) -> Vec<String> {
                 format!("token authority check failed: `{}`", b.rule)
             }
             FailedCheck::Block(b) => {
-                format!("check in attenuation block {} failed: `{}`", b.block_id, b.rule)
+                format!(
+                    "check in attenuation block {} failed: `{}`",
+                    b.block_id, b.rule
+                )
             }
             FailedCheck::Authorizer(a) => format!("adapter policy check failed: `{}`", a.rule),
         });
@@ -327,10 +349,16 @@ fn explain_failure(logic: &Logic, policies: &[String]) -> Vec<String> {
     match matched {
         Some(MatchedPolicy::Deny(index)) => lines.push(format!(
             "denied by `{}`",
-            policies.get(*index).cloned().unwrap_or_else(|| format!("policy #{index}"))
+            policies
+                .get(*index)
+                .cloned()
+                .unwrap_or_else(|| format!("policy #{index}"))
         )),
         Some(MatchedPolicy::Allow(_)) => {}
-        None => lines.push("no allow policy matched: the token grants no right covering this resource and verb".into()),
+        None => lines.push(
+            "no allow policy matched: the token grants no right covering this resource and verb"
+                .into(),
+        ),
     }
     lines
 }

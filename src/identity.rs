@@ -164,7 +164,10 @@ impl Authenticator {
                 .iter()
                 .filter_map(|(k, v)| toml_claim(v).map(|v| (k.clone(), v)))
                 .collect();
-            api_keys.insert(entry.sha256.to_ascii_lowercase(), (entry.agent.clone(), claims));
+            api_keys.insert(
+                entry.sha256.to_ascii_lowercase(),
+                (entry.agent.clone(), claims),
+            );
         }
         let operators = operators
             .iter()
@@ -217,8 +220,8 @@ impl Authenticator {
     }
 
     fn authenticate_jwt(&self, token: &str) -> Result<Identity, AuthError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Jwt(JwtRejection::Malformed))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Jwt(JwtRejection::Malformed))?;
         let mut first_error = None;
         for verifier in &self.jwt {
             let Some(key) = verifier.select(header.kid.as_deref()) else {
@@ -254,13 +257,16 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = 30;
-        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
-            .map_err(|e| AuthError::Jwt(jwt_rejection(e.kind())))?;
+        let data =
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
+                .map_err(|e| AuthError::Jwt(jwt_rejection(e.kind())))?;
         let claims = data.claims;
         let agent = claims
             .get(&self.config.agent_claim)
             .and_then(Value::as_str)
-            .ok_or_else(|| AuthError::Jwt(JwtRejection::MissingClaim(self.config.agent_claim.clone())))?
+            .ok_or_else(|| {
+                AuthError::Jwt(JwtRejection::MissingClaim(self.config.agent_claim.clone()))
+            })?
             .to_owned();
         validate_agent_name(&agent)?;
         Ok(Identity {
@@ -351,7 +357,10 @@ pub fn new_key(prefix: &str) -> (String, String) {
     (key, hash)
 }
 
-fn load_jwt_keys(path: &Path, pem_algorithm: Option<&str>) -> Result<Vec<JwtKey>, IdentityConfigError> {
+fn load_jwt_keys(
+    path: &Path,
+    pem_algorithm: Option<&str>,
+) -> Result<Vec<JwtKey>, IdentityConfigError> {
     let invalid = |why: String| IdentityConfigError::Invalid {
         path: path.to_owned(),
         why,
@@ -411,8 +420,16 @@ fn load_jwt_keys(path: &Path, pem_algorithm: Option<&str>) -> Result<Vec<JwtKey>
         Some("RS256") => Algorithm::RS256,
         Some("ES256") => Algorithm::ES256,
         Some("EdDSA") => Algorithm::EdDSA,
-        Some(other) => return Err(invalid(format!("algorithm {other} is not accepted: use RS256, ES256 or EdDSA"))),
-        None => return Err(invalid("a PEM key needs `algorithm` (RS256, ES256 or EdDSA)".into())),
+        Some(other) => {
+            return Err(invalid(format!(
+                "algorithm {other} is not accepted: use RS256, ES256 or EdDSA"
+            )))
+        }
+        None => {
+            return Err(invalid(
+                "a PEM key needs `algorithm` (RS256, ES256 or EdDSA)".into(),
+            ))
+        }
     };
     let bytes = text.as_bytes();
     let key = match algorithm {
@@ -437,7 +454,11 @@ mod tests {
         assert!(validate_agent_name("deploy-bot").is_ok());
         assert!(validate_agent_name("ci@github:org/repo").is_ok());
         for bad in ["", "a b", "a\"b", "x\n", &"a".repeat(129)] {
-            assert_eq!(validate_agent_name(bad), Err(AuthError::InvalidAgentName), "{bad:?}");
+            assert_eq!(
+                validate_agent_name(bad),
+                Err(AuthError::InvalidAgentName),
+                "{bad:?}"
+            );
         }
     }
 
@@ -458,11 +479,26 @@ mod tests {
             sha256: operator_hash,
         }];
         let auth = Authenticator::from_config(&identity, &operators).expect("auth");
-        assert_eq!(auth.authenticate_agent(&agent_key).map(|i| i.agent), Ok("bot".into()));
-        assert_eq!(auth.authenticate_operator(&operator_key).map(|o| o.name), Ok("alice".into()));
-        assert_eq!(auth.authenticate_operator(&agent_key), Err(AuthError::NotAnOperator));
-        assert_eq!(auth.authenticate_agent(&operator_key), Err(AuthError::UnknownApiKey));
-        assert_eq!(auth.authenticate_agent("cgk_nope"), Err(AuthError::UnknownApiKey));
+        assert_eq!(
+            auth.authenticate_agent(&agent_key).map(|i| i.agent),
+            Ok("bot".into())
+        );
+        assert_eq!(
+            auth.authenticate_operator(&operator_key).map(|o| o.name),
+            Ok("alice".into())
+        );
+        assert_eq!(
+            auth.authenticate_operator(&agent_key),
+            Err(AuthError::NotAnOperator)
+        );
+        assert_eq!(
+            auth.authenticate_agent(&operator_key),
+            Err(AuthError::UnknownApiKey)
+        );
+        assert_eq!(
+            auth.authenticate_agent("cgk_nope"),
+            Err(AuthError::UnknownApiKey)
+        );
         assert_eq!(
             auth.authenticate_agent("not.a.jwt"),
             Err(AuthError::Jwt(JwtRejection::Malformed))

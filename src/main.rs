@@ -22,7 +22,11 @@ use capgate::token::{attenuate, inspect, Attenuation, Keyring, PublicKeySet};
 const DEFAULT_CONFIG: &str = "capgate.toml";
 
 #[derive(Parser)]
-#[command(name = "capgate", version, about = "Capability-token permission broker for AI agents")]
+#[command(
+    name = "capgate",
+    version,
+    about = "Capability-token permission broker for AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -199,15 +203,28 @@ async fn run(command: Command) -> CliResult {
         Command::Keygen(args) => {
             let config = load_config(&args)?;
             std::fs::create_dir_all(&config.data_dir).map_err(|e| e.to_string())?;
-            let (ring, created) = Keyring::open_or_create(&config.data_dir).map_err(|e| e.to_string())?;
-            let verb = if created { "created" } else { "already present" };
-            println!("root key {} {verb} in {}", ring.active_key_id(), config.data_dir.display());
+            let (ring, created) =
+                Keyring::open_or_create(&config.data_dir).map_err(|e| e.to_string())?;
+            let verb = if created {
+                "created"
+            } else {
+                "already present"
+            };
+            println!(
+                "root key {} {verb} in {}",
+                ring.active_key_id(),
+                config.data_dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keys(KeysCommand::Rotate { config, verify_old_until }) => {
+        Command::Keys(KeysCommand::Rotate {
+            config,
+            verify_old_until,
+        }) => {
             let config = load_config(&config)?;
             let until = match verify_old_until {
-                Some(date) => humantime::parse_rfc3339_weak(&date).map_err(|e| format!("--verify-old-until: {e}"))?,
+                Some(date) => humantime::parse_rfc3339_weak(&date)
+                    .map_err(|e| format!("--verify-old-until: {e}"))?,
                 None => SystemTime::now() + config.tokens.max_ttl,
             };
             let ring = Keyring::rotate(&config.data_dir, until).map_err(|e| e.to_string())?;
@@ -221,7 +238,10 @@ async fn run(command: Command) -> CliResult {
         Command::Keys(KeysCommand::List(args)) => {
             let config = load_config(&args)?;
             let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
-            println!("{}", serde_json::to_string_pretty(ring.document()).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(ring.document()).map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(command) => token_command(command).await,
@@ -238,7 +258,12 @@ async fn run(command: Command) -> CliResult {
                 .revoke(&args.operator_key, kind, &value, &args.reason)
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("revoked {} {} (cursor {})", entry.kind.as_str(), entry.value, entry.cursor);
+            println!(
+                "revoked {} {} (cursor {})",
+                entry.kind.as_str(),
+                entry.value,
+                entry.cursor
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::ApiKey { agent } => {
@@ -257,14 +282,27 @@ async fn run(command: Command) -> CliResult {
 
 async fn token_command(command: TokenCommand) -> CliResult {
     match command {
-        TokenCommand::Request { broker, scopes, ttl, credential } => {
+        TokenCommand::Request {
+            broker,
+            scopes,
+            ttl,
+            credential,
+        } => {
             let client = Client::new(&broker).map_err(|e| e.to_string())?;
-            match client.request_token(&credential, &scopes, ttl.map(Into::into)).await {
+            match client
+                .request_token(&credential, &scopes, ttl.map(Into::into))
+                .await
+            {
                 Ok(issued) => {
                     println!("{}", issued.token);
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(capgate::client::ClientError::Refused { code, detail, refused, .. }) => {
+                Err(capgate::client::ClientError::Refused {
+                    code,
+                    detail,
+                    refused,
+                    ..
+                }) => {
                     eprintln!("error: broker refused ({code}): {detail}");
                     for line in refused {
                         eprintln!("  refused {line}");
@@ -274,7 +312,12 @@ async fn token_command(command: TokenCommand) -> CliResult {
                 Err(e) => Err(e.to_string()),
             }
         }
-        TokenCommand::Inspect { token, broker, config, json } => {
+        TokenCommand::Inspect {
+            token,
+            broker,
+            config,
+            json,
+        } => {
             let token = token_arg(token)?;
             let keys = match (broker, config) {
                 (Some(broker), _) => {
@@ -294,20 +337,31 @@ async fn token_command(command: TokenCommand) -> CliResult {
             };
             let inspection = inspect(&token, keys.as_ref()).map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&inspection).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&inspection).map_err(|e| e.to_string())?
+                );
             } else {
                 print!("{inspection}");
             }
             Ok(ExitCode::SUCCESS)
         }
-        TokenCommand::Attenuate { token, resource, verbs, ttl } => {
+        TokenCommand::Attenuate {
+            token,
+            resource,
+            verbs,
+            ttl,
+        } => {
             let token = token_arg(token)?;
             let narrowing = Attenuation {
                 resource,
                 verbs,
                 expires_at: ttl.map(|t| SystemTime::now() + Duration::from(t)),
             };
-            println!("{}", attenuate(&token, &narrowing).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                attenuate(&token, &narrowing).map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -334,17 +388,32 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
             let mut failed = 0;
             for report in &reports {
                 match &report.outcome {
-                    CaseOutcome::Pass => println!("PASS {}: {}", report.file.display(), report.name),
+                    CaseOutcome::Pass => {
+                        println!("PASS {}: {}", report.file.display(), report.name)
+                    }
                     CaseOutcome::Fail(why) => {
                         failed += 1;
-                        println!("FAIL {}: {}\n     {why}", report.file.display(), report.name);
+                        println!(
+                            "FAIL {}: {}\n     {why}",
+                            report.file.display(),
+                            report.name
+                        );
                     }
                 }
             }
             println!("{} passed, {} failed", reports.len() - failed, failed);
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        PolicyCommand::Explain { config, token, resource, verb } => {
+        PolicyCommand::Explain {
+            config,
+            token,
+            resource,
+            verb,
+        } => {
             let config = load_config(&config)?;
             let token = token_arg(token)?;
             let environment = config
@@ -354,10 +423,22 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
             let guard = offline_guard(&config).await?;
             let decision = guard.decide(
                 &token,
-                &Request { resource: resource.to_string(), verb, environment, attributes: vec![] },
+                &Request {
+                    resource: resource.to_string(),
+                    verb,
+                    environment,
+                    attributes: vec![],
+                },
             );
-            println!("{}", serde_json::to_string_pretty(&decision).map_err(|e| e.to_string())?);
-            Ok(if decision.is_allow() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&decision).map_err(|e| e.to_string())?
+            );
+            Ok(if decision.is_allow() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -365,12 +446,17 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
 /// A guard over the data directory's keys and stored revocations, for offline explanations.
 async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
     let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
-    let keys = Arc::new(std::sync::RwLock::new(Arc::new(ring.public_keys().map_err(|e| e.to_string())?)));
+    let keys = Arc::new(std::sync::RwLock::new(Arc::new(
+        ring.public_keys().map_err(|e| e.to_string())?,
+    )));
     let view = Arc::new(RevocationView::new());
     let db = config.data_dir.join("state.db");
     if db.exists() {
         let store = SqliteStore::open(&db).map_err(|e| e.to_string())?;
-        let entries = store.revocations_since(0, usize::MAX >> 1).await.map_err(|e| e.to_string())?;
+        let entries = store
+            .revocations_since(0, usize::MAX >> 1)
+            .await
+            .map_err(|e| e.to_string())?;
         view.apply(&entries, Instant::now());
     } else {
         view.apply(&[], Instant::now());

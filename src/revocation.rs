@@ -76,7 +76,10 @@ impl RevocationView {
         bound: Duration,
         now: Instant,
     ) -> Result<(), RevocationDenial> {
-        let state = self.state.read().map_err(|_| RevocationDenial::NeverSynced)?;
+        let state = self
+            .state
+            .read()
+            .map_err(|_| RevocationDenial::NeverSynced)?;
         let fresh = state.fresh_as_of.ok_or(RevocationDenial::NeverSynced)?;
         let age = now.saturating_duration_since(fresh);
         if age > bound {
@@ -91,7 +94,11 @@ impl RevocationView {
         if state.sessions.contains(&token.session) {
             return Err(RevocationDenial::Revoked(RevocationKind::Session));
         }
-        if token.revocation_ids.iter().any(|id| state.tokens.contains(id)) {
+        if token
+            .revocation_ids
+            .iter()
+            .any(|id| state.tokens.contains(id))
+        {
             return Err(RevocationDenial::Revoked(RevocationKind::Token));
         }
         Ok(())

@@ -30,8 +30,13 @@ pub async fn dry_run(
 ) -> Result<Json<Decision>, ApiError> {
     require_json(&headers)?;
     let request: DryRunRequest = parse_json(&body)?;
-    let resource = ResourcePattern::parse(&request.resource)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_resource", e.to_string()))?;
+    let resource = ResourcePattern::parse(&request.resource).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_resource",
+            e.to_string(),
+        )
+    })?;
     let environment = state.config.environment_of(&resource).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

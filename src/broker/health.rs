@@ -15,7 +15,11 @@ pub async fn health(State(state): State<Arc<BrokerState>>) -> (StatusCode, Json<
     let age = state.guard.revocations().age(Instant::now());
     let fresh = age.is_some_and(|a| a <= DEFAULT_MAX_STALENESS);
     let healthy = store.is_ok() && fresh;
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         Json(json!({

@@ -118,14 +118,13 @@ impl BrokerState {
     }
 
     pub fn keyring(&self) -> Result<Arc<Keyring>, ApiError> {
-        self.keyring
-            .read()
-            .map(|k| k.clone())
-            .map_err(|_| ApiError::new(
+        self.keyring.read().map(|k| k.clone()).map_err(|_| {
+            ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "keys_unavailable",
                 "signing keys are unavailable",
-            ))
+            )
+        })
     }
 
     pub(crate) fn notify_revocation(&self, cursor: u64) {
@@ -148,7 +147,9 @@ impl BrokerState {
                 view.apply(&entries, sent);
                 self.notify_revocation(view.cursor());
             }
-            Err(e) => tracing::error!(error = %e, "cannot refresh revocations; dry runs will deny once stale"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot refresh revocations; dry runs will deny once stale")
+            }
         }
     }
 
@@ -159,7 +160,8 @@ impl BrokerState {
             return;
         }
         *last = modified;
-        match Keyring::open(&self.config.data_dir).and_then(|ring| Ok((ring.public_keys()?, ring))) {
+        match Keyring::open(&self.config.data_dir).and_then(|ring| Ok((ring.public_keys()?, ring)))
+        {
             Ok((public, ring)) => {
                 tracing::info!(active_key_id = ring.active_key_id(), "key ring reloaded");
                 if let (Ok(mut keys), Ok(mut keyring)) = (self.keys.write(), self.keyring.write()) {
@@ -167,7 +169,9 @@ impl BrokerState {
                     *keyring = Arc::new(ring);
                 }
             }
-            Err(e) => tracing::error!(error = %e, "key ring changed but cannot be loaded; keeping the previous one"),
+            Err(e) => {
+                tracing::error!(error = %e, "key ring changed but cannot be loaded; keeping the previous one")
+            }
         }
     }
 }
@@ -195,7 +199,10 @@ pub fn router(state: Arc<BrokerState>) -> Router {
     }
     let mut router = Router::new();
     for (path, handler) in by_path {
-        router = router.route(path, handler.fallback(|| async { ApiError::method_not_allowed() }));
+        router = router.route(
+            path,
+            handler.fallback(|| async { ApiError::method_not_allowed() }),
+        );
     }
     router
         .fallback(|| async { ApiError::not_found() })

@@ -123,7 +123,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let message = e.to_string();
         match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                ApiError::bad_request("malformed_json", format!("body is not valid JSON: {message}"))
+                ApiError::bad_request(
+                    "malformed_json",
+                    format!("body is not valid JSON: {message}"),
+                )
             }
             _ if message.contains("unknown field") => {
                 ApiError::bad_request("unknown_field", message)

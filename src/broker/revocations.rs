@@ -37,7 +37,13 @@ pub async fn create(
     let operator = state.authenticator.authenticate_operator(credential)?;
     require_json(&headers)?;
     let request: RevokeRequest = parse_json(&body)?;
-    let invalid = |detail: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_revocation", detail.to_owned());
+    let invalid = |detail: &str| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_revocation",
+            detail.to_owned(),
+        )
+    };
     let max_ttl = state.config.tokens.max_ttl.as_secs();
     let expires_at = match request.kind {
         RevocationKind::Token => {
@@ -53,7 +59,11 @@ pub async fn create(
             }
             // Unknown sessions are revoked all the same: the entry costs nothing and fails closed.
             let known = state.store.session(&request.value).await?;
-            Some(known.map(|s| s.expires_at).unwrap_or(unix_seconds_now() + max_ttl))
+            Some(
+                known
+                    .map(|s| s.expires_at)
+                    .unwrap_or(unix_seconds_now() + max_ttl),
+            )
         }
         RevocationKind::Agent => {
             validate_agent_name(&request.value).map_err(|_| invalid("not a valid agent name"))?;
@@ -79,7 +89,10 @@ pub async fn create(
             expires_at,
         })
         .await?;
-    state.guard.revocations().apply(std::slice::from_ref(&entry), std::time::Instant::now());
+    state
+        .guard
+        .revocations()
+        .apply(std::slice::from_ref(&entry), std::time::Instant::now());
     state.notify_revocation(entry.cursor);
     tracing::warn!(operator = %operator.name, kind = entry.kind.as_str(), value = %entry.value, cursor = entry.cursor, "revoked");
     Ok((StatusCode::CREATED, Json(entry)))
@@ -108,16 +121,28 @@ pub async fn feed(
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let wait = Duration::from_secs(query.wait).min(MAX_WAIT);
     let mut news = state.revocation_cursor.subscribe();
-    let mut revocations = state.store.revocations_since(query.since, FEED_PAGE).await?;
+    let mut revocations = state
+        .store
+        .revocations_since(query.since, FEED_PAGE)
+        .await?;
     if revocations.is_empty() && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
         while *news.borrow_and_update() <= query.since {
-            if tokio::time::timeout_at(deadline, news.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, news.changed())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
-        revocations = state.store.revocations_since(query.since, FEED_PAGE).await?;
+        revocations = state
+            .store
+            .revocations_since(query.since, FEED_PAGE)
+            .await?;
     }
     let next_cursor = revocations.last().map(|r| r.cursor).unwrap_or(query.since);
-    Ok(Json(FeedPage { revocations, next_cursor }))
+    Ok(Json(FeedPage {
+        revocations,
+        next_cursor,
+    }))
 }

@@ -104,21 +104,32 @@ pub async fn issue(
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "agent_revoked",
-            format!("agent {} is revoked and receives no new tokens", identity.agent),
+            format!(
+                "agent {} is revoked and receives no new tokens",
+                identity.agent
+            ),
         ));
     }
     let scopes = scopes(&request.authorization_details)?;
     let now = SystemTime::now();
     let ttl = request.ttl_seconds.map(Duration::from_secs);
     if ttl.is_some_and(|t| t.is_zero()) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ttl", "ttl_seconds must be positive"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_ttl",
+            "ttl_seconds must be positive",
+        ));
     }
     let decision = state
         .grants
         .evaluate(&identity, &scopes, ttl, now)
         .map_err(|e| {
             tracing::error!(agent = %identity.agent, error = %e, "grant policy evaluation failed");
-            let status = if matches!(e, crate::policy::PolicyEvalError::NothingRequested | crate::policy::PolicyEvalError::TooManyScopes(_)) {
+            let status = if matches!(
+                e,
+                crate::policy::PolicyEvalError::NothingRequested
+                    | crate::policy::PolicyEvalError::TooManyScopes(_)
+            ) {
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -134,7 +145,10 @@ pub async fn issue(
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "scope_refused",
-            format!("{} of the requested scopes are not granted; nothing was issued", refused.len()),
+            format!(
+                "{} of the requested scopes are not granted; nothing was issued",
+                refused.len()
+            ),
         )
         .with_extra(json!({ "refused": refused })));
     }
@@ -163,7 +177,11 @@ pub async fn issue(
         .and_then(|t| Ok(t.to_vec()?))
         .map_err(|e| {
             tracing::error!(error = %e, "minting failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "mint_failed", "token could not be minted")
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "mint_failed",
+                "token could not be minted",
+            )
         })?;
     // The session is recorded before the token leaves, so it can always be revoked by session.
     state
@@ -195,15 +213,22 @@ pub async fn issue(
 }
 
 fn from_form(body: &[u8]) -> Result<TokenRequest, ApiError> {
-    let form: TokenExchangeForm = serde_urlencoded::from_bytes(body)
-        .map_err(|e| ApiError::bad_request("malformed_form", format!("token exchange form: {e}")))?;
+    let form: TokenExchangeForm = serde_urlencoded::from_bytes(body).map_err(|e| {
+        ApiError::bad_request("malformed_form", format!("token exchange form: {e}"))
+    })?;
     let authorization_details: Vec<AuthorizationDetail> =
         parse_json(form.authorization_details.as_bytes())?;
     let ttl_seconds = form
         .ttl_seconds
         .map(|t| t.parse::<u64>())
         .transpose()
-        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ttl", "ttl_seconds must be an integer"))?;
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_ttl",
+                "ttl_seconds must be an integer",
+            )
+        })?;
     Ok(TokenRequest {
         authorization_details,
         ttl_seconds,
@@ -230,14 +255,23 @@ fn credential(request: &TokenRequest, headers: &HeaderMap) -> Result<String, Api
         ));
     }
     if request.grant_type.as_deref() != Some(TOKEN_EXCHANGE_GRANT) {
-        return Err(ApiError::bad_request("unsupported_grant_type", format!("grant_type must be {TOKEN_EXCHANGE_GRANT}")));
+        return Err(ApiError::bad_request(
+            "unsupported_grant_type",
+            format!("grant_type must be {TOKEN_EXCHANGE_GRANT}"),
+        ));
     }
     if request.subject_token_type.as_deref() != Some(JWT_TOKEN_TYPE) {
-        return Err(ApiError::bad_request("unsupported_token_type", format!("subject_token_type must be {JWT_TOKEN_TYPE}")));
+        return Err(ApiError::bad_request(
+            "unsupported_token_type",
+            format!("subject_token_type must be {JWT_TOKEN_TYPE}"),
+        ));
     }
     if let Some(requested) = &request.requested_token_type {
         if requested != ISSUED_TOKEN_TYPE {
-            return Err(ApiError::bad_request("unsupported_token_type", format!("requested_token_type must be {ISSUED_TOKEN_TYPE}")));
+            return Err(ApiError::bad_request(
+                "unsupported_token_type",
+                format!("requested_token_type must be {ISSUED_TOKEN_TYPE}"),
+            ));
         }
     }
     request
@@ -247,22 +281,31 @@ fn credential(request: &TokenRequest, headers: &HeaderMap) -> Result<String, Api
 }
 
 fn scopes(details: &[AuthorizationDetail]) -> Result<Vec<Scope>, ApiError> {
-    let invalid = |detail: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_scope", detail);
+    let invalid =
+        |detail: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_scope", detail);
     if details.is_empty() {
-        return Err(invalid("authorization_details is empty: ask for at least one scope".into()));
+        return Err(invalid(
+            "authorization_details is empty: ask for at least one scope".into(),
+        ));
     }
     let mut scopes = Vec::new();
     for detail in details {
         if detail.kind != DETAIL_TYPE {
-            return Err(invalid(format!("authorization_details type must be {DETAIL_TYPE:?}")));
+            return Err(invalid(format!(
+                "authorization_details type must be {DETAIL_TYPE:?}"
+            )));
         }
         if detail.locations.is_empty() || detail.actions.is_empty() {
-            return Err(invalid("each authorization detail needs locations and actions".into()));
+            return Err(invalid(
+                "each authorization detail needs locations and actions".into(),
+            ));
         }
         for location in &detail.locations {
             let resource = ResourcePattern::parse(location).map_err(|e| invalid(e.to_string()))?;
             for action in &detail.actions {
-                let verb: Verb = action.parse().map_err(|e: crate::scope::ScopeError| invalid(e.to_string()))?;
+                let verb: Verb = action
+                    .parse()
+                    .map_err(|e: crate::scope::ScopeError| invalid(e.to_string()))?;
                 scopes.push(Scope::new(resource.clone(), verb));
             }
         }

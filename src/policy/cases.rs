@@ -147,7 +147,11 @@ fn run_case(case: &Case, evaluator: &GrantEvaluator) -> CaseOutcome {
             Some(expected) => {
                 let mut expected: Vec<String> = expected
                     .iter()
-                    .map(|s| s.parse::<Scope>().map(|s| s.to_string()).unwrap_or_else(|_| s.clone()))
+                    .map(|s| {
+                        s.parse::<Scope>()
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|_| s.clone())
+                    })
                     .collect();
                 expected.sort();
                 let mut actual = refused.clone();

@@ -39,10 +39,12 @@ impl GrantDecision {
     }
 
     pub fn refused(&self) -> impl Iterator<Item = (&Scope, &str)> {
-        self.outcomes.iter().filter_map(|(scope, outcome)| match outcome {
-            ScopeOutcome::Refused { reason } => Some((scope, reason.as_str())),
-            ScopeOutcome::Granted { .. } => None,
-        })
+        self.outcomes
+            .iter()
+            .filter_map(|(scope, outcome)| match outcome {
+                ScopeOutcome::Refused { reason } => Some((scope, reason.as_str())),
+                ScopeOutcome::Granted { .. } => None,
+            })
     }
 }
 
@@ -157,7 +159,10 @@ impl GrantEvaluator {
         let outcomes = requested
             .into_iter()
             .map(|scope| {
-                let key = (scope.resource.as_str().to_owned(), scope.verb.as_str().to_owned());
+                let key = (
+                    scope.resource.as_str().to_owned(),
+                    scope.verb.as_str().to_owned(),
+                );
                 let outcome = match (environments.get(&scope.resource), refusals.get(&key)) {
                     (None, _) => ScopeOutcome::Refused {
                         reason: "resource belongs to no configured environment".into(),

@@ -93,31 +93,32 @@ impl PolicySet {
     }
 }
 
-/// biscuit's parser reports the unparsed rest of the input; turn that into a line and column.
+/// Locates the first syntax error. biscuit-parser's errors borrow the failing text from the
+/// source, so its address gives the exact offset; other errors (parameters) point at line 1.
 fn parse_error(path: &Path, source: &str, error: biscuit_auth::error::Token) -> PolicyError {
-    use biscuit_auth::error::Token;
-    use biscuit_parser::error::LanguageError;
-    let (rest, message) = match &error {
-        Token::Language(LanguageError::ParseError(errors)) => match errors.errors.first() {
-            Some(first) => (
-                Some(first.input.as_str()),
-                first
+    let (offset, message) = match biscuit_parser::parser::parse_source(source) {
+        Err(errors) => match errors.first() {
+            Some(first) => {
+                let offset = (first.input.as_ptr() as usize)
+                    .checked_sub(source.as_ptr() as usize)
+                    .filter(|offset| *offset <= source.len())
+                    .unwrap_or(0);
+                let message = first
                     .message
                     .clone()
-                    .unwrap_or_else(|| "syntax error".to_owned()),
-            ),
-            None => (None, "syntax error".to_owned()),
+                    .unwrap_or_else(|| "syntax error".to_owned());
+                (offset, message)
+            }
+            None => (0, error.to_string()),
         },
-        other => (None, other.to_string()),
+        Ok(_) => (0, error.to_string()),
     };
-    let offset = rest
-        .filter(|rest| source.ends_with(rest))
-        .map(|rest| source.len() - rest.len())
-        .unwrap_or(0);
-    let before = &source[..offset];
+    let before = source.get(..offset).unwrap_or("");
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-    let near: String = source[offset..]
+    let near: String = source
+        .get(offset..)
+        .unwrap_or("")
         .lines()
         .next()
         .unwrap_or("")

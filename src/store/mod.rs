@@ -89,7 +89,11 @@ pub trait Store: Send + Sync + 'static {
     async fn session(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError>;
     /// Idempotent: revoking the same thing twice returns the first entry.
     async fn revoke(&self, revocation: NewRevocation) -> Result<Revocation, StoreError>;
-    async fn revocations_since(&self, cursor: u64, limit: usize) -> Result<Vec<Revocation>, StoreError>;
+    async fn revocations_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<Revocation>, StoreError>;
     async fn agent_revoked(&self, agent: &str) -> Result<bool, StoreError>;
     /// Cheap liveness check for health endpoints.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -103,8 +103,7 @@ fn with_kind((mut revocation, kind): (Revocation, String)) -> Result<Revocation,
     Ok(revocation)
 }
 
-const REVOCATION_COLUMNS: &str =
-    "cursor, kind, value, reason, revoked_by, revoked_at, expires_at";
+const REVOCATION_COLUMNS: &str = "cursor, kind, value, reason, revoked_by, revoked_at, expires_at";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -183,7 +182,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn revocations_since(&self, cursor: u64, limit: usize) -> Result<Vec<Revocation>, StoreError> {
+    async fn revocations_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<Revocation>, StoreError> {
         self.with(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
@@ -243,10 +246,19 @@ mod tests {
         let path = dir.path().join("state.db");
         {
             let store = SqliteStore::open(&path).expect("open");
-            let a = store.revoke(revocation(RevocationKind::Agent, "bot")).await.expect("a");
-            let b = store.revoke(revocation(RevocationKind::Session, "s1")).await.expect("b");
+            let a = store
+                .revoke(revocation(RevocationKind::Agent, "bot"))
+                .await
+                .expect("a");
+            let b = store
+                .revoke(revocation(RevocationKind::Session, "s1"))
+                .await
+                .expect("b");
             assert!(b.cursor > a.cursor);
-            let again = store.revoke(revocation(RevocationKind::Agent, "bot")).await.expect("again");
+            let again = store
+                .revoke(revocation(RevocationKind::Agent, "bot"))
+                .await
+                .expect("again");
             assert_eq!(again.cursor, a.cursor, "revoking twice is idempotent");
         }
         let store = SqliteStore::open(&path).expect("reopen");
@@ -254,7 +266,10 @@ mod tests {
         assert!(!store.agent_revoked("other").await.expect("query"));
         let all = store.revocations_since(0, 100).await.expect("feed");
         assert_eq!(all.len(), 2);
-        let rest = store.revocations_since(all[0].cursor, 100).await.expect("feed");
+        let rest = store
+            .revocations_since(all[0].cursor, 100)
+            .await
+            .expect("feed");
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].kind, RevocationKind::Session);
     }

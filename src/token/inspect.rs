@@ -90,8 +90,16 @@ impl fmt::Display for Inspection {
                 .unwrap_or_else(|| "none".into())
         )?;
         writeln!(f, "signature:   {}", self.signature)?;
-        writeln!(f, "agent:       {}", self.agent.as_ref().unwrap_or(&unknown))?;
-        writeln!(f, "session:     {}", self.session.as_ref().unwrap_or(&unknown))?;
+        writeln!(
+            f,
+            "agent:       {}",
+            self.agent.as_ref().unwrap_or(&unknown)
+        )?;
+        writeln!(
+            f,
+            "session:     {}",
+            self.session.as_ref().unwrap_or(&unknown)
+        )?;
         writeln!(
             f,
             "expires at:  {}{}",

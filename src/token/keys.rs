@@ -205,7 +205,10 @@ impl PublicKeySet {
         let mut keys = BTreeMap::new();
         for key in &document.keys {
             if key.algorithm != "ed25519" {
-                return Err(format!("key {} has unsupported algorithm {}", key.key_id, key.algorithm));
+                return Err(format!(
+                    "key {} has unsupported algorithm {}",
+                    key.key_id, key.algorithm
+                ));
             }
             let public: PublicKey = key
                 .public_key
@@ -227,7 +230,10 @@ impl PublicKeySet {
     /// The key a token names, if it is known and still valid for verification at `now`.
     pub fn lookup(&self, key_id: Option<u32>, now: SystemTime) -> Result<PublicKey, TokenRejected> {
         let id = key_id.ok_or(TokenRejected::MissingKeyId)?;
-        let (key, until) = self.keys.get(&id).ok_or(TokenRejected::UnknownRootKey(id))?;
+        let (key, until) = self
+            .keys
+            .get(&id)
+            .ok_or(TokenRejected::UnknownRootKey(id))?;
         match until {
             Some(until) if *until <= now => Err(TokenRejected::RetiredRootKey(id)),
             _ => Ok(*key),
@@ -346,7 +352,10 @@ mod tests {
             keys.lookup(Some(1), now + Duration::from_secs(61)),
             Err(TokenRejected::RetiredRootKey(1))
         );
-        assert_eq!(keys.lookup(Some(9), now), Err(TokenRejected::UnknownRootKey(9)));
+        assert_eq!(
+            keys.lookup(Some(9), now),
+            Err(TokenRejected::UnknownRootKey(9))
+        );
         assert_eq!(keys.lookup(None, now), Err(TokenRejected::MissingKeyId));
     }
 

@@ -11,8 +11,8 @@ use biscuit_auth::format::schema;
 use biscuit_auth::Biscuit;
 use prost::Message;
 
-use super::{decode_base64, from_unix_seconds, AuthorityContext, PublicKeySet, TokenRejected};
 use super::FORMAT_VERSION;
+use super::{decode_base64, from_unix_seconds, AuthorityContext, PublicKeySet, TokenRejected};
 
 /// A token whose signature chain verified against a published root key.
 #[derive(Debug, Clone)]
@@ -29,8 +29,8 @@ pub struct VerifiedToken {
 /// Reads the expiry from the (unverified) authority context. Cheap: two protobuf decodes.
 pub fn peek_expiry(bytes: &[u8]) -> Result<SystemTime, TokenRejected> {
     let container = schema::Biscuit::decode(bytes).map_err(|_| TokenRejected::Malformed)?;
-    let authority =
-        schema::Block::decode(container.authority.block.as_slice()).map_err(|_| TokenRejected::Malformed)?;
+    let authority = schema::Block::decode(container.authority.block.as_slice())
+        .map_err(|_| TokenRejected::Malformed)?;
     let context = parse_context(authority.context.as_deref())?;
     Ok(from_unix_seconds(context.exp))
 }
@@ -84,7 +84,11 @@ pub(crate) fn verify_bytes(
         return Err(TokenRejected::Expired);
     }
     Ok(VerifiedToken {
-        revocation_ids: biscuit.revocation_identifiers().iter().map(hex::encode).collect(),
+        revocation_ids: biscuit
+            .revocation_identifiers()
+            .iter()
+            .map(hex::encode)
+            .collect(),
         biscuit,
         key_id,
         agent: context.agent,

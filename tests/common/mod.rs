@@ -1,0 +1,320 @@
+//! Test harness: starts the real `capgate serve` binary on a free port with its own data
+//! directory, real policies from the repository, test API keys and JWT issuers.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const DEPLOY_BOT_KEY: &str = "cgk_test_deploy_bot_0123456789abcdef";
+pub const READER_KEY: &str = "cgk_test_reporting_bot_0123456789ab";
+pub const OPERATOR_KEY: &str = "cgo_test_operator_0123456789abcdef0";
+pub const JWT_ISSUER: &str = "https://idp.capgate.test";
+pub const PEM_ISSUER: &str = "https://pem-idp.capgate.test";
+pub const AUDIENCE: &str = "capgate";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/jwt").join(name)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn sha256(s: &str) -> String {
+    capgate::identity::sha256_hex(s)
+}
+
+/// The broker configuration used by integration tests.
+pub fn config_text(port: u16, data_dir: &Path, policies: &Path) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+policies = "{policies}"
+adapter_policies = "{adapters}"
+
+[tokens]
+default_ttl = "10m"
+max_ttl = "1h"
+
+[[environments]]
+name = "staging"
+resources = ["pg://staging/", "http://railway-staging/"]
+
+[[environments]]
+name = "prod"
+resources = ["pg://prod/", "http://railway/"]
+
+[[identity.api_keys]]
+agent = "deploy-bot"
+sha256 = "{deploy}"
+
+[[identity.api_keys]]
+agent = "reporting-bot"
+sha256 = "{reader}"
+
+[[operators]]
+name = "alice"
+sha256 = "{operator}"
+
+[[identity.jwt]]
+issuer = "{issuer}"
+audience = "{aud}"
+keys = "{jwks}"
+
+[[identity.jwt]]
+issuer = "{pem_issuer}"
+audience = "{aud}"
+keys = "{pem}"
+algorithm = "RS256"
+"#,
+        data = data_dir.display(),
+        policies = policies.display(),
+        adapters = repo().join("policies/adapters").display(),
+        deploy = sha256(DEPLOY_BOT_KEY),
+        reader = sha256(READER_KEY),
+        operator = sha256(OPERATOR_KEY),
+        issuer = JWT_ISSUER,
+        pem_issuer = PEM_ISSUER,
+        aud = AUDIENCE,
+        jwks = fixture("jwks.json").display(),
+        pem = fixture("rsa.pub.pem").display(),
+    )
+}
+
+pub struct Broker {
+    pub url: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Broker {
+    pub async fn start() -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir).await
+    }
+
+    /// Starts a broker whose state lives in `dir` (reused across restarts).
+    pub async fn start_in(dir: tempfile::TempDir) -> Broker {
+        let port = free_port();
+        let config = dir.path().join("capgate.toml");
+        std::fs::write(
+            &config,
+            config_text(port, &dir.path().join("data"), &repo().join("policies")),
+        )
+        .expect("write config");
+        let log = dir.path().join(format!("broker-{port}.log"));
+        let child = spawn_serve(&config, &log);
+        let broker = Broker {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: Some(child),
+            log,
+        };
+        broker.wait_healthy().await;
+        broker
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("capgate.toml")
+    }
+
+    async fn wait_healthy(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/v1/health", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "broker did not become healthy; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// Kills the process (SIGKILL: no graceful shutdown) and keeps the data directory.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let dir = tempfile::tempdir().expect("placeholder");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    pub async fn post_json(&self, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(&body);
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let response = request.send().await.expect("request");
+        decode(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("request");
+        decode(response).await
+    }
+
+    /// Issues a token with the given credential and `resource:verb` scopes; panics on refusal.
+    pub async fn issue(&self, credential: &str, scopes: &[&str], ttl: Option<u64>) -> Value {
+        let (status, body) = self.request_token(credential, scopes, ttl).await;
+        assert_eq!(status, 201, "token refused: {body}");
+        body
+    }
+
+    pub async fn request_token(
+        &self,
+        credential: &str,
+        scopes: &[&str],
+        ttl: Option<u64>,
+    ) -> (u16, Value) {
+        let mut body = json!({ "authorization_details": details(scopes) });
+        if let Some(ttl) = ttl {
+            body["ttl_seconds"] = json!(ttl);
+        }
+        self.post_json("/v1/tokens", Some(credential), body).await
+    }
+
+    pub async fn dry_run(&self, token: &str, resource: &str, verb: &str) -> Value {
+        let (status, body) = self
+            .post_json(
+                "/v1/authorize",
+                None,
+                json!({"token": token, "resource": resource, "verb": verb}),
+            )
+            .await;
+        assert_eq!(status, 200, "dry run failed: {body}");
+        body
+    }
+
+    pub async fn revoke(&self, kind: &str, value: &str) -> (u16, Value) {
+        self.post_json(
+            "/v1/revocations",
+            Some(OPERATOR_KEY),
+            json!({"kind": kind, "value": value, "reason": "test"}),
+        )
+        .await
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn spawn_serve(config: &Path, log: &Path) -> Child {
+    let log_file = std::fs::File::create(log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn capgate serve")
+}
+
+pub fn details(scopes: &[&str]) -> Value {
+    Value::Array(
+        scopes
+            .iter()
+            .map(|scope| {
+                let (resource, verb) = scope.rsplit_once(':').expect("resource:verb");
+                json!({"type": "capgate", "locations": [resource], "actions": [verb]})
+            })
+            .collect(),
+    )
+}
+
+pub async fn decode(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let problem = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/problem+json"));
+    let text = response.text().await.expect("body");
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if status >= 400 {
+        assert!(problem, "error without problem+json: {status} {body}");
+        assert!(body["code"].is_string(), "problem without code: {body}");
+    }
+    (status, body)
+}
+
+pub fn token_of(issued: &Value) -> String {
+    issued["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
+}
+
+/// Signs a JWT with one of the fixture keys.
+pub fn sign_jwt(
+    alg: jsonwebtoken::Algorithm,
+    key_file: &str,
+    kid: Option<&str>,
+    claims: &Value,
+) -> String {
+    let pem = std::fs::read(fixture(key_file)).expect("fixture key");
+    let key = match alg {
+        jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+        jsonwebtoken::Algorithm::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+        jsonwebtoken::Algorithm::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(&pem),
+        other => panic!("no fixture for {other:?}"),
+    }
+    .expect("encoding key");
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &key).expect("sign")
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+pub fn claims(sub: &str, iss: &str, aud: &str, exp_offset: i64) -> Value {
+    json!({
+        "sub": sub,
+        "iss": iss,
+        "aud": aud,
+        "iat": now_secs(),
+        "exp": (now_secs() as i64 + exp_offset),
+        "team": "platform",
+        "groups": ["deployers", "oncall"],
+    })
+}
