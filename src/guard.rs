@@ -193,7 +193,7 @@ impl Guard {
         token: &str,
         request: &Request,
         payload: T,
-    ) -> Result<Authorized<T>, Decision> {
+    ) -> Result<Authorized<T>, Box<Decision>> {
         let decision = self.decide(token, request);
         if decision.is_allow() {
             Ok(Authorized {
@@ -201,7 +201,7 @@ impl Guard {
                 decision_id: decision.id,
             })
         } else {
-            Err(decision)
+            Err(Box::new(decision))
         }
     }
 

@@ -387,3 +387,33 @@ async fn published_keys_verify_tokens_offline() {
     assert_eq!(verified.key_id, document.active_key_id);
     let _: Value = serde_json::to_value(&document).expect("serialisable");
 }
+
+#[tokio::test]
+async fn the_client_refreshes_before_expiry() {
+    use capgate::client::{Client, TokenRefresher};
+    let broker = Broker::start().await;
+    let scopes = vec!["pg://prod/public.t:read".parse().expect("scope")];
+    let refresher = TokenRefresher::start(
+        Client::new(&broker.url).expect("client"),
+        READER_KEY.to_owned(),
+        scopes,
+        Some(std::time::Duration::from_secs(3)),
+    )
+    .await
+    .expect("first token");
+    let first = refresher.current();
+    // Two thirds of 3 s: a new token arrives after about 2 s, before the first expires.
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let second = refresher.current();
+    assert_ne!(first.session_id, second.session_id, "refreshed");
+    assert!(second.expires_at > first.expires_at);
+    let token = refresher.token().expect("current token is valid");
+    assert_eq!(broker.dry_run(&token, "pg://prod/public.t", "read").await["decision"], "allow");
+
+    // A revoked agent's refresher stops and its token then expires: no silent renewal.
+    let refused = Client::new(&broker.url)
+        .expect("client")
+        .request_token("cgk_unknown", &["pg://prod/t:read".parse().expect("scope")], None)
+        .await;
+    assert!(matches!(refused, Err(capgate::client::ClientError::Refused { status: 401, .. })));
+}
