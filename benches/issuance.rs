@@ -16,13 +16,21 @@ fn spec() -> TokenSpec {
     TokenSpec {
         agent: "deploy-bot".into(),
         session_id: random_id(),
-        rights: ["pg://staging/:write", "pg://prod/public.bookings:read", "http://railway/volumes/:read"]
-            .iter()
-            .map(|s| {
-                let scope: Scope = s.parse().expect("scope");
-                GrantedRight { resource: scope.resource, verb: scope.verb, environment: "staging".into() }
-            })
-            .collect(),
+        rights: [
+            "pg://staging/:write",
+            "pg://prod/public.bookings:read",
+            "http://railway/volumes/:read",
+        ]
+        .iter()
+        .map(|s| {
+            let scope: Scope = s.parse().expect("scope");
+            GrantedRight {
+                resource: scope.resource,
+                verb: scope.verb,
+                environment: "staging".into(),
+            }
+        })
+        .collect(),
         issued_at: now,
         expires_at: now + Duration::from_secs(600),
     }
@@ -50,19 +58,33 @@ fn issuance(c: &mut Criterion) {
         .collect();
 
     c.bench_function("mint+serialize (3 rights)", |b| {
-        b.iter(|| mint(&spec, 1, &key).expect("mint").to_base64().expect("b64"))
+        b.iter(|| {
+            mint(&spec, 1, &key)
+                .expect("mint")
+                .to_base64()
+                .expect("b64")
+        })
     });
     c.bench_function("grant policy evaluation (2 scopes)", |b| {
-        b.iter(|| evaluator.evaluate(&identity, &scopes, None, SystemTime::now()).expect("eval"))
+        b.iter(|| {
+            evaluator
+                .evaluate(&identity, &scopes, None, SystemTime::now())
+                .expect("eval")
+        })
     });
 
     // A plain throughput figure for the closing note: full library-level issuance per second.
     let n = 2000;
     let start = Instant::now();
     for _ in 0..n {
-        let decision = evaluator.evaluate(&identity, &scopes, None, SystemTime::now()).expect("eval");
+        let decision = evaluator
+            .evaluate(&identity, &scopes, None, SystemTime::now())
+            .expect("eval");
         assert!(decision.all_granted());
-        mint(&spec, 1, &key).expect("mint").to_base64().expect("b64");
+        mint(&spec, 1, &key)
+            .expect("mint")
+            .to_base64()
+            .expect("b64");
     }
     let per_second = n as f64 / start.elapsed().as_secs_f64();
     println!("issuance (policy + mint + encode): {per_second:.0} tokens/s on one core");

@@ -26,7 +26,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // A short TTL so the refresh is visible; the refresher renews at two thirds of the lifetime.
-    let refresher = TokenRefresher::start(Client::new(&broker)?, credential, scopes, Some(Duration::from_secs(30))).await?;
+    let refresher = TokenRefresher::start(
+        Client::new(&broker)?,
+        credential,
+        scopes,
+        Some(Duration::from_secs(30)),
+    )
+    .await?;
     for _ in 0..3 {
         let current = refresher.current();
         println!(

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::broker::TokenResponse;
+use crate::broker::{FeedPage, TokenResponse};
 use crate::scope::Scope;
 use crate::store::{Revocation, RevocationKind};
 use crate::token::KeySetDocument;
@@ -112,6 +112,27 @@ impl Client {
         let response = self
             .http
             .get(format!("{}/v1/keys", self.broker))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        decode(response).await
+    }
+
+    /// One page of the revocation feed after `cursor`, waiting up to `wait` for news.
+    pub async fn revocations_since(
+        &self,
+        cursor: u64,
+        wait: Duration,
+    ) -> Result<FeedPage, ClientError> {
+        let response = self
+            .http
+            .get(format!(
+                "{}/v1/revocations?since={cursor}&wait={}",
+                self.broker,
+                wait.as_secs()
+            ))
+            // A broker that stops answering must not hold the feed past the staleness bound.
+            .timeout(wait + Duration::from_secs(2))
             .send()
             .await
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;

@@ -5,6 +5,7 @@
 //! adapters in front of real infrastructure ask the [`guard`] about every call.
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
+pub mod adapters;
 pub mod broker;
 pub mod client;
 pub mod config;

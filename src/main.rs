@@ -56,6 +56,9 @@ enum Command {
     Policy(PolicyCommand),
     /// Revoke a token, a session or every token of an agent (operator).
     Revoke(RevokeArgs),
+    /// Run an adapter in front of real infrastructure.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
     /// Create a new agent API key and print its configuration entry.
     ApiKey {
         #[arg(long)]
@@ -65,6 +68,15 @@ enum Command {
     OperatorKey {
         #[arg(long)]
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProxyCommand {
+    /// Reverse proxy for an HTTP API: route table, guard, credential injection.
+    Http {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -245,6 +257,14 @@ async fn run(command: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(command) => token_command(command).await,
+        Command::Proxy(ProxyCommand::Http { config }) => {
+            let config =
+                capgate::adapters::http::ProxyConfig::load(&config).map_err(|e| e.to_string())?;
+            capgate::adapters::http::serve(config, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(command) => policy_command(command).await,
         Command::Revoke(args) => {
             let (kind, value) = match (args.agent, args.session, args.token_id) {
@@ -468,6 +488,7 @@ async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
             max_token_bytes: config.tokens.max_token_bytes,
             max_staleness: Duration::from_secs(60),
             limits: config.datalog.clone(),
+            cache_capacity: 0,
         },
         keys,
         view,

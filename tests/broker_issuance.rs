@@ -408,12 +408,22 @@ async fn the_client_refreshes_before_expiry() {
     assert_ne!(first.session_id, second.session_id, "refreshed");
     assert!(second.expires_at > first.expires_at);
     let token = refresher.token().expect("current token is valid");
-    assert_eq!(broker.dry_run(&token, "pg://prod/public.t", "read").await["decision"], "allow");
+    assert_eq!(
+        broker.dry_run(&token, "pg://prod/public.t", "read").await["decision"],
+        "allow"
+    );
 
     // A revoked agent's refresher stops and its token then expires: no silent renewal.
     let refused = Client::new(&broker.url)
         .expect("client")
-        .request_token("cgk_unknown", &["pg://prod/t:read".parse().expect("scope")], None)
+        .request_token(
+            "cgk_unknown",
+            &["pg://prod/t:read".parse().expect("scope")],
+            None,
+        )
         .await;
-    assert!(matches!(refused, Err(capgate::client::ClientError::Refused { status: 401, .. })));
+    assert!(matches!(
+        refused,
+        Err(capgate::client::ClientError::Refused { status: 401, .. })
+    ));
 }

@@ -100,6 +100,7 @@ impl BrokerState {
                 max_token_bytes: config.tokens.max_token_bytes,
                 max_staleness: DEFAULT_MAX_STALENESS,
                 limits: config.datalog.clone(),
+                cache_capacity: 10_000,
             },
             keys.clone(),
             Arc::new(RevocationView::new()),

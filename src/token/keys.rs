@@ -201,6 +201,12 @@ pub struct PublicKeySet {
 }
 
 impl PublicKeySet {
+    pub fn empty() -> Self {
+        PublicKeySet {
+            keys: BTreeMap::new(),
+        }
+    }
+
     pub fn from_document(document: &KeySetDocument) -> Result<Self, String> {
         let mut keys = BTreeMap::new();
         for key in &document.keys {

@@ -6,6 +6,9 @@
 //! The guard never does network I/O; every error is a deny. Only the guard can construct an
 //! `Authorized<T>`, so an adapter cannot forward anything it did not ask about.
 
+mod cache;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,6 +21,7 @@ use crate::policy::PolicySet;
 use crate::revocation::{RevocationDenial, RevocationView};
 use crate::scope::Verb;
 use crate::token::{random_id, verify, PublicKeySet, TokenRejected, VerifiedToken};
+pub use cache::VerifiedCache;
 
 /// What an adapter asks about. Every field comes from the adapter's own configuration and
 /// parsing of the request, never from anything the agent asserts.
@@ -125,9 +129,16 @@ impl Decision {
 pub struct Authorized<T> {
     inner: T,
     decision_id: String,
+    /// In shadow mode: the deny that enforce mode would have returned.
+    shadow_deny: Option<Box<Decision>>,
 }
 
 impl<T> Authorized<T> {
+    /// The deny a shadow-mode pass let through, if any.
+    pub fn shadow_deny(&self) -> Option<&Decision> {
+        self.shadow_deny.as_deref()
+    }
+
     pub fn decision_id(&self) -> &str {
         &self.decision_id
     }
@@ -149,6 +160,8 @@ pub struct GuardConfig {
     /// How old the revocation view may be before every decision is a deny.
     pub max_staleness: Duration,
     pub limits: RunLimits,
+    /// How many verified tokens to remember (0 disables the cache).
+    pub cache_capacity: usize,
 }
 
 /// Keys the guard verifies against; replaced wholesale when the published set changes.
@@ -159,6 +172,33 @@ pub struct Guard {
     keys: KeyView,
     revocations: Arc<RevocationView>,
     policy: PolicySet,
+    /// Policy texts by index, for explanations (computed once, not per decision).
+    policy_texts: Vec<String>,
+    cache: VerifiedCache,
+    ids: DecisionIds,
+}
+
+/// Decision ids: unique, cheap, and not guessable across processes (random prefix).
+struct DecisionIds {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl DecisionIds {
+    fn new() -> Self {
+        DecisionIds {
+            prefix: random_id()[..16].to_owned(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{}{:016x}",
+            self.prefix,
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        )
+    }
 }
 
 impl Guard {
@@ -169,11 +209,29 @@ impl Guard {
         policy: PolicySet,
     ) -> Self {
         Guard {
+            policy_texts: authorizer_policies(&policy),
+            cache: VerifiedCache::new(config.cache_capacity),
             config,
             keys,
             revocations,
             policy,
+            ids: DecisionIds::new(),
         }
+    }
+
+    pub fn cache(&self) -> &VerifiedCache {
+        &self.cache
+    }
+
+    /// Decides at a given instant, without logging (tests and benchmarks).
+    pub fn decide_at(
+        &self,
+        token: &str,
+        request: &Request,
+        now: SystemTime,
+        mono: Instant,
+    ) -> Decision {
+        self.evaluate(token, request, now, mono)
     }
 
     pub fn revocations(&self) -> &Arc<RevocationView> {
@@ -183,7 +241,7 @@ impl Guard {
     /// Decides, logs the decision, and returns it.
     pub fn decide(&self, token: &str, request: &Request) -> Decision {
         let decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
-        log_decision(&self.config.adapter, request, &decision);
+        log_decision(&self.config.adapter, request, &decision, "enforce");
         decision
     }
 
@@ -199,14 +257,28 @@ impl Guard {
             Ok(Authorized {
                 inner: payload,
                 decision_id: decision.id,
+                shadow_deny: None,
             })
         } else {
             Err(Box::new(decision))
         }
     }
 
+    /// Shadow mode: decides and logs as usual, then lets `payload` through either way,
+    /// recording the deny it would have made. Still the guard's decision, never a bypass.
+    pub fn authorize_shadow<T>(&self, token: &str, request: &Request, payload: T) -> Authorized<T> {
+        let decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        log_decision(&self.config.adapter, request, &decision, "shadow");
+        let decision_id = decision.id.clone();
+        Authorized {
+            inner: payload,
+            decision_id,
+            shadow_deny: (!decision.is_allow()).then(|| Box::new(decision)),
+        }
+    }
+
     fn evaluate(&self, token: &str, request: &Request, now: SystemTime, mono: Instant) -> Decision {
-        let id = random_id();
+        let id = self.ids.next();
         let deny = |code: DenyCode,
                     reason: String,
                     verified: Option<&VerifiedToken>,
@@ -228,7 +300,7 @@ impl Guard {
                 )
             }
         };
-        let verified = match verify(token, &keys, self.config.max_token_bytes, now) {
+        let verified = match self.verified(token, &keys, now) {
             Ok(verified) => verified,
             Err(rejected) => {
                 return deny(
@@ -263,6 +335,23 @@ impl Guard {
         }
     }
 
+    /// Signature verification, or the cached result of it. Expiry and key validity are
+    /// re-checked on a cache hit: a retired key or an expired token never passes from cache.
+    fn verified(
+        &self,
+        token: &str,
+        keys: &PublicKeySet,
+        now: SystemTime,
+    ) -> Result<Arc<VerifiedToken>, TokenRejected> {
+        if let Some(cached) = self.cache.get(token, now) {
+            keys.lookup(Some(cached.key_id), now)?;
+            return Ok(cached);
+        }
+        let verified = Arc::new(verify(token, keys, self.config.max_token_bytes, now)?);
+        self.cache.insert(token, verified.clone(), now);
+        Ok(verified)
+    }
+
     /// The token's checks and the adapter policy, over facts the adapter supplied.
     fn run_policy(
         &self,
@@ -287,11 +376,11 @@ impl Guard {
                 .map_err(internal)?;
         }
         let mut authorizer = builder.build(&verified.biscuit).map_err(internal)?;
-        let policies = || authorizer_policies(&self.policy);
+        let policies = &self.policy_texts;
         match authorizer.authorize() {
             Ok(index) => Ok(vec![format!(
                 "allowed by `{}`",
-                policies()
+                policies
                     .get(index)
                     .cloned()
                     .unwrap_or_else(|| format!("policy #{index}"))
@@ -302,7 +391,7 @@ impl Guard {
                 vec![],
             )),
             Err(BiscuitError::FailedLogic(logic)) => {
-                let explanation = explain_failure(&logic, &policies());
+                let explanation = explain_failure(&logic, policies);
                 Err((
                     DenyCode::PolicyDenied,
                     explanation
@@ -363,11 +452,12 @@ fn explain_failure(logic: &Logic, policies: &[String]) -> Vec<String> {
     lines
 }
 
-fn log_decision(adapter: &str, request: &Request, decision: &Decision) {
+fn log_decision(adapter: &str, request: &Request, decision: &Decision, mode: &str) {
     match &decision.outcome {
         Outcome::Allow => tracing::info!(
             decision_id = %decision.id,
             adapter,
+            mode,
             agent = decision.agent.as_deref().unwrap_or("-"),
             resource = %request.resource,
             verb = %request.verb,
@@ -376,6 +466,7 @@ fn log_decision(adapter: &str, request: &Request, decision: &Decision) {
         Outcome::Deny { code, reason } => tracing::warn!(
             decision_id = %decision.id,
             adapter,
+            mode,
             agent = decision.agent.as_deref().unwrap_or("-"),
             resource = %request.resource,
             verb = %request.verb,

@@ -1,0 +1,138 @@
+//! `capgate::adapters::tower`: the guard as a tower `Layer`, for existing axum/hyper services.
+//! A mapper turns each request into (resource, verb, attributes); requests it cannot map are
+//! denied. On allow the token is stripped and the decision is put into the request's
+//! extensions as [`GuardedRequest`] for handlers that want the agent's name.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ::http::request::Parts;
+use ::http::StatusCode;
+use axum::extract::Request;
+use axum::response::Response;
+use tower::Layer;
+use tower_service::Service;
+
+use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
+use crate::guard::{Guard, Request as GuardRequest};
+
+type Mapper = dyn Fn(&Parts) -> Option<GuardRequest> + Send + Sync;
+
+/// Added to the request's extensions when the guard let it through.
+#[derive(Debug, Clone)]
+pub struct GuardedRequest {
+    pub decision_id: String,
+    /// In shadow mode, whether enforce mode would have denied it.
+    pub shadow_denied: bool,
+}
+
+#[derive(Clone)]
+pub struct GuardLayer {
+    guard: Arc<Guard>,
+    mapper: Arc<Mapper>,
+    mode: Mode,
+}
+
+impl GuardLayer {
+    pub fn new(
+        guard: Arc<Guard>,
+        mapper: impl Fn(&Parts) -> Option<GuardRequest> + Send + Sync + 'static,
+    ) -> Self {
+        GuardLayer {
+            guard,
+            mapper: Arc::new(mapper),
+            mode: Mode::Enforce,
+        }
+    }
+
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GuardService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GuardService<S> {
+    inner: S,
+    layer: GuardLayer,
+}
+
+impl<S> Service<Request> for GuardService<S>
+where
+    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The service that was polled ready handles this request; a fresh clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let mode = layer.mode;
+            let (mut parts, body) = request.into_parts();
+            let Some(guard_request) = (layer.mapper)(&parts) else {
+                return Ok(problem(
+                    StatusCode::FORBIDDEN,
+                    "no_route",
+                    "no mapping allows this request",
+                    None,
+                    mode,
+                ));
+            };
+            let token = match extract_token(&parts.headers) {
+                TokenHeader::Present(token) => token,
+                TokenHeader::Missing => String::new(),
+                TokenHeader::Conflicting => {
+                    return Ok(problem(
+                        StatusCode::UNAUTHORIZED,
+                        "token_conflict",
+                        "two different tokens were presented",
+                        None,
+                        mode,
+                    ));
+                }
+            };
+            strip_token_headers(&mut parts.headers);
+            let request = Request::from_parts(parts, body);
+            let authorized = match mode {
+                Mode::Enforce => layer.guard.authorize(&token, &guard_request, request),
+                Mode::Shadow => Ok(layer
+                    .guard
+                    .authorize_shadow(&token, &guard_request, request)),
+            };
+            match authorized {
+                Ok(authorized) => {
+                    let guarded = GuardedRequest {
+                        decision_id: authorized.decision_id().to_owned(),
+                        shadow_denied: authorized.shadow_deny().is_some(),
+                    };
+                    let mut request = authorized.into_inner();
+                    request.extensions_mut().insert(guarded);
+                    inner.call(request).await
+                }
+                Err(decision) => Ok(deny_response(&decision, mode)),
+            }
+        })
+    }
+}
