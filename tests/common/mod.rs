@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 pub const DEPLOY_BOT_KEY: &str = "cgk_test_deploy_bot_0123456789abcdef";
 pub const READER_KEY: &str = "cgk_test_reporting_bot_0123456789ab";
 pub const OPERATOR_KEY: &str = "cgo_test_operator_0123456789abcdef0";
+/// Granted anything by `OPS_POLICY` (adapter tests need deletes and writes in prod).
+pub const OPS_KEY: &str = "cgk_test_ops_bot_0123456789abcdef012";
+pub const OPS_POLICY: &str = "grant($r, $v) <- agent(\"ops-bot\"), requested($r, $v);\n";
 pub const JWT_ISSUER: &str = "https://idp.capgate.test";
 pub const PEM_ISSUER: &str = "https://pem-idp.capgate.test";
 pub const AUDIENCE: &str = "capgate";
@@ -66,6 +69,10 @@ sha256 = "{deploy}"
 agent = "reporting-bot"
 sha256 = "{reader}"
 
+[[identity.api_keys]]
+agent = "ops-bot"
+sha256 = "{ops}"
+
 [[operators]]
 name = "alice"
 sha256 = "{operator}"
@@ -87,6 +94,7 @@ algorithm = "RS256"
         deploy = sha256(DEPLOY_BOT_KEY),
         reader = sha256(READER_KEY),
         operator = sha256(OPERATOR_KEY),
+        ops = sha256(OPS_KEY),
         issuer = JWT_ISSUER,
         pem_issuer = PEM_ISSUER,
         aud = AUDIENCE,
@@ -109,15 +117,32 @@ impl Broker {
         Self::start_in(dir).await
     }
 
+    /// The repository's grant policies plus `extra` (e.g. [`OPS_POLICY`]).
+    pub async fn start_with_policy(extra: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).expect("mkdir");
+        for entry in std::fs::read_dir(repo().join("policies")).expect("policies") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "dl") {
+                std::fs::copy(&path, policies.join(path.file_name().expect("name"))).expect("copy");
+            }
+        }
+        std::fs::write(policies.join("zz-test.dl"), extra).expect("write");
+        Self::start_at(dir, Some(policies)).await
+    }
+
     /// Starts a broker whose state lives in `dir` (reused across restarts).
     pub async fn start_in(dir: tempfile::TempDir) -> Broker {
+        Self::start_at(dir, None).await
+    }
+
+    async fn start_at(dir: tempfile::TempDir, policies: Option<PathBuf>) -> Broker {
         let port = free_port();
         let config = dir.path().join("capgate.toml");
-        std::fs::write(
-            &config,
-            config_text(port, &dir.path().join("data"), &repo().join("policies")),
-        )
-        .expect("write config");
+        let policies = policies.unwrap_or_else(|| repo().join("policies"));
+        std::fs::write(&config, config_text(port, &dir.path().join("data"), &policies))
+            .expect("write config");
         let log = dir.path().join(format!("broker-{port}.log"));
         let child = spawn_serve(&config, &log);
         let broker = Broker {

@@ -1,0 +1,464 @@
+//! The HTTP adapter end to end: a real upstream (recording what reaches it), the real broker
+//! binary and the real `capgate proxy http` process. Every attack asserts on what the
+//! upstream received, not only on the status the agent saw.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::Request;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const UPSTREAM_SECRET: &str = "upstream-secret-7f3a";
+
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body_len: usize,
+}
+
+#[derive(Clone, Default)]
+struct Upstream {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    async fn start() -> (Upstream, u16) {
+        let upstream = Upstream::default();
+        let seen = upstream.seen.clone();
+        let app = axum::Router::new().fallback(move |request: Request| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = to_bytes(body, 64 << 20).await.map(|b| b.len()).unwrap_or(0);
+                seen.lock().expect("lock").push(Seen {
+                    method: parts.method.to_string(),
+                    path: parts.uri.to_string(),
+                    headers: parts
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                        .collect(),
+                    body_len: body,
+                });
+                format!("upstream saw {} {}", parts.method, parts.uri)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (upstream, port)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    fn clear(&self) {
+        self.seen.lock().expect("lock").clear();
+    }
+}
+
+struct ProxyProcess {
+    url: String,
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_proxy(broker_url: &str, upstream_port: u16, environment: &str) -> ProxyProcess {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+broker = "{broker_url}"
+environment = "{environment}"
+name = "railway-proxy"
+adapter_policies = "{policies}"
+max_staleness = "2s"
+
+[upstream]
+url = "http://127.0.0.1:{upstream_port}"
+credential_env = "CAPGATE_TEST_UPSTREAM_TOKEN"
+credential_prefix = "Bearer "
+
+[[routes]]
+method = "GET"
+path = "/v2/volumes"
+resource = "http://railway/volumes"
+verb = "read"
+
+[[routes]]
+method = "GET"
+path = "/v2/volumes/{{id}}"
+resource = "http://railway/volumes/{{id}}"
+verb = "read"
+
+[[routes]]
+method = "POST"
+path = "/v2/volumes/{{id}}/data"
+resource = "http://railway/volumes/{{id}}"
+verb = "write"
+
+[[routes]]
+method = "DELETE"
+path = "/v2/volumes/{{id}}"
+resource = "http://railway/volumes/{{id}}"
+verb = "delete"
+
+[[routes]]
+method = "GET"
+path = "/v2/backups/{{id}}"
+resource = "http://railway/backups/{{id}}"
+verb = "read"
+
+[[routes]]
+method = "PUT"
+path = "/v2/staging-volumes/{{id}}"
+resource = "http://railway-staging/volumes/{{id}}"
+verb = "write"
+
+[[routes]]
+method = "GET"
+path = "/v2/experimental/{{id}}"
+resource = "http://railway/experimental/{{id}}"
+verb = "read"
+mode = "shadow"
+"#,
+        policies = repo().join("policies/adapters").display(),
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).expect("config");
+    let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["proxy", "http", "--config"])
+        .arg(&path)
+        .env("CAPGATE_TEST_UPSTREAM_TOKEN", UPSTREAM_SECRET)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn proxy");
+    let proxy = ProxyProcess {
+        url: format!("http://127.0.0.1:{port}"),
+        port,
+        child,
+        _dir: dir,
+    };
+    // Ready once it answers (a 401 for no token is an answer).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if reqwest::get(format!("{}/v2/volumes", proxy.url)).await.is_ok() {
+            return proxy;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("proxy did not start");
+}
+
+async fn call(proxy: &ProxyProcess, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = reqwest::Client::new().request(method.parse().expect("method"), format!("{}{path}", proxy.url));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Sends bytes exactly as written (clients normalise paths; attackers do not).
+async fn raw(port: u16, request: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Waits until the proxy has synced keys, so tests start from a ready adapter.
+async fn wait_allowed(proxy: &ProxyProcess, path: &str, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if call(proxy, "GET", path, Some(token)).await.0 == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "proxy never allowed {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn allowed_reads_reach_the_upstream_with_its_credential_never_the_token() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read", "http://railway/volumes:read"], None).await);
+    wait_allowed(&proxy, "/v2/volumes", &token).await;
+    upstream.clear();
+
+    let response = reqwest::Client::new()
+        .get(format!("{}/v2/volumes/vol_1?verbose=1", proxy.url))
+        .header("capgate-token", &token)
+        .header("host", "evil.example")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["capgate-mode"], "enforce");
+    assert!(response.headers().contains_key("capgate-decision-id"));
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v2/volumes/vol_1?verbose=1");
+    let header = |name: &str| seen[0].headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    assert_eq!(header("authorization").as_deref(), Some(format!("Bearer {UPSTREAM_SECRET}").as_str()));
+    assert_eq!(header("host").as_deref(), Some(format!("127.0.0.1:{up_port}").as_str()), "Host is the upstream's");
+    assert!(header("capgate-token").is_none());
+    assert!(seen[0].headers.iter().all(|(_, v)| !v.contains(&token[..40])), "the token never reaches the upstream");
+}
+
+#[tokio::test]
+async fn denials_by_resource_environment_and_route_never_reach_the_upstream() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(OPS_KEY, &["http://railway/volumes/vol_1:delete", "http://railway/volumes/vol_1:read", "http://railway-staging/volumes/:write"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+
+    // Delete on a volume the token does not name.
+    assert_eq!(call(&proxy, "DELETE", "/v2/volumes/vol_2", Some(&token)).await.0, 403);
+    // A staging right used against the prod adapter (same resource name, other environment).
+    assert_eq!(call(&proxy, "PUT", "/v2/staging-volumes/vol_7", Some(&token)).await.0, 403);
+    // A route that is not in the table.
+    let (status, body) = call(&proxy, "POST", "/v2/volumes/vol_1/snapshot", Some(&token)).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no_route"));
+    // No token at all.
+    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_1", None).await.0, 401);
+    assert!(upstream.seen().is_empty(), "nothing denied reached the upstream: {:?}", upstream.seen());
+
+    // The one it does name passes.
+    assert_eq!(call(&proxy, "DELETE", "/v2/volumes/vol_1", Some(&token)).await.0, 200);
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn tampered_expired_foreign_and_revoked_tokens_are_refused() {
+    let broker = Broker::start().await;
+    let other = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let scopes = ["http://railway/volumes/:read"];
+    let good = token_of(&broker.issue(READER_KEY, &scopes, None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &good).await;
+    let short = token_of(&broker.issue(READER_KEY, &scopes, Some(1)).await);
+    let foreign = token_of(&other.issue(READER_KEY, &scopes, None).await);
+    let mut tampered = good.clone().into_bytes();
+    let at = tampered.len() - 20;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).expect("ascii");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    upstream.clear();
+    for (label, token) in [("tampered", &tampered), ("expired", &short), ("other broker's key", &foreign)] {
+        let (status, body) = call(&proxy, "GET", "/v2/volumes/vol_1", Some(token)).await;
+        assert_eq!(status, 401, "{label}: {body}");
+    }
+    assert!(upstream.seen().is_empty());
+
+    // Revocation reaches the proxy through the feed; measure how fast.
+    let victim = token_of(&broker.issue(READER_KEY, &scopes, None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &victim).await;
+    let id = capgate::token::inspect(&victim, None).expect("inspect").revocation_ids[0].clone();
+    let revoked_at = Instant::now();
+    broker.revoke("token", &id).await;
+    loop {
+        let (status, body) = call(&proxy, "GET", "/v2/volumes/vol_1", Some(&victim)).await;
+        if status == 401 {
+            assert!(body.contains("token_revoked"), "{body}");
+            break;
+        }
+        assert!(revoked_at.elapsed() < Duration::from_secs(2), "revocation not seen within the 2 s bound");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("revocation-to-deny latency at the proxy: {:?}", revoked_at.elapsed());
+    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_1", Some(&good)).await.0, 200, "others unaffected");
+}
+
+#[tokio::test]
+async fn attenuated_tokens_narrow_at_the_proxy() {
+    let broker = Broker::start().await;
+    let (_upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_2", &token).await;
+    let narrowed = capgate::token::attenuate(
+        &token,
+        &capgate::token::Attenuation { resource: Some("http://railway/volumes/vol_1".parse().expect("pattern")), ..Default::default() },
+    )
+    .expect("attenuate");
+    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_1", Some(&narrowed)).await.0, 200);
+    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_2", Some(&narrowed)).await.0, 403);
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_means_deny_after_the_staleness_bound() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    drop(broker.kill());
+    let killed = Instant::now();
+    // Within the bound it still serves from its fresh view; after it, it must deny.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    upstream.clear();
+    let (status, body) = call(&proxy, "GET", "/v2/volumes/vol_1", Some(&token)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("revocation_feed_stale"), "{body}");
+    assert!(upstream.seen().is_empty());
+    assert!(killed.elapsed() >= Duration::from_secs(2));
+}
+
+/// One row per path or header trick; each is refused, or normalised to the one meaning the
+/// guard authorised. Afterwards the upstream must have seen no backup and no delete.
+#[tokio::test]
+async fn path_and_header_tricks_never_reach_a_forbidden_route() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let get = |target: &str, extra: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n")
+    };
+    let rows: Vec<(&str, String, u16)> = vec![
+        ("dot segments", get("/v2/volumes/vol_1/../../backups/bk_1", ""), 400),
+        ("encoded dot segments", get("/v2/volumes/%2e%2e/backups/bk_1", ""), 400),
+        ("encoded slash", get("/v2/volumes/..%2f..%2fbackups%2fbk_1", ""), 400),
+        ("encoded backslash", get("/v2/volumes/vol_1%5c..%5cbackups", ""), 400),
+        ("path parameter", get("/v2/volumes;x/vol_1", ""), 400),
+        ("NUL", get("/v2/volumes/vol_1%00", ""), 400),
+        ("absolute form", get("http://127.0.0.1/v2/backups/bk_1", ""), 400),
+        ("method override header", get("/v2/volumes/vol_1", "X-HTTP-Method-Override: DELETE\r\n"), 400),
+        ("method override query", get("/v2/volumes/vol_1?_method=DELETE", ""), 400),
+        ("second token", get("/v2/volumes/vol_1", "Capgate-Token: other\r\n"), 401),
+        ("backup route", get("/v2/backups/bk_1", ""), 403),
+        ("case variant of a route", get("/V2/Volumes/vol_1", ""), 403),
+        ("duplicate slashes (normalised, allowed)", get("//v2//volumes//vol_1/", ""), 200),
+        ("encoded unreserved (normalised, allowed)", get("/v2/%76olumes/vol%5F1", ""), 200),
+    ];
+    for (trick, request, expected) in rows {
+        assert_eq!(raw(proxy.port, &request).await, expected, "{trick}");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "only the two normalised requests went through: {seen:?}");
+    for request in &seen {
+        assert_eq!(request.method, "GET");
+        assert_eq!(request.path, "/v2/volumes/vol_1", "forwarded in canonical form");
+        assert!(request.headers.iter().all(|(k, _)| !k.starts_with("x-http-method")));
+    }
+}
+
+#[tokio::test]
+async fn shadow_routes_forward_and_say_so_while_enforce_routes_deny() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let response = reqwest::Client::new()
+        .get(format!("{}/v2/experimental/x1", proxy.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200, "shadow forwards what enforce would deny");
+    assert_eq!(response.headers()["capgate-mode"], "shadow");
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn bodies_stream_through_in_both_directions() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(&broker.issue(OPS_KEY, &["http://railway/volumes/:write", "http://railway/volumes/:read"], None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    // A large request body arrives whole.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v2/volumes/vol_1/data", proxy.url))
+        .bearer_auth(&token)
+        .body(vec![7u8; 8 << 20])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.seen()[0].body_len, 8 << 20);
+
+    // A slow response is relayed chunk by chunk: the first chunk arrives long before the last
+    // is even produced, so the proxy does not buffer it.
+    let (slow_port, _server) = slow_upstream().await;
+    let slow_proxy = start_proxy(&broker.url, slow_port, "prod").await;
+    wait_allowed(&slow_proxy, "/v2/volumes/vol_1", &token).await;
+    let started = Instant::now();
+    let mut response = reqwest::Client::new()
+        .get(format!("{}/v2/volumes/slow", slow_proxy.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    let first = response.chunk().await.expect("chunk").expect("first chunk");
+    let first_at = started.elapsed();
+    assert_eq!(&first[..], b"first;");
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(&rest[..], b"second;");
+    assert!(first_at < Duration::from_millis(800), "first chunk after {first_at:?}: buffered");
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+}
+
+/// An upstream whose `/v2/volumes/slow` sends one chunk, waits a second, then another.
+async fn slow_upstream() -> (u16, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().fallback(|| async {
+        let stream = futures_util::stream::unfold(0u8, |step| async move {
+            match step {
+                0 => Some((Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"first;")), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    Some((Ok(axum::body::Bytes::from_static(b"second;")), 2))
+                }
+                _ => None,
+            }
+        });
+        Body::from_stream(stream)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let handle = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, handle)
+}
