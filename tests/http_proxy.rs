@@ -462,3 +462,11 @@ async fn slow_upstream() -> (u16, tokio::task::JoinHandle<()>) {
     });
     (port, handle)
 }
+
+#[test]
+fn the_example_proxy_config_loads() {
+    let path = repo().join("examples/railway-proxy.toml");
+    let config = capgate::adapters::http::ProxyConfig::load(&path).expect("example config");
+    capgate::adapters::http::routes::RouteTable::new(&config.routes).expect("routes");
+    assert!(config.adapter_policies.join("default.dl").exists());
+}

@@ -19,8 +19,7 @@ use super::BrokerState;
 use crate::policy::ScopeOutcome;
 use crate::scope::{ResourcePattern, Scope, Verb};
 use crate::store::SessionRecord;
-use crate::token::{mint, random_id, unix_seconds, GrantedRight, TokenSpec, BASE64};
-use base64::Engine;
+use crate::token::{mint, random_id, unix_seconds, GrantedRight, TokenSpec};
 
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -174,7 +173,7 @@ pub async fn issue(
     };
     let keyring = state.keyring()?;
     let token = mint(&spec, keyring.active_key_id(), keyring.signing_key())
-        .and_then(|t| Ok(t.to_vec()?))
+        .and_then(|t| Ok(crate::token::encode(&t)?))
         .map_err(|e| {
             tracing::error!(error = %e, "minting failed");
             ApiError::new(
@@ -199,7 +198,7 @@ pub async fn issue(
     Ok((
         StatusCode::CREATED,
         Json(TokenResponse {
-            access_token: BASE64.encode(token),
+            access_token: token,
             issued_token_type: ISSUED_TOKEN_TYPE.into(),
             token_type: "Bearer".into(),
             expires_in: decision.ttl.as_secs(),

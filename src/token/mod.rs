@@ -91,6 +91,11 @@ pub(crate) fn from_unix_seconds(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// The token's wire form: URL-safe base64 of the biscuit's bytes.
+pub fn encode(token: &biscuit_auth::Biscuit) -> Result<String, biscuit_auth::error::Token> {
+    Ok(BASE64.encode(token.to_vec()?))
+}
+
 pub(crate) fn decode_base64(token: &str) -> Result<Vec<u8>, TokenRejected> {
     BASE64
         .decode(token.trim().as_bytes())

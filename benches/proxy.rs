@@ -1,0 +1,142 @@
+//! The HTTP proxy against the same upstream called directly, on loopback: latency p50/p99
+//! (sequential requests) and throughput (concurrent keep-alive clients), printed as ratios.
+//! Goals: p50 added <= 0.3 ms, throughput >= 80% of direct.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use capgate::adapters::http::routes::RouteConfig;
+use capgate::adapters::http::{Proxy, ProxyConfig, UpstreamConfig};
+use capgate::adapters::Mode;
+use capgate::config::RunLimits;
+use capgate::revocation::RevocationView;
+use capgate::scope::Verb;
+use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+async fn get(client: &HttpClient, url: &str, token: &str) {
+    let request = http::Request::get(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .expect("request");
+    let response = client.request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.expect("body");
+}
+
+async fn latencies(client: &HttpClient, url: &str, token: &str, n: usize) -> (Duration, Duration) {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        get(client, url, token).await;
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    (samples[n / 2], samples[n * 99 / 100])
+}
+
+async fn throughput(client: &HttpClient, url: &str, token: &str, concurrency: usize, window: Duration) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, token, done) = (client.clone(), url.to_owned(), token.to_owned(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                get(&client, &url, &token).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    done.load(Ordering::Relaxed) as f64 / window.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (keyring, _) = Keyring::open_or_create(dir.path()).expect("keys");
+    let now = SystemTime::now();
+    let token = encode(
+        &mint(
+            &TokenSpec {
+                agent: "bench".into(),
+                session_id: random_id(),
+                rights: vec![GrantedRight { resource: "http://railway/volumes/".parse().expect("r"), verb: Verb::Read, environment: "prod".into() }],
+                issued_at: now,
+                expires_at: now + Duration::from_secs(3600),
+            },
+            keyring.active_key_id(),
+            keyring.signing_key(),
+        )
+        .expect("mint"),
+    )
+    .expect("encode");
+
+    let upstream = serve(axum::Router::new().fallback(|| async { "ok" })).await;
+    let credential = dir.path().join("credential");
+    std::fs::write(&credential, "upstream-secret").expect("credential");
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        broker: "http://127.0.0.1:1".into(),
+        environment: "prod".into(),
+        name: "bench".into(),
+        mode: Mode::Enforce,
+        adapter_policies: Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
+        max_staleness: Duration::from_secs(7200),
+        max_token_bytes: 16 * 1024,
+        datalog: RunLimits::default(),
+        upstream: UpstreamConfig {
+            url: format!("http://{upstream}"),
+            credential_header: "authorization".into(),
+            credential_prefix: "Bearer ".into(),
+            credential_env: None,
+            credential_file: Some(credential),
+        },
+        routes: vec![RouteConfig {
+            method: "GET".into(),
+            path: "/v2/volumes/{id}".into(),
+            resource: "http://railway/volumes/{id}".into(),
+            verb: Verb::Read,
+            mode: None,
+        }],
+    };
+    let view = Arc::new(RevocationView::new());
+    view.apply(&[], Instant::now() + Duration::from_secs(3600));
+    let keys = Arc::new(RwLock::new(Arc::new(keyring.public_keys().expect("public"))));
+    let proxy = Arc::new(Proxy::new(config, keys, view).expect("proxy"));
+    let proxied = serve(proxy.router()).await;
+
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let direct_url = format!("http://{upstream}/v2/volumes/vol_1");
+    let proxy_url = format!("http://{proxied}/v2/volumes/vol_1");
+    latencies(&client, &direct_url, &token, 500).await;
+    latencies(&client, &proxy_url, &token, 500).await;
+    let (d50, d99) = latencies(&client, &direct_url, &token, 5000).await;
+    let (p50, p99) = latencies(&client, &proxy_url, &token, 5000).await;
+    let window = Duration::from_secs(3);
+    let direct_rps = throughput(&client, &direct_url, &token, 16, window).await;
+    let proxy_rps = throughput(&client, &proxy_url, &token, 16, window).await;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("latency direct: p50 {:.3} ms  p99 {:.3} ms", ms(d50), ms(d99));
+    println!("latency proxy:  p50 {:.3} ms  p99 {:.3} ms", ms(p50), ms(p99));
+    println!("p50 added by the proxy: {:.3} ms (goal <= 0.3 ms), p50 ratio {:.2}x, p99 ratio {:.2}x", ms(p50) - ms(d50), ms(p50) / ms(d50), ms(p99) / ms(d99));
+    println!("throughput direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", direct_rps, proxy_rps, 100.0 * proxy_rps / direct_rps);
+}

@@ -1,0 +1,184 @@
+//! The tower layer in-process: an axum router protected by the same guard, with tokens minted
+//! by the library and a local key ring and revocation view.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, Request};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Extension, Router};
+use capgate::adapters::tower::{GuardLayer, GuardedRequest};
+use capgate::adapters::Mode;
+use capgate::config::RunLimits;
+use capgate::guard::{Guard, GuardConfig, Request as GuardRequest};
+use capgate::policy::PolicySet;
+use capgate::revocation::RevocationView;
+use capgate::scope::Verb;
+use capgate::store::{Revocation, RevocationKind};
+use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
+use tower_service::Service;
+
+struct Fixture {
+    keyring: Keyring,
+    revocations: Arc<RevocationView>,
+    guard: Arc<Guard>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (keyring, _) = Keyring::open_or_create(dir.path()).expect("keys");
+    let keys = Arc::new(RwLock::new(Arc::new(keyring.public_keys().expect("public"))));
+    let revocations = Arc::new(RevocationView::new());
+    revocations.apply(&[], Instant::now() + Duration::from_secs(3600));
+    let policy = PolicySet::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters")).expect("policy");
+    let guard = Guard::new(
+        GuardConfig {
+            adapter: "items-app".into(),
+            max_token_bytes: 16 * 1024,
+            max_staleness: Duration::from_secs(3600 * 2),
+            limits: RunLimits::default(),
+            cache_capacity: 100,
+        },
+        keys,
+        revocations.clone(),
+        policy,
+    );
+    Fixture { keyring, revocations, guard: Arc::new(guard), _dir: dir }
+}
+
+fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
+    let now = SystemTime::now();
+    let spec = TokenSpec {
+        agent: "app-bot".into(),
+        session_id: session.into(),
+        rights: rights
+            .iter()
+            .map(|(r, v)| GrantedRight { resource: r.parse().expect("pattern"), verb: *v, environment: "prod".into() })
+            .collect(),
+        issued_at: now,
+        expires_at: now + Duration::from_secs(60),
+    };
+    let biscuit = mint(&spec, fixture.keyring.active_key_id(), fixture.keyring.signing_key()).expect("mint");
+    encode(&biscuit).expect("encode")
+}
+
+fn app(guard: Arc<Guard>, mode: Mode) -> Router {
+    let mapper = |parts: &axum::http::request::Parts| {
+        let id = parts.uri.path().strip_prefix("/items/")?;
+        let verb = match parts.method.as_str() {
+            "GET" => Verb::Read,
+            "DELETE" => Verb::Delete,
+            _ => return None,
+        };
+        Some(GuardRequest {
+            resource: format!("http://app/items/{id}"),
+            verb,
+            environment: "prod".into(),
+            attributes: vec![],
+        })
+    };
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(|Path(id): Path<String>, Extension(guarded): Extension<GuardedRequest>, headers: HeaderMap| async move {
+                let leaked = headers.contains_key("authorization") || headers.contains_key("capgate-token");
+                format!("item {id} decision {} shadow_denied={} token_leaked={leaked}", guarded.decision_id, guarded.shadow_denied)
+            })
+            .delete(|| async { "deleted" }),
+        )
+        .layer(GuardLayer::new(guard, mapper).with_mode(mode))
+}
+
+async fn send(router: &mut Router, method: &str, uri: &str, token: Option<&str>) -> (StatusCode, String) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = router.call(request.body(Body::empty()).expect("request")).await.expect("infallible");
+    let status = response.status();
+    let body = to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_layer_allows_what_the_token_names_and_strips_it() {
+    let fixture = fixture();
+    let mut router = app(fixture.guard.clone(), Mode::Enforce);
+    let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
+    let (status, body) = send(&mut router, "GET", "/items/42", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("item 42 decision "), "{body}");
+    assert!(body.contains("token_leaked=false"), "{body}");
+}
+
+#[tokio::test]
+async fn the_layer_denies_missing_wrong_and_revoked_tokens() {
+    let fixture = fixture();
+    let mut router = app(fixture.guard.clone(), Mode::Enforce);
+    let session = random_id();
+    let token = token(&fixture, &[("http://app/items/1", Verb::Read)], &session);
+    assert_eq!(send(&mut router, "GET", "/items/1", None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&mut router, "GET", "/items/1", Some("garbage")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&mut router, "GET", "/items/2", Some(&token)).await.0, StatusCode::FORBIDDEN);
+    let (status, body) = send(&mut router, "DELETE", "/items/1", Some(&token)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body.contains("policy_denied") && body.contains("decision_id"), "{body}");
+    assert_eq!(send(&mut router, "PUT", "/items/1", Some(&token)).await.0, StatusCode::FORBIDDEN, "unmapped");
+    assert_eq!(send(&mut router, "GET", "/items/1", Some(&token)).await.0, StatusCode::OK);
+    fixture.revocations.apply(
+        &[Revocation {
+            cursor: 1,
+            kind: RevocationKind::Session,
+            value: session,
+            reason: "test".into(),
+            revoked_by: "test".into(),
+            revoked_at: 0,
+            expires_at: None,
+        }],
+        Instant::now(),
+    );
+    let (status, body) = send(&mut router, "GET", "/items/1", Some(&token)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("token_revoked"), "{body}");
+}
+
+#[tokio::test]
+async fn shadow_mode_lets_requests_through_and_marks_them() {
+    let fixture = fixture();
+    let mut router = app(fixture.guard.clone(), Mode::Shadow);
+    let token = token(&fixture, &[("http://app/items/1", Verb::Read)], &random_id());
+    let (status, body) = send(&mut router, "GET", "/items/2", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("shadow_denied=true"), "{body}");
+    let (_, body) = send(&mut router, "GET", "/items/1", Some(&token)).await;
+    assert!(body.contains("shadow_denied=false"), "{body}");
+}
+
+#[tokio::test]
+async fn a_stale_revocation_view_denies_in_process_too() {
+    let fixture = fixture();
+    let stale = Arc::new(RevocationView::new());
+    let guard = Guard::new(
+        GuardConfig {
+            adapter: "items-app".into(),
+            max_token_bytes: 16 * 1024,
+            max_staleness: Duration::from_millis(50),
+            limits: RunLimits::default(),
+            cache_capacity: 0,
+        },
+        Arc::new(RwLock::new(Arc::new(fixture.keyring.public_keys().expect("keys")))),
+        stale.clone(),
+        PolicySet::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters")).expect("policy"),
+    );
+    let mut router = app(Arc::new(guard), Mode::Enforce);
+    let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
+    let (status, body) = send(&mut router, "GET", "/items/1", Some(&token)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never synced: {body}");
+    stale.apply(&[], Instant::now());
+    assert_eq!(send(&mut router, "GET", "/items/1", Some(&token)).await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(send(&mut router, "GET", "/items/1", Some(&token)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+}
