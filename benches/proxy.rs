@@ -91,6 +91,12 @@ async fn main() {
     .expect("encode");
 
     let upstream = serve(axum::Router::new().fallback(|| async { "ok" })).await;
+    // A more realistic upstream: 1 ms of service time per request.
+    let slow_upstream = serve(axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        "ok"
+    }))
+    .await;
     let credential = dir.path().join("credential");
     std::fs::write(&credential, "upstream-secret").expect("credential");
     let config = ProxyConfig {
@@ -121,8 +127,12 @@ async fn main() {
     let view = Arc::new(RevocationView::new());
     view.apply(&[], Instant::now() + Duration::from_secs(3600));
     let keys = Arc::new(RwLock::new(Arc::new(keyring.public_keys().expect("public"))));
-    let proxy = Arc::new(Proxy::new(config, keys, view).expect("proxy"));
+    let mut slow_config = config.clone();
+    slow_config.upstream.url = format!("http://{slow_upstream}");
+    let proxy = Arc::new(Proxy::new(config, keys.clone(), view.clone()).expect("proxy"));
     let proxied = serve(proxy.router()).await;
+    let slow_proxy = Arc::new(Proxy::new(slow_config, keys, view).expect("proxy"));
+    let slow_proxied = serve(slow_proxy.router()).await;
 
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let direct_url = format!("http://{upstream}/v2/volumes/vol_1");
@@ -134,9 +144,13 @@ async fn main() {
     let window = Duration::from_secs(3);
     let direct_rps = throughput(&client, &direct_url, &token, 16, window).await;
     let proxy_rps = throughput(&client, &proxy_url, &token, 16, window).await;
+    let slow_direct_rps = throughput(&client, &format!("http://{slow_upstream}/v2/volumes/vol_1"), &token, 16, window).await;
+    let slow_proxy_rps = throughput(&client, &format!("http://{slow_proxied}/v2/volumes/vol_1"), &token, 16, window).await;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("latency direct: p50 {:.3} ms  p99 {:.3} ms", ms(d50), ms(d99));
     println!("latency proxy:  p50 {:.3} ms  p99 {:.3} ms", ms(p50), ms(p99));
     println!("p50 added by the proxy: {:.3} ms (goal <= 0.3 ms), p50 ratio {:.2}x, p99 ratio {:.2}x", ms(p50) - ms(d50), ms(p50) / ms(d50), ms(p99) / ms(d99));
-    println!("throughput direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", direct_rps, proxy_rps, 100.0 * proxy_rps / direct_rps);
+    println!("throughput, no-op upstream: direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", direct_rps, proxy_rps, 100.0 * proxy_rps / direct_rps);
+    println!("throughput, 1 ms upstream:  direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", slow_direct_rps, slow_proxy_rps, 100.0 * slow_proxy_rps / slow_direct_rps);
+    println!("(the load generator, proxy and upstream share {} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
 }
