@@ -46,7 +46,8 @@ fn guard(keyring: &Keyring, cache_capacity: usize) -> Guard {
         },
         Arc::new(RwLock::new(Arc::new(keyring.public_keys().expect("keys")))),
         view,
-        PolicySet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters")).expect("policy"),
+        PolicySet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"))
+            .expect("policy"),
     )
 }
 
@@ -58,8 +59,16 @@ fn main() {
         agent: "deploy-bot".into(),
         session_id: random_id(),
         rights: vec![
-            GrantedRight { resource: "pg://staging/".parse().expect("r"), verb: Verb::Write, environment: "staging".into() },
-            GrantedRight { resource: "http://railway-staging/volumes/".parse().expect("r"), verb: Verb::Read, environment: "staging".into() },
+            GrantedRight {
+                resource: "pg://staging/".parse().expect("r"),
+                verb: Verb::Write,
+                environment: "staging".into(),
+            },
+            GrantedRight {
+                resource: "http://railway-staging/volumes/".parse().expect("r"),
+                verb: Verb::Read,
+                environment: "staging".into(),
+            },
         ],
         issued_at: now,
         expires_at: now + Duration::from_secs(3600),
@@ -67,7 +76,10 @@ fn main() {
     let authority = mint(&spec, keyring.active_key_id(), keyring.signing_key()).expect("mint");
     let token = attenuate(
         &capgate::token::encode(&authority).expect("encode"),
-        &Attenuation { verbs: vec![Verb::Write, Verb::Read], ..Default::default() },
+        &Attenuation {
+            verbs: vec![Verb::Write, Verb::Read],
+            ..Default::default()
+        },
     )
     .expect("second block");
     let request = Request {
@@ -86,7 +98,10 @@ fn main() {
             ("verb".into(), string("write")),
             ("environment".into(), string("staging")),
         ]);
-        #[allow(clippy::disallowed_methods, reason = "benchmark baseline, constant source")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "benchmark baseline, constant source"
+        )]
         let mut authorizer = AuthorizerBuilder::new()
             .code_with_params(
                 "time({time}); resource({resource}); verb({verb}); environment({environment});",
@@ -101,8 +116,16 @@ fn main() {
     };
     let cold_guard = guard(&keyring, 0);
     let warm_guard = guard(&keyring, 1000);
-    let cold = || assert!(cold_guard.decide_at(&token, &request, SystemTime::now(), Instant::now()).is_allow());
-    let warm = || assert!(warm_guard.decide_at(&token, &request, SystemTime::now(), Instant::now()).is_allow());
+    let cold = || {
+        assert!(cold_guard
+            .decide_at(&token, &request, SystemTime::now(), Instant::now())
+            .is_allow())
+    };
+    let warm = || {
+        assert!(warm_guard
+            .decide_at(&token, &request, SystemTime::now(), Instant::now())
+            .is_allow())
+    };
 
     let n = 3000;
     let bare_t = time_per_op(n, bare);
@@ -110,8 +133,23 @@ fn main() {
     let warm_t = time_per_op(n, warm);
     let ratio = |t: Duration| t.as_secs_f64() / bare_t.as_secs_f64();
     println!("two-block token, {} bytes", token.len());
-    println!("bare biscuit parse+verify+authorize: {:>8.1} us", bare_t.as_secs_f64() * 1e6);
-    println!("guard, cold (no cache):              {:>8.1} us  ratio {:.2}x (goal <= 1.2x)", cold_t.as_secs_f64() * 1e6, ratio(cold_t));
-    println!("guard, warm (verified-token cache):  {:>8.1} us  ratio {:.2}x (goal <= 0.2x)", warm_t.as_secs_f64() * 1e6, ratio(warm_t));
-    println!("guard decisions/s on one core: cold {:.0}, warm {:.0}", 1.0 / cold_t.as_secs_f64(), 1.0 / warm_t.as_secs_f64());
+    println!(
+        "bare biscuit parse+verify+authorize: {:>8.1} us",
+        bare_t.as_secs_f64() * 1e6
+    );
+    println!(
+        "guard, cold (no cache):              {:>8.1} us  ratio {:.2}x (goal <= 1.2x)",
+        cold_t.as_secs_f64() * 1e6,
+        ratio(cold_t)
+    );
+    println!(
+        "guard, warm (verified-token cache):  {:>8.1} us  ratio {:.2}x (goal <= 0.2x)",
+        warm_t.as_secs_f64() * 1e6,
+        ratio(warm_t)
+    );
+    println!(
+        "guard decisions/s on one core: cold {:.0}, warm {:.0}",
+        1.0 / cold_t.as_secs_f64(),
+        1.0 / warm_t.as_secs_f64()
+    );
 }

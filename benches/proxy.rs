@@ -21,7 +21,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, router).await });
     addr
@@ -50,12 +52,23 @@ async fn latencies(client: &HttpClient, url: &str, token: &str, n: usize) -> (Du
     (samples[n / 2], samples[n * 99 / 100])
 }
 
-async fn throughput(client: &HttpClient, url: &str, token: &str, concurrency: usize, window: Duration) -> f64 {
+async fn throughput(
+    client: &HttpClient,
+    url: &str,
+    token: &str,
+    concurrency: usize,
+    window: Duration,
+) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + window;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, token, done) = (client.clone(), url.to_owned(), token.to_owned(), done.clone());
+        let (client, url, token, done) = (
+            client.clone(),
+            url.to_owned(),
+            token.to_owned(),
+            done.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 get(&client, &url, &token).await;
@@ -79,7 +92,11 @@ async fn main() {
             &TokenSpec {
                 agent: "bench".into(),
                 session_id: random_id(),
-                rights: vec![GrantedRight { resource: "http://railway/volumes/".parse().expect("r"), verb: Verb::Read, environment: "prod".into() }],
+                rights: vec![GrantedRight {
+                    resource: "http://railway/volumes/".parse().expect("r"),
+                    verb: Verb::Read,
+                    environment: "prod".into(),
+                }],
                 issued_at: now,
                 expires_at: now + Duration::from_secs(3600),
             },
@@ -126,7 +143,9 @@ async fn main() {
     };
     let view = Arc::new(RevocationView::new());
     view.apply(&[], Instant::now() + Duration::from_secs(3600));
-    let keys = Arc::new(RwLock::new(Arc::new(keyring.public_keys().expect("public"))));
+    let keys = Arc::new(RwLock::new(Arc::new(
+        keyring.public_keys().expect("public"),
+    )));
     let mut slow_config = config.clone();
     slow_config.upstream.url = format!("http://{slow_upstream}");
     let proxy = Arc::new(Proxy::new(config, keys.clone(), view.clone()).expect("proxy"));
@@ -144,13 +163,45 @@ async fn main() {
     let window = Duration::from_secs(3);
     let direct_rps = throughput(&client, &direct_url, &token, 16, window).await;
     let proxy_rps = throughput(&client, &proxy_url, &token, 16, window).await;
-    let slow_direct_rps = throughput(&client, &format!("http://{slow_upstream}/v2/volumes/vol_1"), &token, 16, window).await;
-    let slow_proxy_rps = throughput(&client, &format!("http://{slow_proxied}/v2/volumes/vol_1"), &token, 16, window).await;
+    let slow_direct_rps = throughput(
+        &client,
+        &format!("http://{slow_upstream}/v2/volumes/vol_1"),
+        &token,
+        16,
+        window,
+    )
+    .await;
+    let slow_proxy_rps = throughput(
+        &client,
+        &format!("http://{slow_proxied}/v2/volumes/vol_1"),
+        &token,
+        16,
+        window,
+    )
+    .await;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("latency direct: p50 {:.3} ms  p99 {:.3} ms", ms(d50), ms(d99));
-    println!("latency proxy:  p50 {:.3} ms  p99 {:.3} ms", ms(p50), ms(p99));
-    println!("p50 added by the proxy: {:.3} ms (goal <= 0.3 ms), p50 ratio {:.2}x, p99 ratio {:.2}x", ms(p50) - ms(d50), ms(p50) / ms(d50), ms(p99) / ms(d99));
+    println!(
+        "latency direct: p50 {:.3} ms  p99 {:.3} ms",
+        ms(d50),
+        ms(d99)
+    );
+    println!(
+        "latency proxy:  p50 {:.3} ms  p99 {:.3} ms",
+        ms(p50),
+        ms(p99)
+    );
+    println!(
+        "p50 added by the proxy: {:.3} ms (goal <= 0.3 ms), p50 ratio {:.2}x, p99 ratio {:.2}x",
+        ms(p50) - ms(d50),
+        ms(p50) / ms(d50),
+        ms(p99) / ms(d99)
+    );
     println!("throughput, no-op upstream: direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", direct_rps, proxy_rps, 100.0 * proxy_rps / direct_rps);
     println!("throughput, 1 ms upstream:  direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", slow_direct_rps, slow_proxy_rps, 100.0 * slow_proxy_rps / slow_direct_rps);
-    println!("(the load generator, proxy and upstream share {} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "(the load generator, proxy and upstream share {} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
 }

@@ -50,7 +50,9 @@ impl Upstream {
                 format!("upstream saw {} {}", parts.method, parts.uri)
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move { axum::serve(listener, app).await });
         (upstream, port)
@@ -161,7 +163,10 @@ mode = "shadow"
     // Ready once it answers (a 401 for no token is an answer).
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if reqwest::get(format!("{}/v2/volumes", proxy.url)).await.is_ok() {
+        if reqwest::get(format!("{}/v2/volumes", proxy.url))
+            .await
+            .is_ok()
+        {
             return proxy;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -169,8 +174,16 @@ mode = "shadow"
     panic!("proxy did not start");
 }
 
-async fn call(proxy: &ProxyProcess, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut request = reqwest::Client::new().request(method.parse().expect("method"), format!("{}{path}", proxy.url));
+async fn call(
+    proxy: &ProxyProcess,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut request = reqwest::Client::new().request(
+        method.parse().expect("method"),
+        format!("{}{path}", proxy.url),
+    );
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -181,12 +194,17 @@ async fn call(proxy: &ProxyProcess, method: &str, path: &str, token: Option<&str
 
 /// Sends bytes exactly as written (clients normalise paths; attackers do not).
 async fn raw(port: u16, request: &str) -> u16 {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
     let text = String::from_utf8_lossy(&response);
-    text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits until the proxy has synced keys, so tests start from a ready adapter.
@@ -206,7 +224,18 @@ async fn allowed_reads_reach_the_upstream_with_its_credential_never_the_token() 
     let broker = Broker::start().await;
     let (upstream, up_port) = Upstream::start().await;
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
-    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read", "http://railway/volumes:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(
+                READER_KEY,
+                &[
+                    "http://railway/volumes/:read",
+                    "http://railway/volumes:read",
+                ],
+                None,
+            )
+            .await,
+    );
     wait_allowed(&proxy, "/v2/volumes", &token).await;
     upstream.clear();
 
@@ -223,11 +252,30 @@ async fn allowed_reads_reach_the_upstream_with_its_credential_never_the_token() 
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/v2/volumes/vol_1?verbose=1");
-    let header = |name: &str| seen[0].headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    assert_eq!(header("authorization").as_deref(), Some(format!("Bearer {UPSTREAM_SECRET}").as_str()));
-    assert_eq!(header("host").as_deref(), Some(format!("127.0.0.1:{up_port}").as_str()), "Host is the upstream's");
+    let header = |name: &str| {
+        seen[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("authorization").as_deref(),
+        Some(format!("Bearer {UPSTREAM_SECRET}").as_str())
+    );
+    assert_eq!(
+        header("host").as_deref(),
+        Some(format!("127.0.0.1:{up_port}").as_str()),
+        "Host is the upstream's"
+    );
     assert!(header("capgate-token").is_none());
-    assert!(seen[0].headers.iter().all(|(_, v)| !v.contains(&token[..40])), "the token never reaches the upstream");
+    assert!(
+        seen[0]
+            .headers
+            .iter()
+            .all(|(_, v)| !v.contains(&token[..40])),
+        "the token never reaches the upstream"
+    );
 }
 
 #[tokio::test]
@@ -237,26 +285,53 @@ async fn denials_by_resource_environment_and_route_never_reach_the_upstream() {
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
     let token = token_of(
         &broker
-            .issue(OPS_KEY, &["http://railway/volumes/vol_1:delete", "http://railway/volumes/vol_1:read", "http://railway-staging/volumes/:write"], None)
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/vol_1:delete",
+                    "http://railway/volumes/vol_1:read",
+                    "http://railway-staging/volumes/:write",
+                ],
+                None,
+            )
             .await,
     );
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
     upstream.clear();
 
     // Delete on a volume the token does not name.
-    assert_eq!(call(&proxy, "DELETE", "/v2/volumes/vol_2", Some(&token)).await.0, 403);
+    assert_eq!(
+        call(&proxy, "DELETE", "/v2/volumes/vol_2", Some(&token))
+            .await
+            .0,
+        403
+    );
     // A staging right used against the prod adapter (same resource name, other environment).
-    assert_eq!(call(&proxy, "PUT", "/v2/staging-volumes/vol_7", Some(&token)).await.0, 403);
+    assert_eq!(
+        call(&proxy, "PUT", "/v2/staging-volumes/vol_7", Some(&token))
+            .await
+            .0,
+        403
+    );
     // A route that is not in the table.
     let (status, body) = call(&proxy, "POST", "/v2/volumes/vol_1/snapshot", Some(&token)).await;
     assert_eq!(status, 403);
     assert!(body.contains("no_route"));
     // No token at all.
     assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_1", None).await.0, 401);
-    assert!(upstream.seen().is_empty(), "nothing denied reached the upstream: {:?}", upstream.seen());
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing denied reached the upstream: {:?}",
+        upstream.seen()
+    );
 
     // The one it does name passes.
-    assert_eq!(call(&proxy, "DELETE", "/v2/volumes/vol_1", Some(&token)).await.0, 200);
+    assert_eq!(
+        call(&proxy, "DELETE", "/v2/volumes/vol_1", Some(&token))
+            .await
+            .0,
+        200
+    );
     assert_eq!(upstream.seen().len(), 1);
 }
 
@@ -277,7 +352,11 @@ async fn tampered_expired_foreign_and_revoked_tokens_are_refused() {
     let tampered = String::from_utf8(tampered).expect("ascii");
     tokio::time::sleep(Duration::from_millis(2100)).await;
     upstream.clear();
-    for (label, token) in [("tampered", &tampered), ("expired", &short), ("other broker's key", &foreign)] {
+    for (label, token) in [
+        ("tampered", &tampered),
+        ("expired", &short),
+        ("other broker's key", &foreign),
+    ] {
         let (status, body) = call(&proxy, "GET", "/v2/volumes/vol_1", Some(token)).await;
         assert_eq!(status, 401, "{label}: {body}");
     }
@@ -286,7 +365,10 @@ async fn tampered_expired_foreign_and_revoked_tokens_are_refused() {
     // Revocation reaches the proxy through the feed; measure how fast.
     let victim = token_of(&broker.issue(READER_KEY, &scopes, None).await);
     wait_allowed(&proxy, "/v2/volumes/vol_1", &victim).await;
-    let id = capgate::token::inspect(&victim, None).expect("inspect").revocation_ids[0].clone();
+    let id = capgate::token::inspect(&victim, None)
+        .expect("inspect")
+        .revocation_ids[0]
+        .clone();
     let revoked_at = Instant::now();
     broker.revoke("token", &id).await;
     loop {
@@ -295,11 +377,23 @@ async fn tampered_expired_foreign_and_revoked_tokens_are_refused() {
             assert!(body.contains("token_revoked"), "{body}");
             break;
         }
-        assert!(revoked_at.elapsed() < Duration::from_secs(2), "revocation not seen within the 2 s bound");
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(2),
+            "revocation not seen within the 2 s bound"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    println!("revocation-to-deny latency at the proxy: {:?}", revoked_at.elapsed());
-    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_1", Some(&good)).await.0, 200, "others unaffected");
+    println!(
+        "revocation-to-deny latency at the proxy: {:?}",
+        revoked_at.elapsed()
+    );
+    assert_eq!(
+        call(&proxy, "GET", "/v2/volumes/vol_1", Some(&good))
+            .await
+            .0,
+        200,
+        "others unaffected"
+    );
 }
 
 #[tokio::test]
@@ -307,15 +401,32 @@ async fn attenuated_tokens_narrow_at_the_proxy() {
     let broker = Broker::start().await;
     let (_upstream, up_port) = Upstream::start().await;
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
-    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
     wait_allowed(&proxy, "/v2/volumes/vol_2", &token).await;
     let narrowed = capgate::token::attenuate(
         &token,
-        &capgate::token::Attenuation { resource: Some("http://railway/volumes/vol_1".parse().expect("pattern")), ..Default::default() },
+        &capgate::token::Attenuation {
+            resource: Some("http://railway/volumes/vol_1".parse().expect("pattern")),
+            ..Default::default()
+        },
     )
     .expect("attenuate");
-    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_1", Some(&narrowed)).await.0, 200);
-    assert_eq!(call(&proxy, "GET", "/v2/volumes/vol_2", Some(&narrowed)).await.0, 403);
+    assert_eq!(
+        call(&proxy, "GET", "/v2/volumes/vol_1", Some(&narrowed))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&proxy, "GET", "/v2/volumes/vol_2", Some(&narrowed))
+            .await
+            .0,
+        403
+    );
 }
 
 #[tokio::test]
@@ -323,7 +434,11 @@ async fn an_unreachable_broker_means_deny_after_the_staleness_bound() {
     let broker = Broker::start().await;
     let (upstream, up_port) = Upstream::start().await;
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
-    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
     drop(broker.kill());
     let killed = Instant::now();
@@ -344,37 +459,91 @@ async fn path_and_header_tricks_never_reach_a_forbidden_route() {
     let broker = Broker::start().await;
     let (upstream, up_port) = Upstream::start().await;
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
-    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
     upstream.clear();
     let get = |target: &str, extra: &str| {
         format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n")
     };
     let rows: Vec<(&str, String, u16)> = vec![
-        ("dot segments", get("/v2/volumes/vol_1/../../backups/bk_1", ""), 400),
-        ("encoded dot segments", get("/v2/volumes/%2e%2e/backups/bk_1", ""), 400),
-        ("encoded slash", get("/v2/volumes/..%2f..%2fbackups%2fbk_1", ""), 400),
-        ("encoded backslash", get("/v2/volumes/vol_1%5c..%5cbackups", ""), 400),
+        (
+            "dot segments",
+            get("/v2/volumes/vol_1/../../backups/bk_1", ""),
+            400,
+        ),
+        (
+            "encoded dot segments",
+            get("/v2/volumes/%2e%2e/backups/bk_1", ""),
+            400,
+        ),
+        (
+            "encoded slash",
+            get("/v2/volumes/..%2f..%2fbackups%2fbk_1", ""),
+            400,
+        ),
+        (
+            "encoded backslash",
+            get("/v2/volumes/vol_1%5c..%5cbackups", ""),
+            400,
+        ),
         ("path parameter", get("/v2/volumes;x/vol_1", ""), 400),
         ("NUL", get("/v2/volumes/vol_1%00", ""), 400),
-        ("absolute form", get("http://127.0.0.1/v2/backups/bk_1", ""), 400),
-        ("method override header", get("/v2/volumes/vol_1", "X-HTTP-Method-Override: DELETE\r\n"), 400),
-        ("method override query", get("/v2/volumes/vol_1?_method=DELETE", ""), 400),
-        ("second token", get("/v2/volumes/vol_1", "Capgate-Token: other\r\n"), 401),
+        (
+            "absolute form",
+            get("http://127.0.0.1/v2/backups/bk_1", ""),
+            400,
+        ),
+        (
+            "method override header",
+            get("/v2/volumes/vol_1", "X-HTTP-Method-Override: DELETE\r\n"),
+            400,
+        ),
+        (
+            "method override query",
+            get("/v2/volumes/vol_1?_method=DELETE", ""),
+            400,
+        ),
+        (
+            "second token",
+            get("/v2/volumes/vol_1", "Capgate-Token: other\r\n"),
+            401,
+        ),
         ("backup route", get("/v2/backups/bk_1", ""), 403),
         ("case variant of a route", get("/V2/Volumes/vol_1", ""), 403),
-        ("duplicate slashes (normalised, allowed)", get("//v2//volumes//vol_1/", ""), 200),
-        ("encoded unreserved (normalised, allowed)", get("/v2/%76olumes/vol%5F1", ""), 200),
+        (
+            "duplicate slashes (normalised, allowed)",
+            get("//v2//volumes//vol_1/", ""),
+            200,
+        ),
+        (
+            "encoded unreserved (normalised, allowed)",
+            get("/v2/%76olumes/vol%5F1", ""),
+            200,
+        ),
     ];
     for (trick, request, expected) in rows {
         assert_eq!(raw(proxy.port, &request).await, expected, "{trick}");
     }
     let seen = upstream.seen();
-    assert_eq!(seen.len(), 2, "only the two normalised requests went through: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "only the two normalised requests went through: {seen:?}"
+    );
     for request in &seen {
         assert_eq!(request.method, "GET");
-        assert_eq!(request.path, "/v2/volumes/vol_1", "forwarded in canonical form");
-        assert!(request.headers.iter().all(|(k, _)| !k.starts_with("x-http-method")));
+        assert_eq!(
+            request.path, "/v2/volumes/vol_1",
+            "forwarded in canonical form"
+        );
+        assert!(request
+            .headers
+            .iter()
+            .all(|(k, _)| !k.starts_with("x-http-method")));
     }
 }
 
@@ -383,7 +552,11 @@ async fn shadow_routes_forward_and_say_so_while_enforce_routes_deny() {
     let broker = Broker::start().await;
     let (upstream, up_port) = Upstream::start().await;
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
-    let token = token_of(&broker.issue(READER_KEY, &["http://railway/volumes/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
     upstream.clear();
     let response = reqwest::Client::new()
@@ -392,7 +565,11 @@ async fn shadow_routes_forward_and_say_so_while_enforce_routes_deny() {
         .send()
         .await
         .expect("send");
-    assert_eq!(response.status(), 200, "shadow forwards what enforce would deny");
+    assert_eq!(
+        response.status(),
+        200,
+        "shadow forwards what enforce would deny"
+    );
     assert_eq!(response.headers()["capgate-mode"], "shadow");
     assert_eq!(upstream.seen().len(), 1);
 }
@@ -402,7 +579,18 @@ async fn bodies_stream_through_in_both_directions() {
     let broker = Broker::start_with_policy(OPS_POLICY).await;
     let (upstream, up_port) = Upstream::start().await;
     let proxy = start_proxy(&broker.url, up_port, "prod").await;
-    let token = token_of(&broker.issue(OPS_KEY, &["http://railway/volumes/:write", "http://railway/volumes/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/:write",
+                    "http://railway/volumes/:read",
+                ],
+                None,
+            )
+            .await,
+    );
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
     upstream.clear();
     // A large request body arrives whole.
@@ -436,7 +624,10 @@ async fn bodies_stream_through_in_both_directions() {
         rest.extend_from_slice(&chunk);
     }
     assert_eq!(&rest[..], b"second;");
-    assert!(first_at < Duration::from_millis(800), "first chunk after {first_at:?}: buffered");
+    assert!(
+        first_at < Duration::from_millis(800),
+        "first chunk after {first_at:?}: buffered"
+    );
     assert!(started.elapsed() >= Duration::from_millis(1000));
 }
 
@@ -445,7 +636,10 @@ async fn slow_upstream() -> (u16, tokio::task::JoinHandle<()>) {
     let app = axum::Router::new().fallback(|| async {
         let stream = futures_util::stream::unfold(0u8, |step| async move {
             match step {
-                0 => Some((Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"first;")), 1)),
+                0 => Some((
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"first;")),
+                    1,
+                )),
                 1 => {
                     tokio::time::sleep(Duration::from_millis(1000)).await;
                     Some((Ok(axum::body::Bytes::from_static(b"second;")), 2))
@@ -455,7 +649,9 @@ async fn slow_upstream() -> (u16, tokio::task::JoinHandle<()>) {
         });
         Body::from_stream(stream)
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let handle = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

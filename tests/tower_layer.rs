@@ -30,10 +30,15 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let (keyring, _) = Keyring::open_or_create(dir.path()).expect("keys");
-    let keys = Arc::new(RwLock::new(Arc::new(keyring.public_keys().expect("public"))));
+    let keys = Arc::new(RwLock::new(Arc::new(
+        keyring.public_keys().expect("public"),
+    )));
     let revocations = Arc::new(RevocationView::new());
     revocations.apply(&[], Instant::now() + Duration::from_secs(3600));
-    let policy = PolicySet::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters")).expect("policy");
+    let policy = PolicySet::load_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
+    )
+    .expect("policy");
     let guard = Guard::new(
         GuardConfig {
             adapter: "items-app".into(),
@@ -46,7 +51,12 @@ fn fixture() -> Fixture {
         revocations.clone(),
         policy,
     );
-    Fixture { keyring, revocations, guard: Arc::new(guard), _dir: dir }
+    Fixture {
+        keyring,
+        revocations,
+        guard: Arc::new(guard),
+        _dir: dir,
+    }
 }
 
 fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
@@ -56,12 +66,21 @@ fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
         session_id: session.into(),
         rights: rights
             .iter()
-            .map(|(r, v)| GrantedRight { resource: r.parse().expect("pattern"), verb: *v, environment: "prod".into() })
+            .map(|(r, v)| GrantedRight {
+                resource: r.parse().expect("pattern"),
+                verb: *v,
+                environment: "prod".into(),
+            })
             .collect(),
         issued_at: now,
         expires_at: now + Duration::from_secs(60),
     };
-    let biscuit = mint(&spec, fixture.keyring.active_key_id(), fixture.keyring.signing_key()).expect("mint");
+    let biscuit = mint(
+        &spec,
+        fixture.keyring.active_key_id(),
+        fixture.keyring.signing_key(),
+    )
+    .expect("mint");
     encode(&biscuit).expect("encode")
 }
 
@@ -83,21 +102,37 @@ fn app(guard: Arc<Guard>, mode: Mode) -> Router {
     Router::new()
         .route(
             "/items/{id}",
-            get(|Path(id): Path<String>, Extension(guarded): Extension<GuardedRequest>, headers: HeaderMap| async move {
-                let leaked = headers.contains_key("authorization") || headers.contains_key("capgate-token");
-                format!("item {id} decision {} shadow_denied={} token_leaked={leaked}", guarded.decision_id, guarded.shadow_denied)
-            })
+            get(
+                |Path(id): Path<String>,
+                 Extension(guarded): Extension<GuardedRequest>,
+                 headers: HeaderMap| async move {
+                    let leaked = headers.contains_key("authorization")
+                        || headers.contains_key("capgate-token");
+                    format!(
+                        "item {id} decision {} shadow_denied={} token_leaked={leaked}",
+                        guarded.decision_id, guarded.shadow_denied
+                    )
+                },
+            )
             .delete(|| async { "deleted" }),
         )
         .layer(GuardLayer::new(guard, mapper).with_mode(mode))
 }
 
-async fn send(router: &mut Router, method: &str, uri: &str, token: Option<&str>) -> (StatusCode, String) {
+async fn send(
+    router: &mut Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+) -> (StatusCode, String) {
     let mut request = Request::builder().method(method).uri(uri);
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    let response = router.call(request.body(Body::empty()).expect("request")).await.expect("infallible");
+    let response = router
+        .call(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
     let status = response.status();
     let body = to_bytes(response.into_body(), 1 << 20).await.expect("body");
     (status, String::from_utf8_lossy(&body).into_owned())
@@ -120,14 +155,35 @@ async fn the_layer_denies_missing_wrong_and_revoked_tokens() {
     let mut router = app(fixture.guard.clone(), Mode::Enforce);
     let session = random_id();
     let token = token(&fixture, &[("http://app/items/1", Verb::Read)], &session);
-    assert_eq!(send(&mut router, "GET", "/items/1", None).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(send(&mut router, "GET", "/items/1", Some("garbage")).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(send(&mut router, "GET", "/items/2", Some(&token)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        send(&mut router, "GET", "/items/1", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&mut router, "GET", "/items/1", Some("garbage"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&mut router, "GET", "/items/2", Some(&token)).await.0,
+        StatusCode::FORBIDDEN
+    );
     let (status, body) = send(&mut router, "DELETE", "/items/1", Some(&token)).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(body.contains("policy_denied") && body.contains("decision_id"), "{body}");
-    assert_eq!(send(&mut router, "PUT", "/items/1", Some(&token)).await.0, StatusCode::FORBIDDEN, "unmapped");
-    assert_eq!(send(&mut router, "GET", "/items/1", Some(&token)).await.0, StatusCode::OK);
+    assert!(
+        body.contains("policy_denied") && body.contains("decision_id"),
+        "{body}"
+    );
+    assert_eq!(
+        send(&mut router, "PUT", "/items/1", Some(&token)).await.0,
+        StatusCode::FORBIDDEN,
+        "unmapped"
+    );
+    assert_eq!(
+        send(&mut router, "GET", "/items/1", Some(&token)).await.0,
+        StatusCode::OK
+    );
     fixture.revocations.apply(
         &[Revocation {
             cursor: 1,
@@ -149,7 +205,11 @@ async fn the_layer_denies_missing_wrong_and_revoked_tokens() {
 async fn shadow_mode_lets_requests_through_and_marks_them() {
     let fixture = fixture();
     let mut router = app(fixture.guard.clone(), Mode::Shadow);
-    let token = token(&fixture, &[("http://app/items/1", Verb::Read)], &random_id());
+    let token = token(
+        &fixture,
+        &[("http://app/items/1", Verb::Read)],
+        &random_id(),
+    );
     let (status, body) = send(&mut router, "GET", "/items/2", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("shadow_denied=true"), "{body}");
@@ -169,16 +229,31 @@ async fn a_stale_revocation_view_denies_in_process_too() {
             limits: RunLimits::default(),
             cache_capacity: 0,
         },
-        Arc::new(RwLock::new(Arc::new(fixture.keyring.public_keys().expect("keys")))),
+        Arc::new(RwLock::new(Arc::new(
+            fixture.keyring.public_keys().expect("keys"),
+        ))),
         stale.clone(),
-        PolicySet::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters")).expect("policy"),
+        PolicySet::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
+        )
+        .expect("policy"),
     );
     let mut router = app(Arc::new(guard), Mode::Enforce);
     let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
     let (status, body) = send(&mut router, "GET", "/items/1", Some(&token)).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "never synced: {body}");
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never synced: {body}"
+    );
     stale.apply(&[], Instant::now());
-    assert_eq!(send(&mut router, "GET", "/items/1", Some(&token)).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&mut router, "GET", "/items/1", Some(&token)).await.0,
+        StatusCode::OK
+    );
     tokio::time::sleep(Duration::from_millis(80)).await;
-    assert_eq!(send(&mut router, "GET", "/items/1", Some(&token)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        send(&mut router, "GET", "/items/1", Some(&token)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }

@@ -141,8 +141,11 @@ impl Broker {
         let port = free_port();
         let config = dir.path().join("capgate.toml");
         let policies = policies.unwrap_or_else(|| repo().join("policies"));
-        std::fs::write(&config, config_text(port, &dir.path().join("data"), &policies))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            config_text(port, &dir.path().join("data"), &policies),
+        )
+        .expect("write config");
         let log = dir.path().join(format!("broker-{port}.log"));
         let child = spawn_serve(&config, &log);
         let broker = Broker {
