@@ -157,6 +157,32 @@ pub struct OperatorEntry {
     pub sha256: String,
 }
 
+/// Where shared state lives. Without `redis`, an embedded SQLite file in the data directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub redis: Option<String>,
+    /// Key prefix, so several deployments (or tests) can share one Redis.
+    #[serde(default = "StoreConfig::default_prefix")]
+    pub prefix: String,
+}
+
+impl StoreConfig {
+    fn default_prefix() -> String {
+        "capgate:".into()
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            redis: None,
+            prefix: Self::default_prefix(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
@@ -189,6 +215,8 @@ pub struct BrokerConfig {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub operators: Vec<OperatorEntry>,
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Where this file was read from; relative paths in it are resolved against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -314,6 +342,7 @@ impl Default for BrokerConfig {
             environments: Vec::new(),
             identity: IdentityConfig::default(),
             operators: Vec::new(),
+            store: StoreConfig::default(),
             source: None,
         }
     }

@@ -16,7 +16,7 @@ use capgate::identity::{new_key, AGENT_KEY_PREFIX, OPERATOR_KEY_PREFIX};
 use capgate::policy::{run_cases, CaseOutcome, GrantEvaluator, PolicySet};
 use capgate::revocation::RevocationView;
 use capgate::scope::{ResourcePattern, Scope, Verb};
-use capgate::store::{RevocationKind, SqliteStore, Store};
+use capgate::store::RevocationKind;
 use capgate::token::{attenuate, inspect, Attenuation, Keyring, PublicKeySet};
 
 const DEFAULT_CONFIG: &str = "capgate.toml";
@@ -42,7 +42,13 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker (creates the root key on first start).
-    Serve(ConfigArg),
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Shared state on Redis (redis://host:port/db) instead of the embedded SQLite store.
+        #[arg(long)]
+        store: Option<String>,
+    },
     /// Create the root signing key in the data directory if there is none.
     Keygen(ConfigArg),
     /// Root key management.
@@ -205,8 +211,11 @@ type CliResult = Result<ExitCode, String>;
 
 async fn run(command: Command) -> CliResult {
     match command {
-        Command::Serve(args) => {
-            let config = load_config(&args)?;
+        Command::Serve { config, store } => {
+            let mut config = load_config(&config)?;
+            if let Some(url) = store {
+                config.store.redis = Some(url);
+            }
             capgate::broker::serve(config, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())?;
@@ -470,9 +479,10 @@ async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
         ring.public_keys().map_err(|e| e.to_string())?,
     )));
     let view = Arc::new(RevocationView::new());
-    let db = config.data_dir.join("state.db");
-    if db.exists() {
-        let store = SqliteStore::open(&db).map_err(|e| e.to_string())?;
+    if config.store.redis.is_some() || config.data_dir.join("state.db").exists() {
+        let store = capgate::store::open(config)
+            .await
+            .map_err(|e| e.to_string())?;
         let entries = store
             .revocations_since(0, usize::MAX >> 1)
             .await

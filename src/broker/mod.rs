@@ -28,7 +28,7 @@ use crate::guard::{Guard, GuardConfig, KeyView};
 use crate::identity::Authenticator;
 use crate::policy::{GrantEvaluator, PolicySet};
 use crate::revocation::RevocationView;
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 use crate::token::Keyring;
 use problem::ApiError;
 
@@ -80,7 +80,7 @@ pub struct BrokerState {
 
 impl BrokerState {
     /// Loads everything the broker needs and refuses to start on any doubt.
-    pub fn open(config: BrokerConfig) -> Result<Arc<Self>, StartError> {
+    pub async fn open(config: BrokerConfig) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -92,7 +92,7 @@ impl BrokerState {
         let grant_policy = PolicySet::load_dir(&config.policies)?;
         let adapter_policy = PolicySet::load_dir(&config.adapter_policies)?;
         let authenticator = Authenticator::from_config(&config.identity, &config.operators)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("state.db"))?);
+        let store: Arc<dyn Store> = crate::store::open(&config).await?;
         let keys: KeyView = Arc::new(RwLock::new(Arc::new(keyring.public_keys()?)));
         let guard = Guard::new(
             GuardConfig {
@@ -217,7 +217,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let addr = config.listen;
-    let state = BrokerState::open(config)?;
+    let state = BrokerState::open(config).await?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
@@ -234,8 +234,18 @@ pub async fn run(
     let refresher = tokio::spawn(async move {
         let mut ring_modified = Keyring::ring_modified(&background.config.data_dir);
         let mut ticker = tokio::time::interval(REFRESH_INTERVAL);
+        let mut changes = background.store.changes();
         loop {
-            ticker.tick().await;
+            // A change published by any broker sharing the store wakes us at once; the tick
+            // keeps the view's freshness honest when nothing changes.
+            tokio::select! {
+                _ = ticker.tick() => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        ticker.tick().await;
+                    }
+                }
+            }
             background.refresh_revocations().await;
             background.reload_keys_if_changed(&mut ring_modified);
         }

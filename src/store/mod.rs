@@ -4,11 +4,16 @@
 //!
 //! Every method can fail; callers treat any error as a deny (fail closed).
 
+mod redis;
 mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
+pub use self::redis::RedisStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +22,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    #[error("store is misconfigured: {0}")]
+    Misconfigured(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -97,4 +104,19 @@ pub trait Store: Send + Sync + 'static {
     async fn agent_revoked(&self, agent: &str) -> Result<bool, StoreError>;
     /// Cheap liveness check for health endpoints.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The newest revocation cursor this process knows of; changes when any broker sharing
+    /// the store revokes something, so feed readers can be woken at once.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// Opens the configured store: Redis when a URL is given, else SQLite in the data directory.
+pub async fn open(config: &crate::config::BrokerConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.store.redis {
+        Some(url) => Ok(Arc::new(
+            RedisStore::connect(url, &config.store.prefix).await?,
+        )),
+        None => Ok(Arc::new(SqliteStore::open(
+            &config.data_dir.join("state.db"),
+        )?)),
+    }
 }

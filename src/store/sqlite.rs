@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::watch;
 
 use super::{NewRevocation, Revocation, RevocationKind, SessionRecord, Store, StoreError};
 use crate::token::unix_seconds_now;
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS revocations (
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    changes: watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -57,6 +59,7 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            changes: watch::channel(0).0,
         })
     }
 
@@ -152,7 +155,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke(&self, r: NewRevocation) -> Result<Revocation, StoreError> {
-        self.with(move |conn| {
+        let entry = self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             tx.execute(
                 "INSERT INTO revocations (kind, value, reason, revoked_by, revoked_at, expires_at)
@@ -179,7 +182,13 @@ impl Store for SqliteStore {
             tx.commit().map_err(unavailable)?;
             with_kind(row)
         })
-        .await
+        .await?;
+        self.changes.send_if_modified(|current| {
+            let newer = entry.cursor > *current;
+            *current = (*current).max(entry.cursor);
+            newer
+        });
+        Ok(entry)
     }
 
     async fn revocations_since(
@@ -223,6 +232,10 @@ impl Store for SqliteStore {
                 .map_err(unavailable)
         })
         .await
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod proxy;
+
 pub const DEPLOY_BOT_KEY: &str = "cgk_test_deploy_bot_0123456789abcdef";
 pub const READER_KEY: &str = "cgk_test_reporting_bot_0123456789ab";
 pub const OPERATOR_KEY: &str = "cgo_test_operator_0123456789abcdef0";
@@ -138,14 +140,35 @@ impl Broker {
     }
 
     async fn start_at(dir: tempfile::TempDir, policies: Option<PathBuf>) -> Broker {
+        Self::start_with(dir, policies, "", None).await
+    }
+
+    /// Starts a broker with `extra` appended to its configuration (a `[store]` table, say)
+    /// and, if given, a copy of another broker's root keys (brokers sharing a Redis must sign
+    /// with the same keys, loaded from their own files).
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        policies: Option<PathBuf>,
+        extra: &str,
+        keys_from: Option<&Broker>,
+    ) -> Broker {
         let port = free_port();
         let config = dir.path().join("capgate.toml");
         let policies = policies.unwrap_or_else(|| repo().join("policies"));
-        std::fs::write(
-            &config,
-            config_text(port, &dir.path().join("data"), &policies),
-        )
-        .expect("write config");
+        let text = format!(
+            "{}\n{extra}\n",
+            config_text(port, &dir.path().join("data"), &policies)
+        );
+        std::fs::write(&config, text).expect("write config");
+        if let Some(source) = keys_from {
+            let from = source.dir.path().join("data/keys");
+            let to = dir.path().join("data/keys");
+            std::fs::create_dir_all(&to).expect("keys dir");
+            for entry in std::fs::read_dir(&from).expect("source keys") {
+                let path = entry.expect("entry").path();
+                std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy key");
+            }
+        }
         let log = dir.path().join(format!("broker-{port}.log"));
         let child = spawn_serve(&config, &log);
         let broker = Broker {

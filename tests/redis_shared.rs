@@ -1,0 +1,334 @@
+//! Shared state on the real Redis: two broker processes and two proxy processes; revocation
+//! through one broker reaches both proxies; Redis going away means refusals and denials, and
+//! its return means service without restarts; an evicting Redis is refused at start.
+//! Tests that share 127.0.0.1:6379 use their own key prefix; tests that stop Redis run their
+//! own `redis-server` on a free port.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proxy::*;
+use common::*;
+
+const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+
+fn store_table(url: &str) -> String {
+    format!(
+        "[store]\nredis = \"{url}\"\nprefix = \"capgate-test-{}:\"\n",
+        capgate::token::random_id()
+    )
+}
+
+/// Two brokers on one Redis prefix, the second with the first's keys.
+async fn two_brokers(url: &str) -> (Broker, Broker) {
+    let store = store_table(url);
+    let a = Broker::start_with(tempfile::tempdir().expect("dir"), None, &store, None).await;
+    let b = Broker::start_with(tempfile::tempdir().expect("dir"), None, &store, Some(&a)).await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_revocation_through_one_broker_is_enforced_by_proxies_of_both() {
+    let (a, b) = two_brokers(SHARED_REDIS).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy_a = start_proxy(&a.url, up_port, "prod").await;
+    let proxy_b = start_proxy(&b.url, up_port, "prod").await;
+    let token = token_of(
+        &a.issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy_a, "/v2/volumes/vol_1", &token).await;
+    wait_allowed(&proxy_b, "/v2/volumes/vol_1", &token).await;
+    // Both brokers know the session issued by A.
+    let session = capgate::token::inspect(&token, None)
+        .expect("inspect")
+        .revocation_ids[0]
+        .clone();
+
+    let started = Instant::now();
+    let (status, _) = b.revoke("token", &session).await;
+    assert_eq!(status, 201);
+    let mut denied_at = [None, None];
+    while denied_at.iter().any(Option::is_none) {
+        for (i, proxy) in [&proxy_a, &proxy_b].into_iter().enumerate() {
+            if denied_at[i].is_none()
+                && call(proxy, "GET", "/v2/volumes/vol_1", Some(&token))
+                    .await
+                    .0
+                    == 401
+            {
+                denied_at[i] = Some(started.elapsed());
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not propagated: {denied_at:?}"
+        );
+    }
+    println!(
+        "revocation propagation (broker B -> Redis -> broker A feed -> proxy A): {:?}; proxy B: {:?}",
+        denied_at[0].unwrap_or_default(),
+        denied_at[1].unwrap_or_default()
+    );
+    // The kill switch through A refuses new tokens at B.
+    a.revoke("agent", "reporting-bot").await;
+    let (status, _) = b
+        .request_token(READER_KEY, &["pg://prod/t:read"], None)
+        .await;
+    assert_eq!(status, 403);
+    drop(upstream);
+}
+
+#[tokio::test]
+async fn propagation_is_fast_on_loopback() {
+    let (a, b) = two_brokers(SHARED_REDIS).await;
+    let (_upstream, up_port) = Upstream::start().await;
+    let proxy_a = start_proxy(&a.url, up_port, "prod").await;
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let token = token_of(
+            &a.issue(READER_KEY, &["http://railway/volumes/:read"], None)
+                .await,
+        );
+        wait_allowed(&proxy_a, "/v2/volumes/vol_1", &token).await;
+        let id = capgate::token::inspect(&token, None)
+            .expect("inspect")
+            .revocation_ids[0]
+            .clone();
+        let started = Instant::now();
+        b.revoke("token", &id).await;
+        while call(&proxy_a, "GET", "/v2/volumes/vol_1", Some(&token))
+            .await
+            .0
+            != 401
+        {
+            assert!(started.elapsed() < Duration::from_secs(3));
+        }
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    println!(
+        "cross-broker revocation-to-deny: median {:?}, max {:?} (goal < 100 ms)",
+        samples[2], samples[4]
+    );
+    assert!(
+        samples[2] < Duration::from_millis(500),
+        "median {:?}",
+        samples[2]
+    );
+}
+
+struct OwnRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    policy: &'static str,
+}
+
+impl OwnRedis {
+    fn start(policy: &'static str) -> OwnRedis {
+        let mut redis = OwnRedis {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("dir"),
+            policy,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--maxmemory-policy",
+                self.policy,
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn redis_down_means_deny_and_redis_back_means_service_without_restart() {
+    let mut redis = OwnRedis::start("noeviction");
+    let store = store_table(&redis.url());
+    let broker = Broker::start_with(tempfile::tempdir().expect("dir"), None, &store, None).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    let revoked = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    let id = capgate::token::inspect(&revoked, None)
+        .expect("inspect")
+        .revocation_ids[0]
+        .clone();
+    broker.revoke("token", &id).await;
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+
+    redis.stop();
+    let stopped = Instant::now();
+    // Issuance fails closed at once.
+    let (status, body) = broker
+        .request_token(READER_KEY, &["pg://prod/t:read"], None)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "store_unavailable");
+    // Past the proxy's 2 s bound, nothing is allowed.
+    upstream.clear();
+    let mut last_allow = None;
+    while stopped.elapsed() < Duration::from_secs(4) {
+        if call(&proxy, "GET", "/v2/volumes/vol_1", Some(&token))
+            .await
+            .0
+            == 200
+        {
+            last_allow = Some(stopped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bound = Duration::from_millis(2000 + 1000 + 500); // bound + one poll wait + slack
+    assert!(
+        last_allow.is_none_or(|t| t < bound),
+        "allowed at {last_allow:?} after Redis stopped"
+    );
+    let (status, body) = call(&proxy, "GET", "/v2/volumes/vol_1", Some(&token)).await;
+    assert_eq!(status, 503, "{body}");
+
+    // Redis returns (with its append-only file): everything resumes, state intact.
+    redis.spawn();
+    let back = Instant::now();
+    loop {
+        let (status, _) = broker
+            .request_token(READER_KEY, &["pg://prod/t:read"], None)
+            .await;
+        if status == 201 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "issuance did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    assert_eq!(
+        call(&proxy, "GET", "/v2/volumes/vol_1", Some(&revoked))
+            .await
+            .0,
+        401,
+        "revocation survived"
+    );
+    println!("service resumed {:?} after Redis came back", back.elapsed());
+}
+
+#[tokio::test]
+async fn an_evicting_redis_is_refused_at_start_naming_the_setting() {
+    for policy in ["allkeys-lru", "volatile-ttl"] {
+        let redis = OwnRedis::start(policy);
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("capgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{}\n{}",
+                config_text(
+                    free_port(),
+                    &dir.path().join("data"),
+                    &repo().join("policies")
+                ),
+                store_table(&redis.url())
+            ),
+        )
+        .expect("config");
+        let output = Command::new(env!("CARGO_BIN_EXE_capgate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        assert!(!output.status.success(), "{policy}: started anyway");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("maxmemory-policy") && stderr.contains("noeviction"),
+            "{policy}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_store_flag_selects_redis() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = dir.path().join("capgate.toml");
+    std::fs::write(
+        &config,
+        config_text(port, &dir.path().join("data"), &repo().join("policies")),
+    )
+    .expect("config");
+    let log = dir.path().join("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--store", "redis://127.0.0.1:1"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let status = child.wait().expect("wait");
+    assert!(
+        !status.success(),
+        "an unreachable Redis must stop the broker from starting"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("redis"), "{text}");
+    assert!(
+        !dir.path().join("data/state.db").exists(),
+        "SQLite was not used"
+    );
+}
