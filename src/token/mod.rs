@@ -83,7 +83,7 @@ pub(crate) fn unix_seconds(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn unix_seconds_now() -> u64 {
+pub fn unix_seconds_now() -> u64 {
     unix_seconds(SystemTime::now())
 }
 
