@@ -13,6 +13,9 @@ use capgate::adapters::http::routes::RouteConfig;
 use capgate::adapters::http::{Proxy, ProxyConfig, UpstreamConfig};
 use capgate::adapters::Mode;
 use capgate::config::RunLimits;
+use capgate::containment::audit::AuditEvent;
+use capgate::containment::Operation;
+use capgate::guard::{ContainmentView, Ledger, LedgerDenial};
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
 use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
@@ -27,6 +30,32 @@ async fn serve(router: axum::Router) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, router).await });
     addr
+}
+
+/// Reads carry no obligations, so a ledger that refuses everything is never consulted.
+struct ReadOnlyLedger;
+
+#[async_trait::async_trait]
+impl Ledger for ReadOnlyLedger {
+    async fn request_approval(&self, _: &str, _: &Operation) -> Result<String, LedgerDenial> {
+        Err(refused())
+    }
+    async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
+        Err(refused())
+    }
+    async fn count(&self, _: &str, _: Verb) -> Result<(), LedgerDenial> {
+        Err(refused())
+    }
+    async fn audit(&self, _: AuditEvent) -> Result<(), LedgerDenial> {
+        Err(refused())
+    }
+}
+
+fn refused() -> LedgerDenial {
+    LedgerDenial {
+        code: "bench",
+        reason: "read-only benchmark".into(),
+    }
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
@@ -126,6 +155,8 @@ async fn main() {
         max_staleness: Duration::from_secs(7200),
         max_token_bytes: 16 * 1024,
         datalog: RunLimits::default(),
+        adapter_key_env: None,
+        audit_spool: dir.path().join("spool.jsonl"),
         upstream: UpstreamConfig {
             url: format!("http://{upstream}"),
             credential_header: "authorization".into(),
@@ -148,9 +179,21 @@ async fn main() {
     )));
     let mut slow_config = config.clone();
     slow_config.upstream.url = format!("http://{slow_upstream}");
-    let proxy = Arc::new(Proxy::new(config, keys.clone(), view.clone()).expect("proxy"));
+    let containment = Arc::new(ContainmentView::new());
+    let ledger: Arc<dyn Ledger> = Arc::new(ReadOnlyLedger);
+    let proxy = Arc::new(
+        Proxy::new(
+            config,
+            keys.clone(),
+            view.clone(),
+            containment.clone(),
+            ledger.clone(),
+        )
+        .expect("proxy"),
+    );
     let proxied = serve(proxy.router()).await;
-    let slow_proxy = Arc::new(Proxy::new(slow_config, keys, view).expect("proxy"));
+    let slow_proxy =
+        Arc::new(Proxy::new(slow_config, keys, view, containment, ledger).expect("proxy"));
     let slow_proxied = serve(slow_proxy.router()).await;
 
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();

@@ -19,7 +19,7 @@ use axum::{Extension, Router};
 use capgate::adapters::sync::{empty_keys, spawn, SyncConfig};
 use capgate::adapters::tower::{GuardLayer, GuardedRequest};
 use capgate::config::RunLimits;
-use capgate::guard::{Guard, GuardConfig, Request};
+use capgate::guard::{ContainmentView, Guard, GuardConfig, Request};
 use capgate::policy::PolicySet;
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
@@ -29,19 +29,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let broker = std::env::var("CAPGATE_BROKER").unwrap_or_else(|_| "http://127.0.0.1:8080".into());
     let keys = empty_keys();
     let revocations = Arc::new(RevocationView::new());
-    let _sync = spawn(SyncConfig::new(&broker), revocations.clone(), keys.clone())?;
-    let guard = Arc::new(Guard::new(
-        GuardConfig {
-            adapter: "volumes-app".into(),
-            max_token_bytes: 16 * 1024,
-            max_staleness: Duration::from_secs(5),
-            limits: RunLimits::default(),
-            cache_capacity: 10_000,
-        },
-        keys,
-        revocations,
-        PolicySet::load_dir(std::path::Path::new("policies/adapters"))?,
-    ));
+    let containment = Arc::new(ContainmentView::new());
+    let _sync = spawn(
+        SyncConfig::new(&broker),
+        revocations.clone(),
+        keys.clone(),
+        containment.clone(),
+    )?;
+    let guard = Arc::new(
+        Guard::new(
+            GuardConfig {
+                adapter: "volumes-app".into(),
+                max_token_bytes: 16 * 1024,
+                max_staleness: Duration::from_secs(5),
+                limits: RunLimits::default(),
+                cache_capacity: 10_000,
+            },
+            keys,
+            revocations,
+            PolicySet::load_dir(std::path::Path::new("policies/adapters"))?,
+        )
+        .with_containment(containment),
+    );
     // The mapper decides what each request means; anything it cannot map is denied.
     let mapper = |parts: &axum::http::request::Parts| {
         let id = parts.uri.path().strip_prefix("/volumes/")?;

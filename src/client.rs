@@ -8,8 +8,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::broker::{FeedPage, TokenResponse};
+use crate::broker::{
+    AuditPage, CountResponse, FeedPage, FreezeState, GrantResponse, TokenResponse,
+};
+use crate::containment::approval::Approval;
+use crate::containment::audit::AuditEvent;
+use crate::containment::{ContainmentDocument, Operation};
 use crate::scope::Scope;
+use crate::scope::Verb;
 use crate::store::{Revocation, RevocationKind};
 use crate::token::KeySetDocument;
 
@@ -137,6 +143,136 @@ impl Client {
             .await
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
         decode(response).await
+    }
+
+    async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.broker))
+            .bearer_auth(bearer)
+            .timeout(Duration::from_secs(5))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        decode(response).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<T, ClientError> {
+        let mut request = self
+            .http
+            .get(format!("{}{path}", self.broker))
+            .timeout(Duration::from_secs(5));
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        decode(response).await
+    }
+
+    pub async fn containment(&self) -> Result<ContainmentDocument, ClientError> {
+        self.get_json("/v1/containment", None).await
+    }
+
+    /// Adapter: create an approval request for an operation, with the agent's token.
+    pub async fn request_approval(
+        &self,
+        token: &str,
+        operation: &Operation,
+    ) -> Result<Approval, ClientError> {
+        self.post_json("/v1/approvals", token, &json!({ "operation": operation }))
+            .await
+    }
+
+    pub async fn consume_approval(
+        &self,
+        token: &str,
+        id: &str,
+        digest: &str,
+    ) -> Result<Approval, ClientError> {
+        self.post_json(
+            &format!("/v1/approvals/{id}/consume"),
+            token,
+            &json!({ "digest": digest }),
+        )
+        .await
+    }
+
+    pub async fn count(&self, token: &str, verb: Verb) -> Result<CountResponse, ClientError> {
+        self.post_json("/v1/velocity", token, &json!({ "verb": verb }))
+            .await
+    }
+
+    pub async fn append_audit(
+        &self,
+        adapter_key: &str,
+        events: &[AuditEvent],
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post_json("/v1/audit", adapter_key, &json!({ "events": events }))
+            .await
+    }
+
+    /// Agent: the approval's state, and once approved, the token carrying the approval block.
+    pub async fn approval(&self, token: &str, id: &str) -> Result<Approval, ClientError> {
+        self.get_json(&format!("/v1/approvals/{id}"), Some(token))
+            .await
+    }
+
+    pub async fn grant(&self, token: &str, id: &str) -> Result<GrantResponse, ClientError> {
+        self.post_json(&format!("/v1/approvals/{id}/grant"), token, &json!({}))
+            .await
+    }
+
+    /// Operator calls.
+    pub async fn approvals(&self, operator_key: &str) -> Result<Vec<Approval>, ClientError> {
+        self.get_json("/v1/approvals", Some(operator_key)).await
+    }
+
+    pub async fn decide_approval(
+        &self,
+        operator_key: &str,
+        id: &str,
+        action: &str,
+    ) -> Result<Approval, ClientError> {
+        self.post_json(
+            &format!("/v1/approvals/{id}/{action}"),
+            operator_key,
+            &json!({}),
+        )
+        .await
+    }
+
+    pub async fn set_freeze(
+        &self,
+        operator_key: &str,
+        frozen: bool,
+    ) -> Result<FreezeState, ClientError> {
+        self.post_json("/v1/freeze", operator_key, &json!({ "frozen": frozen }))
+            .await
+    }
+
+    pub async fn audit_page(
+        &self,
+        operator_key: &str,
+        since: u64,
+    ) -> Result<AuditPage, ClientError> {
+        self.get_json(
+            &format!("/v1/audit?since={since}&limit=1000"),
+            Some(operator_key),
+        )
+        .await
     }
 
     pub async fn revoke(

@@ -215,8 +215,13 @@ pub struct BrokerConfig {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub operators: Vec<OperatorEntry>,
+    /// Adapters that report decisions to the audit trail, by key hash.
+    #[serde(default)]
+    pub adapters: Vec<OperatorEntry>,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub containment: crate::containment::ContainmentConfig,
     /// Where this file was read from; relative paths in it are resolved against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -303,14 +308,26 @@ impl BrokerConfig {
             .iter()
             .map(|k| (&k.sha256, "api key"));
         let operator_hashes = self.operators.iter().map(|o| (&o.sha256, "operator key"));
+        let adapter_hashes = self.adapters.iter().map(|a| (&a.sha256, "adapter key"));
         let mut seen = std::collections::HashSet::new();
-        for (hash, what) in agent_hashes.chain(operator_hashes) {
+        for (hash, what) in agent_hashes.chain(operator_hashes).chain(adapter_hashes) {
             if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(format!("{what} sha256 {hash:?} is not 64 hex characters"));
             }
             // An agent credential must never double as an operator credential.
             if !seen.insert(hash.to_ascii_lowercase()) {
                 return Err(format!("{what} hash {hash} is configured twice"));
+            }
+        }
+        let containment = &self.containment;
+        if !(1..=2).contains(&containment.approvers_required) {
+            return Err("containment.approvers_required must be 1 or 2".into());
+        }
+        for point in &containment.recovery_points {
+            if self.environment_of(point).is_none() {
+                return Err(format!(
+                    "recovery point {point} belongs to no configured environment"
+                ));
             }
         }
         for issuer in &self.identity.jwt {
@@ -342,7 +359,9 @@ impl Default for BrokerConfig {
             environments: Vec::new(),
             identity: IdentityConfig::default(),
             operators: Vec::new(),
+            adapters: Vec::new(),
             store: StoreConfig::default(),
+            containment: crate::containment::ContainmentConfig::default(),
             source: None,
         }
     }

@@ -19,6 +19,7 @@ use crate::config::{IdentityConfig, JwtIssuer, OperatorEntry};
 /// Agent API keys and operator keys start with these, so a leaked string says what it is.
 pub const AGENT_KEY_PREFIX: &str = "cgk_";
 pub const OPERATOR_KEY_PREFIX: &str = "cgo_";
+pub const ADAPTER_KEY_PREFIX: &str = "cga_";
 
 const MAX_CLAIMS: usize = 64;
 const MAX_CLAIM_BYTES: usize = 256;
@@ -68,6 +69,8 @@ pub enum AuthError {
     UnknownApiKey,
     #[error("not an operator credential")]
     NotAnOperator,
+    #[error("not an adapter credential")]
+    NotAnAdapter,
     #[error("agent name is empty, too long or has characters outside [A-Za-z0-9._@:/-]")]
     InvalidAgentName,
     #[error("claim {0:?} is too large or there are too many claims")]
@@ -107,6 +110,7 @@ impl AuthError {
             AuthError::Jwt(_) => "jwt_invalid",
             AuthError::UnknownApiKey => "api_key_unknown",
             AuthError::NotAnOperator => "operator_credential_required",
+            AuthError::NotAnAdapter => "adapter_credential_required",
             AuthError::InvalidAgentName => "agent_name_invalid",
             AuthError::ClaimTooLarge(_) => "claim_too_large",
         }
@@ -143,12 +147,21 @@ pub struct Authenticator {
     jwt: Vec<JwtVerifier>,
     api_keys: HashMap<String, (String, Vec<(String, ClaimValue)>)>,
     operators: HashMap<String, String>,
+    adapters: HashMap<String, String>,
 }
 
 impl Authenticator {
     pub fn from_config(
         identity: &IdentityConfig,
         operators: &[OperatorEntry],
+    ) -> Result<Self, IdentityConfigError> {
+        Self::with_adapters(identity, operators, &[])
+    }
+
+    pub fn with_adapters(
+        identity: &IdentityConfig,
+        operators: &[OperatorEntry],
+        adapters: &[OperatorEntry],
     ) -> Result<Self, IdentityConfigError> {
         let mut jwt = Vec::new();
         for issuer in &identity.jwt {
@@ -173,10 +186,15 @@ impl Authenticator {
             .iter()
             .map(|o| (o.sha256.to_ascii_lowercase(), o.name.clone()))
             .collect();
+        let adapters = adapters
+            .iter()
+            .map(|a| (a.sha256.to_ascii_lowercase(), a.name.clone()))
+            .collect();
         Ok(Authenticator {
             jwt,
             api_keys,
             operators,
+            adapters,
         })
     }
 
@@ -217,6 +235,18 @@ impl Authenticator {
             .get(&sha256_hex(credential))
             .map(|name| Operator { name: name.clone() })
             .ok_or(AuthError::NotAnOperator)
+    }
+
+    /// Adapters report decisions to the audit trail with their own key (`cga_…`).
+    pub fn authenticate_adapter(&self, credential: &str) -> Result<String, AuthError> {
+        let credential = credential.trim();
+        if !credential.starts_with(ADAPTER_KEY_PREFIX) {
+            return Err(AuthError::NotAnAdapter);
+        }
+        self.adapters
+            .get(&sha256_hex(credential))
+            .cloned()
+            .ok_or(AuthError::NotAnAdapter)
     }
 
     fn authenticate_jwt(&self, token: &str) -> Result<Identity, AuthError> {

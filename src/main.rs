@@ -62,6 +62,25 @@ enum Command {
     Policy(PolicyCommand),
     /// Revoke a token, a session or every token of an agent (operator).
     Revoke(RevokeArgs),
+    /// List, approve, deny or cancel approval requests (operator).
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Emergency brake: deny every non-read verb at every adapter (operator).
+    Freeze {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Verify, tail or export the hash-chained audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run an adapter in front of real infrastructure.
     #[command(subcommand)]
     Proxy(ProxyCommand),
@@ -75,6 +94,53 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+}
+
+#[derive(Args)]
+struct OperatorArgs {
+    #[arg(long, env = "CAPGATE_BROKER", default_value = "http://127.0.0.1:8080")]
+    broker: String,
+    #[arg(long, env = "CAPGATE_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: String,
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Every request with the exact operation (method, path, body digest or SQL).
+    List,
+    Approve {
+        id: String,
+    },
+    Deny {
+        id: String,
+    },
+    /// Cancel a pending or approved (staged) operation.
+    Cancel {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the whole chain; names every edited, removed or reordered record.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Check an exported log (JSON lines) instead of the store.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// A readable history of one agent.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        agent: String,
+        #[arg(short, default_value_t = 50)]
+        n: usize,
+    },
+    /// Print the trail as JSON lines (for `policy replay --audit`).
+    Export(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -151,6 +217,15 @@ enum PolicyCommand {
         config: ConfigArg,
         #[arg(long)]
         cases: Option<PathBuf>,
+    },
+    /// Re-evaluate recorded decisions against candidate adapter policies; list what flips.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        audit: PathBuf,
+        #[arg(long)]
+        policies: PathBuf,
     },
     /// Explain offline whether a token may do VERB on RESOURCE, and why.
     Explain {
@@ -266,6 +341,50 @@ async fn run(command: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(command) => token_command(command).await,
+        Command::Approvals { command, operator } => {
+            let client = Client::new(&operator.broker).map_err(|e| e.to_string())?;
+            let key = &operator.operator_key;
+            let result = match command {
+                ApprovalsCommand::List => {
+                    let approvals = client.approvals(key).await.map_err(|e| e.to_string())?;
+                    for a in approvals {
+                        println!(
+                            "{}  {:?}  {} wants {} on {} via {}  approvers: [{}] of {}",
+                            a.id,
+                            a.status,
+                            a.agent,
+                            a.operation.verb,
+                            a.operation.resource,
+                            a.operation.adapter,
+                            a.approvers.join(", "),
+                            a.required
+                        );
+                        for (k, v) in &a.operation.detail {
+                            println!("    {k}: {v}");
+                        }
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                ApprovalsCommand::Approve { id } => {
+                    client.decide_approval(key, &id, "approve").await
+                }
+                ApprovalsCommand::Deny { id } => client.decide_approval(key, &id, "deny").await,
+                ApprovalsCommand::Cancel { id } => client.decide_approval(key, &id, "cancel").await,
+            };
+            let approval = result.map_err(|e| e.to_string())?;
+            println!("approval {} is now {:?}", approval.id, approval.status);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Freeze { state, operator } => {
+            let client = Client::new(&operator.broker).map_err(|e| e.to_string())?;
+            let frozen = client
+                .set_freeze(&operator.operator_key, state == "on")
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("frozen: {}", frozen.frozen);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { command } => audit_command(command).await,
         Command::Proxy(ProxyCommand::Http { config }) => {
             let config =
                 capgate::adapters::http::ProxyConfig::load(&config).map_err(|e| e.to_string())?;
@@ -437,6 +556,49 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
                 ExitCode::FAILURE
             })
         }
+        PolicyCommand::Replay {
+            config,
+            audit,
+            policies,
+        } => {
+            let config = load_config(&config)?;
+            let records = read_audit_file(&audit)?;
+            let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
+            let policy = PolicySet::load_dir(&policies).map_err(|e| e.to_string())?;
+            let report = capgate::containment::replay::replay(
+                &records,
+                ring.document(),
+                &policy,
+                &config.datalog,
+            );
+            for change in &report.changes {
+                println!(
+                    "record {} decision {}: {} {} {} was {}, would be {}",
+                    change.seq,
+                    change.decision_id,
+                    change.agent.as_deref().unwrap_or("?"),
+                    change.verb,
+                    change.resource,
+                    if change.recorded_allowed {
+                        "allowed"
+                    } else {
+                        "denied"
+                    },
+                    if change.replayed_allowed {
+                        "allowed"
+                    } else {
+                        "denied"
+                    },
+                );
+            }
+            println!(
+                "{} decisions replayed, {} skipped, {} would change",
+                report.replayed,
+                report.skipped,
+                report.changes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Explain {
             config,
             token,
@@ -472,6 +634,114 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
     }
 }
 
+fn read_audit_file(path: &Path) -> Result<Vec<capgate::containment::audit::AuditRecord>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+async fn read_audit_store(
+    config: &BrokerConfig,
+) -> Result<(Vec<capgate::containment::audit::AuditRecord>, u64), String> {
+    let store = capgate::store::open(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let head = store.audit_head().await.map_err(|e| e.to_string())?;
+    let mut records = Vec::new();
+    loop {
+        let since = records
+            .last()
+            .map(|r: &capgate::containment::audit::AuditRecord| r.seq)
+            .unwrap_or(0);
+        let page = store
+            .audit_since(since, 5000)
+            .await
+            .map_err(|e| e.to_string())?;
+        if page.is_empty() {
+            break;
+        }
+        records.extend(page);
+    }
+    Ok((records, head))
+}
+
+async fn audit_command(command: AuditCommand) -> CliResult {
+    match command {
+        AuditCommand::Verify { config, file } => {
+            let (records, head) = match file {
+                Some(path) => (read_audit_file(&path)?, None),
+                None => {
+                    let config = load_config(&config)?;
+                    let (records, head) = read_audit_store(&config).await?;
+                    (records, Some(head))
+                }
+            };
+            match capgate::containment::audit::verify(&records, head) {
+                Ok(n) => {
+                    println!("audit trail intact: {n} records");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    for problem in problems {
+                        println!("TAMPERED: {problem}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        AuditCommand::Tail { config, agent, n } => {
+            let config = load_config(&config)?;
+            let (records, _) = read_audit_store(&config).await?;
+            let mine: Vec<_> = records
+                .iter()
+                .filter(|r| r.event.actor.as_deref() == Some(agent.as_str()))
+                .collect();
+            for record in mine.iter().rev().take(n).rev() {
+                let at =
+                    humantime::format_rfc3339_seconds(capgate::token::from_unix_seconds(record.at));
+                let detail = &record.event.detail;
+                let what = match record.event.kind {
+                    capgate::containment::audit::AuditKind::Decision => format!(
+                        "{} {} {} -> {}",
+                        detail["adapter"].as_str().unwrap_or("?"),
+                        detail["verb"].as_str().unwrap_or("?"),
+                        detail["resource"]
+                            .as_str()
+                            .unwrap_or(detail["event"].as_str().unwrap_or("?")),
+                        detail["outcome"]["code"]
+                            .as_str()
+                            .or(detail["outcome"]["decision"].as_str())
+                            .unwrap_or("?")
+                    ),
+                    _ => detail.to_string(),
+                };
+                println!(
+                    "{at}  #{:<6} {:<10} {what}",
+                    record.seq,
+                    format!("{:?}", record.event.kind).to_lowercase()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Export(config) => {
+            let config = load_config(&config)?;
+            let (records, _) = read_audit_store(&config).await?;
+            for record in records {
+                println!(
+                    "{}",
+                    serde_json::to_string(&record).map_err(|e| e.to_string())?
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// A guard over the data directory's keys and stored revocations, for offline explanations.
 async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
     let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
@@ -492,6 +762,11 @@ async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
         view.apply(&[], Instant::now());
     }
     let policy = PolicySet::load_dir(&config.adapter_policies).map_err(|e| e.to_string())?;
+    let containment = Arc::new(capgate::guard::ContainmentView::new());
+    containment.set_document(capgate::containment::ContainmentDocument::new(
+        &config.containment,
+        &ring.approval_key().public(),
+    ))?;
     Ok(Guard::new(
         GuardConfig {
             adapter: "policy-explain".into(),
@@ -503,7 +778,8 @@ async fn offline_guard(config: &BrokerConfig) -> Result<Guard, String> {
         keys,
         view,
         policy,
-    ))
+    )
+    .with_containment(containment))
 }
 
 fn load_config(args: &ConfigArg) -> Result<BrokerConfig, String> {

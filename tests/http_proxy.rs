@@ -116,14 +116,11 @@ async fn denials_by_resource_environment_and_route_never_reach_the_upstream() {
         upstream.seen()
     );
 
-    // The one it does name passes.
-    assert_eq!(
-        call(&proxy, "DELETE", "/v2/volumes/vol_1", Some(&token))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(upstream.seen().len(), 1);
+    // Even the volume it does name is not deleted on the token alone: approval first.
+    let (status, body) = call(&proxy, "DELETE", "/v2/volumes/vol_1", Some(&token)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("approval_required"), "{body}");
+    assert!(upstream.seen().is_empty());
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! headers, the enforce/shadow mode, and the one mapping of a deny to a problem response.
 
 pub mod http;
+pub mod ledger;
 pub mod sync;
 pub mod tower;
 
@@ -118,6 +119,10 @@ pub fn problem(
 pub fn deny_response(decision: &Decision, mode: Mode) -> Response {
     let (code, reason) = match &decision.outcome {
         Outcome::Deny { code, reason } => (*code, reason.as_str()),
+        Outcome::ApprovalRequired {
+            approval_id,
+            digest,
+        } => return approval_response(decision, approval_id.as_deref(), digest, mode),
         Outcome::Allow => (
             DenyCode::PolicyError,
             "internal error: allow mapped to a deny",
@@ -125,12 +130,45 @@ pub fn deny_response(decision: &Decision, mode: Mode) -> Response {
     };
     let status = if code.is_authentication_failure() {
         StatusCode::UNAUTHORIZED
-    } else if code == DenyCode::RevocationFeedStale {
+    } else if matches!(
+        code,
+        DenyCode::RevocationFeedStale
+            | DenyCode::ContainmentUnavailable
+            | DenyCode::AuditUnavailable
+    ) {
         StatusCode::SERVICE_UNAVAILABLE
+    } else if code == DenyCode::RateLimited {
+        StatusCode::TOO_MANY_REQUESTS
     } else {
         StatusCode::FORBIDDEN
     };
     problem(status, code.as_str(), reason, Some(&decision.id), mode)
+}
+
+/// 403 `approval_required`, naming the approval request an operator must approve.
+fn approval_response(
+    decision: &Decision,
+    approval_id: Option<&str>,
+    digest: &str,
+    mode: Mode,
+) -> Response {
+    let detail = match approval_id {
+        Some(id) => format!("this operation needs an operator's approval: request {id} (digest {digest}); retry with the token returned by POST /v1/approvals/{id}/grant once approved"),
+        None => format!("this operation needs an operator's approval (digest {digest})"),
+    };
+    let mut response = problem(
+        StatusCode::FORBIDDEN,
+        "approval_required",
+        &detail,
+        Some(&decision.id),
+        mode,
+    );
+    if let Some(id) = approval_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("capgate-approval-id"), id);
+    }
+    response
 }
 
 #[cfg(test)]

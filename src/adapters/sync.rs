@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
-use crate::guard::KeyView;
+use crate::guard::{ContainmentView, KeyView};
 use crate::revocation::RevocationView;
 use crate::token::PublicKeySet;
 
@@ -35,6 +35,7 @@ pub fn spawn(
     config: SyncConfig,
     revocations: Arc<RevocationView>,
     keys: KeyView,
+    containment: Arc<ContainmentView>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, crate::client::ClientError> {
     let client = Client::new(&config.broker)?;
     let feed_client = client.clone();
@@ -57,6 +58,16 @@ pub fn spawn(
     let refresh = config.key_refresh;
     let key_task = tokio::spawn(async move {
         loop {
+            match client.containment().await {
+                Ok(document) => {
+                    if let Err(e) = containment.set_document(document) {
+                        tracing::error!(error = %e, "broker published unusable containment settings");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch containment settings; non-read verbs stay denied")
+                }
+            }
             match client
                 .keys()
                 .await

@@ -4,7 +4,10 @@
 //! The route table below is the single source of what the broker serves: the router is built
 //! from it and a test compares it with `openapi.yaml`.
 
+mod approvals;
+mod audit;
 mod authorize;
+mod containment;
 mod health;
 mod keys;
 pub mod problem;
@@ -24,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
-use crate::guard::{Guard, GuardConfig, KeyView};
+use crate::guard::{ContainmentView, Guard, GuardConfig, KeyView};
 use crate::identity::Authenticator;
 use crate::policy::{GrantEvaluator, PolicySet};
 use crate::revocation::RevocationView;
@@ -32,6 +35,9 @@ use crate::store::Store;
 use crate::token::Keyring;
 use problem::ApiError;
 
+pub use approvals::GrantResponse;
+pub use audit::AuditPage;
+pub use containment::{CountResponse, FreezeState};
 pub use revocations::FeedPage;
 pub use tokens::{AuthorizationDetail, TokenResponse};
 
@@ -76,6 +82,8 @@ pub struct BrokerState {
     pub store: Arc<dyn Store>,
     /// Latest revocation cursor, for long-polling feed readers.
     revocation_cursor: watch::Sender<u64>,
+    /// Bumped when something other than a revocation changes what the feed says (freeze).
+    feed_epoch: watch::Sender<u64>,
 }
 
 impl BrokerState {
@@ -91,7 +99,8 @@ impl BrokerState {
         }
         let grant_policy = PolicySet::load_dir(&config.policies)?;
         let adapter_policy = PolicySet::load_dir(&config.adapter_policies)?;
-        let authenticator = Authenticator::from_config(&config.identity, &config.operators)?;
+        let authenticator =
+            Authenticator::with_adapters(&config.identity, &config.operators, &config.adapters)?;
         let store: Arc<dyn Store> = crate::store::open(&config).await?;
         let keys: KeyView = Arc::new(RwLock::new(Arc::new(keyring.public_keys()?)));
         let guard = Guard::new(
@@ -105,7 +114,20 @@ impl BrokerState {
             keys.clone(),
             Arc::new(RevocationView::new()),
             adapter_policy,
-        );
+        )
+        .with_containment(Arc::new(ContainmentView::new()));
+        guard
+            .containment()
+            .set_document(crate::containment::ContainmentDocument::new(
+                &config.containment,
+                &keyring.approval_key().public(),
+            ))
+            .map_err(|why| {
+                StartError::Keys(crate::token::KeyError::Corrupt {
+                    path: config.data_dir.clone(),
+                    why,
+                })
+            })?;
         Ok(Arc::new(BrokerState {
             grants: GrantEvaluator::new(grant_policy, &config),
             config,
@@ -115,6 +137,7 @@ impl BrokerState {
             guard,
             store,
             revocation_cursor: watch::channel(0).0,
+            feed_epoch: watch::channel(0).0,
         }))
     }
 
@@ -126,6 +149,37 @@ impl BrokerState {
                 "signing keys are unavailable",
             )
         })
+    }
+
+    /// Appends to the audit trail; failure is an error for the caller (fail closed).
+    pub(crate) async fn audit(
+        &self,
+        kind: crate::containment::audit::AuditKind,
+        actor: Option<&str>,
+        detail: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        let event = crate::containment::audit::AuditEvent {
+            kind,
+            actor: actor.map(str::to_owned),
+            detail,
+        };
+        self.store
+            .append_audit(event)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit record could not be stored");
+                ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the audit trail cannot be written; nothing was done",
+                )
+            })
+    }
+
+    /// Wakes long-polling feed readers so they pick up a changed freeze flag at once.
+    pub(crate) fn wake_feed(&self) {
+        self.feed_epoch.send_modify(|epoch| *epoch += 1);
     }
 
     pub(crate) fn notify_revocation(&self, cursor: u64) {
@@ -143,8 +197,14 @@ impl BrokerState {
     async fn refresh_revocations(&self) {
         let sent = Instant::now();
         let view = self.guard.revocations();
-        match self.store.revocations_since(view.cursor(), 10_000).await {
-            Ok(entries) => {
+        let refreshed = async {
+            let frozen = self.store.frozen().await?;
+            let entries = self.store.revocations_since(view.cursor(), 10_000).await?;
+            Ok::<_, crate::store::StoreError>((frozen, entries))
+        };
+        match refreshed.await {
+            Ok((frozen, entries)) => {
+                self.guard.containment().set_frozen(frozen);
                 view.apply(&entries, sent);
                 self.notify_revocation(view.cursor());
             }
@@ -186,6 +246,40 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
         (Method::GET, "/v1/revocations", get(revocations::feed)),
         (Method::POST, "/v1/authorize", post(authorize::dry_run)),
         (Method::GET, "/v1/health", get(health::health)),
+        (Method::GET, "/v1/containment", get(containment::document)),
+        (Method::POST, "/v1/velocity", post(containment::count)),
+        (Method::GET, "/v1/freeze", get(containment::freeze_state)),
+        (Method::POST, "/v1/freeze", post(containment::set_freeze)),
+        (Method::POST, "/v1/approvals", post(approvals::create)),
+        (Method::GET, "/v1/approvals", get(approvals::list)),
+        (Method::GET, "/v1/approvals/{id}", get(approvals::show)),
+        (
+            Method::POST,
+            "/v1/approvals/{id}/approve",
+            post(approvals::approve),
+        ),
+        (
+            Method::POST,
+            "/v1/approvals/{id}/deny",
+            post(approvals::deny),
+        ),
+        (
+            Method::POST,
+            "/v1/approvals/{id}/cancel",
+            post(approvals::cancel),
+        ),
+        (
+            Method::POST,
+            "/v1/approvals/{id}/grant",
+            post(approvals::grant),
+        ),
+        (
+            Method::POST,
+            "/v1/approvals/{id}/consume",
+            post(approvals::consume),
+        ),
+        (Method::POST, "/v1/audit", post(audit::append)),
+        (Method::GET, "/v1/audit", get(audit::read)),
     ]
 }
 

@@ -112,6 +112,8 @@ pub struct FeedQuery {
 pub struct FeedPage {
     pub revocations: Vec<Revocation>,
     pub next_cursor: u64,
+    /// The operators' freeze switch: while on, adapters deny every non-read verb.
+    pub frozen: bool,
 }
 
 pub async fn feed(
@@ -121,6 +123,8 @@ pub async fn feed(
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let wait = Duration::from_secs(query.wait).min(MAX_WAIT);
     let mut news = state.revocation_cursor.subscribe();
+    let mut epoch = state.feed_epoch.subscribe();
+    epoch.borrow_and_update();
     let mut revocations = state
         .store
         .revocations_since(query.since, FEED_PAGE)
@@ -128,10 +132,15 @@ pub async fn feed(
     if revocations.is_empty() && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
         while *news.borrow_and_update() <= query.since {
-            if tokio::time::timeout_at(deadline, news.changed())
-                .await
-                .is_err()
-            {
+            // A new revocation, or a freeze switched: answer now.
+            let woke = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = news.changed() => false,
+                    _ = epoch.changed() => true,
+                }
+            })
+            .await;
+            if !matches!(woke, Ok(false)) {
                 break;
             }
         }
@@ -140,9 +149,12 @@ pub async fn feed(
             .revocations_since(query.since, FEED_PAGE)
             .await?;
     }
+    // Read last, so the page is at least as fresh as the moment the request was sent.
+    let frozen = state.store.frozen().await?;
     let next_cursor = revocations.last().map(|r| r.cursor).unwrap_or(query.since);
     Ok(Json(FeedPage {
         revocations,
         next_cursor,
+        frozen,
     }))
 }

@@ -194,6 +194,14 @@ pub async fn issue(
             rights: serde_json::to_string(&spec.rights).unwrap_or_default(),
         })
         .await?;
+    // No issuance goes unrecorded: if the audit trail cannot be written, nothing is issued.
+    state
+        .audit(
+            crate::containment::audit::AuditKind::Issuance,
+            Some(&spec.agent),
+            json!({"session": spec.session_id, "key_id": keyring.active_key_id(), "ttl_seconds": decision.ttl.as_secs(), "rights": spec.rights}),
+        )
+        .await?;
     tracing::info!(agent = %spec.agent, session = %spec.session_id, rights = spec.rights.len(), ttl_s = decision.ttl.as_secs(), "token issued");
     Ok((
         StatusCode::CREATED,

@@ -7,6 +7,7 @@
 //! `Authorized<T>`, so an adapter cannot forward anything it did not ask about.
 
 mod cache;
+pub mod containment;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -22,6 +23,7 @@ use crate::revocation::{RevocationDenial, RevocationView};
 use crate::scope::Verb;
 use crate::token::{random_id, verify, PublicKeySet, TokenRejected, VerifiedToken};
 pub use cache::VerifiedCache;
+pub use containment::{ContainmentView, Ledger, LedgerDenial, Obligation};
 
 /// What an adapter asks about. Every field comes from the adapter's own configuration and
 /// parsing of the request, never from anything the agent asserts.
@@ -50,6 +52,12 @@ pub enum DenyCode {
     PolicyDenied,
     PolicyRunLimit,
     PolicyError,
+    ContainmentUnavailable,
+    Frozen,
+    RecoveryPoint,
+    RateLimited,
+    ApprovalInvalid,
+    AuditUnavailable,
 }
 
 impl DenyCode {
@@ -66,6 +74,12 @@ impl DenyCode {
             DenyCode::PolicyDenied => "policy_denied",
             DenyCode::PolicyRunLimit => "policy_run_limit",
             DenyCode::PolicyError => "policy_error",
+            DenyCode::ContainmentUnavailable => "containment_unavailable",
+            DenyCode::Frozen => "frozen",
+            DenyCode::RecoveryPoint => "recovery_point",
+            DenyCode::RateLimited => "rate_limited",
+            DenyCode::ApprovalInvalid => "approval_invalid",
+            DenyCode::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -103,7 +117,16 @@ impl From<&TokenRejected> for DenyCode {
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Outcome {
     Allow,
-    Deny { code: DenyCode, reason: String },
+    Deny {
+        code: DenyCode,
+        reason: String,
+    },
+    /// Destructive: the token alone is not enough. The adapter creates the approval request
+    /// at the broker and fills in its id.
+    ApprovalRequired {
+        approval_id: Option<String>,
+        digest: String,
+    },
 }
 
 /// A decision with its id, for logs, responses and the audit trail.
@@ -116,6 +139,9 @@ pub struct Decision {
     pub session: Option<String>,
     /// Which policy allowed, or which checks failed.
     pub explanation: Vec<String>,
+    /// What an allow still requires of the adapter before it may forward.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub obligations: Vec<Obligation>,
 }
 
 impl Decision {
@@ -169,6 +195,7 @@ pub type KeyView = Arc<RwLock<Arc<PublicKeySet>>>;
 
 pub struct Guard {
     config: GuardConfig,
+    containment: Arc<ContainmentView>,
     keys: KeyView,
     revocations: Arc<RevocationView>,
     policy: PolicySet,
@@ -209,6 +236,7 @@ impl Guard {
         policy: PolicySet,
     ) -> Self {
         Guard {
+            containment: Arc::new(ContainmentView::new()),
             policy_texts: authorizer_policies(&policy),
             cache: VerifiedCache::new(config.cache_capacity),
             config,
@@ -217,6 +245,17 @@ impl Guard {
             policy,
             ids: DecisionIds::new(),
         }
+    }
+
+    /// Shares a containment view kept fresh by the adapter's sync. Without one, every
+    /// non-read verb is denied (`containment_unavailable`).
+    pub fn with_containment(mut self, view: Arc<ContainmentView>) -> Self {
+        self.containment = view;
+        self
+    }
+
+    pub fn containment(&self) -> &Arc<ContainmentView> {
+        &self.containment
     }
 
     pub fn cache(&self) -> &VerifiedCache {
@@ -238,6 +277,27 @@ impl Guard {
         &self.revocations
     }
 
+    /// Authenticates a Capgate token without asking about any resource: size, expiry, key,
+    /// signature and revocation. The broker uses it where the token itself is the credential.
+    pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, (DenyCode, String)> {
+        let now = SystemTime::now();
+        let keys = self
+            .keys
+            .read()
+            .map(|k| k.clone())
+            .map_err(|_| (DenyCode::TokenUnknownKey, "key view unavailable".to_owned()))?;
+        let verified = self
+            .verified(token, &keys, now)
+            .map_err(|rejected| (DenyCode::from(&rejected), rejected.to_string()))?;
+        self.revocations
+            .check(&verified, self.config.max_staleness, Instant::now())
+            .map_err(|denial| match denial {
+                RevocationDenial::Revoked(_) => (DenyCode::TokenRevoked, denial.to_string()),
+                _ => (DenyCode::RevocationFeedStale, denial.to_string()),
+            })?;
+        Ok(verified)
+    }
+
     /// Decides, logs the decision, and returns it.
     pub fn decide(&self, token: &str, request: &Request) -> Decision {
         let decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
@@ -253,6 +313,92 @@ impl Guard {
         payload: T,
     ) -> Result<Authorized<T>, Box<Decision>> {
         let decision = self.decide(token, request);
+        if decision.is_allow() {
+            Ok(Authorized {
+                inner: payload,
+                decision_id: decision.id,
+                shadow_deny: None,
+            })
+        } else {
+            Err(Box::new(decision))
+        }
+    }
+
+    /// Decides, then fulfils what an allow still requires through `ledger` (consume the
+    /// approval, count against velocity limits, record in the audit trail) before wrapping
+    /// `payload`. Any failure there is a deny. An approval-required outcome gets its request
+    /// created at the broker so the agent can be told its id.
+    pub async fn authorize_with<T>(
+        &self,
+        token: &str,
+        request: &Request,
+        payload: T,
+        ledger: &dyn Ledger,
+    ) -> Result<Authorized<T>, Box<Decision>> {
+        let mut decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let recorded_synchronously = decision.obligations.contains(&Obligation::Audit);
+        match &decision.outcome {
+            Outcome::Allow => {
+                for obligation in std::mem::take(&mut decision.obligations) {
+                    let result = match &obligation {
+                        Obligation::ConsumeApproval {
+                            approval_id,
+                            digest,
+                        } => ledger.consume_approval(token, approval_id, digest).await,
+                        Obligation::Count { verb } => ledger.count(token, *verb).await,
+                        Obligation::Audit => {
+                            ledger
+                                .audit(decision_event(
+                                    &self.config.adapter,
+                                    request,
+                                    &decision,
+                                    token,
+                                ))
+                                .await
+                        }
+                    };
+                    if let Err(denial) = result {
+                        let code = match obligation {
+                            Obligation::ConsumeApproval { .. } => DenyCode::ApprovalInvalid,
+                            Obligation::Count { .. } => DenyCode::RateLimited,
+                            Obligation::Audit => DenyCode::AuditUnavailable,
+                        };
+                        decision.outcome = Outcome::Deny {
+                            code,
+                            reason: format!("{} ({})", denial.reason, denial.code),
+                        };
+                        break;
+                    }
+                }
+            }
+            Outcome::ApprovalRequired { digest, .. } => {
+                let operation = containment::operation(&self.config.adapter, request);
+                let digest = digest.clone();
+                decision.outcome = match ledger.request_approval(token, &operation).await {
+                    Ok(id) => Outcome::ApprovalRequired {
+                        approval_id: Some(id),
+                        digest,
+                    },
+                    Err(denial) => Outcome::Deny {
+                        code: DenyCode::ContainmentUnavailable,
+                        reason: format!(
+                            "approval required, but no request could be created: {}",
+                            denial.reason
+                        ),
+                    },
+                };
+            }
+            Outcome::Deny { .. } => {}
+        }
+        log_decision(&self.config.adapter, request, &decision, "enforce");
+        if !(recorded_synchronously && decision.is_allow()) {
+            ledger.record_later(decision_event(
+                &self.config.adapter,
+                request,
+                &decision,
+                token,
+            ));
+        }
         if decision.is_allow() {
             Ok(Authorized {
                 inner: payload,
@@ -288,6 +434,7 @@ impl Guard {
             agent: verified.map(|v| v.agent.clone()),
             session: verified.map(|v| v.session.clone()),
             explanation,
+            obligations: Vec::new(),
         };
         let keys = match self.keys.read() {
             Ok(keys) => keys.clone(),
@@ -324,13 +471,26 @@ impl Guard {
             return deny(code, denial.to_string(), Some(&verified), vec![]);
         }
         match self.run_policy(&verified, request, now) {
-            Ok(explanation) => Decision {
-                id: id.clone(),
-                outcome: Outcome::Allow,
-                agent: Some(verified.agent.clone()),
-                session: Some(verified.session.clone()),
-                explanation,
-            },
+            Ok((explanation, mut authorizer)) => {
+                let (outcome, obligations) = match containment::check(
+                    &self.containment,
+                    &self.config.adapter,
+                    &verified,
+                    request,
+                    &mut authorizer,
+                ) {
+                    Ok(obligations) => (Outcome::Allow, obligations),
+                    Err(outcome) => (outcome, Vec::new()),
+                };
+                Decision {
+                    id: id.clone(),
+                    outcome,
+                    agent: Some(verified.agent.clone()),
+                    session: Some(verified.session.clone()),
+                    explanation,
+                    obligations,
+                }
+            }
             Err((code, reason, explanation)) => deny(code, reason, Some(&verified), explanation),
         }
     }
@@ -358,7 +518,7 @@ impl Guard {
         verified: &VerifiedToken,
         request: &Request,
         now: SystemTime,
-    ) -> Result<Vec<String>, (DenyCode, String, Vec<String>)> {
+    ) -> Result<(Vec<String>, biscuit_auth::Authorizer), PolicyDenial> {
         let internal = |e: BiscuitError| (DenyCode::PolicyError, e.to_string(), vec![]);
         let mut builder = self
             .policy
@@ -378,13 +538,16 @@ impl Guard {
         let mut authorizer = builder.build(&verified.biscuit).map_err(internal)?;
         let policies = &self.policy_texts;
         match authorizer.authorize() {
-            Ok(index) => Ok(vec![format!(
-                "allowed by `{}`",
-                policies
-                    .get(index)
-                    .cloned()
-                    .unwrap_or_else(|| format!("policy #{index}"))
-            )]),
+            Ok(index) => Ok((
+                vec![format!(
+                    "allowed by `{}`",
+                    policies
+                        .get(index)
+                        .cloned()
+                        .unwrap_or_else(|| format!("policy #{index}"))
+                )],
+                authorizer,
+            )),
             Err(BiscuitError::RunLimit(limit)) => Err((
                 DenyCode::PolicyRunLimit,
                 format!("Datalog run limit reached: {limit}"),
@@ -403,6 +566,35 @@ impl Guard {
             }
             Err(other) => Err(internal(other)),
         }
+    }
+}
+
+/// A policy deny: its code, reason and explanation lines.
+type PolicyDenial = (DenyCode, String, Vec<String>);
+
+/// The audit event for a decision, with what a replay needs: request facts, time (the
+/// record's), and the token itself (short-lived by construction; the trail is operator-only).
+pub fn decision_event(
+    adapter: &str,
+    request: &Request,
+    decision: &Decision,
+    token: &str,
+) -> crate::containment::audit::AuditEvent {
+    use crate::containment::audit::{AuditEvent, AuditKind};
+    AuditEvent {
+        kind: AuditKind::Decision,
+        actor: decision.agent.clone(),
+        detail: serde_json::json!({
+            "decision_id": decision.id,
+            "adapter": adapter,
+            "outcome": decision.outcome,
+            "session": decision.session,
+            "resource": request.resource,
+            "verb": request.verb,
+            "environment": request.environment,
+            "attributes": request.attributes,
+            "token": token.get(..16 * 1024).unwrap_or(token),
+        }),
     }
 }
 
@@ -473,6 +665,20 @@ fn log_decision(adapter: &str, request: &Request, decision: &Decision, mode: &st
             code = code.as_str(),
             reason = %reason,
             "deny"
+        ),
+        Outcome::ApprovalRequired {
+            approval_id,
+            digest,
+        } => tracing::warn!(
+            decision_id = %decision.id,
+            adapter,
+            mode,
+            agent = decision.agent.as_deref().unwrap_or("-"),
+            resource = %request.resource,
+            verb = %request.verb,
+            approval_id = approval_id.as_deref().unwrap_or("-"),
+            digest = %digest,
+            "approval required"
         ),
     }
 }

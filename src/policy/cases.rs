@@ -120,6 +120,19 @@ fn run_case(case: &Case, evaluator: &GrantEvaluator) -> CaseOutcome {
         method,
         claims,
     };
+    // Invariant checked for every identity the cases name: no policy grants a delete on a
+    // recovery point (the broker would refuse it anyway; a policy that tries is wrong).
+    match evaluator.recovery_point_grants(&identity, SystemTime::now()) {
+        Ok(points) if !points.is_empty() => {
+            return CaseOutcome::Fail(format!(
+                "policy grants delete on recovery point(s) {} to {}",
+                points.join(", "),
+                identity.agent
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return CaseOutcome::Fail(format!("evaluation error: {e}")),
+    }
     let decision = match evaluator.evaluate(&identity, &scopes, None, SystemTime::now()) {
         Ok(decision) => decision,
         Err(e) => return CaseOutcome::Fail(format!("evaluation error: {e}")),

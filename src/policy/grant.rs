@@ -99,6 +99,48 @@ impl GrantEvaluator {
         }
     }
 
+    /// What the policy itself derives for a delete on each recovery point, before the hard
+    /// rule refuses it: a policy that tries to grant one is a policy bug worth failing on.
+    pub fn recovery_point_grants(
+        &self,
+        identity: &Identity,
+        now: SystemTime,
+    ) -> Result<Vec<String>, PolicyEvalError> {
+        let mut offending = Vec::new();
+        for point in &self.config.containment.recovery_points {
+            let terms = [string(point.as_str()), string("delete")];
+            let mut builder = self
+                .policy
+                .builder()
+                .set_limits(self.limits.to_biscuit())
+                .fact(fact("agent", &[string(&identity.agent)]))?
+                .fact(fact("auth_method", &[string(identity.method.as_str())]))?
+                .fact(fact("time", &[date(&now)]))?
+                .fact(fact("requested", &terms))?;
+            if point.is_prefix() {
+                builder = builder.fact(fact("requested_prefix", &terms))?;
+            }
+            if let Some(env) = self.config.environment_of(point) {
+                builder = builder.fact(fact(
+                    "environment_of",
+                    &[string(point.as_str()), string(env)],
+                ))?;
+            }
+            for (key, value) in &identity.claims {
+                builder = builder.fact(fact("claim", &[string(key), claim_term(value)]))?;
+            }
+            let mut authorizer = builder.build_unauthenticated()?;
+            let granted: Vec<(String, String)> =
+                authorizer.query("granted($r, $v) <- grant($r, $v)")?;
+            let refused: Vec<(String, String, String)> =
+                authorizer.query("refused($r, $v, $why) <- refuse($r, $v, $why)")?;
+            if !granted.is_empty() && refused.is_empty() {
+                offending.push(point.to_string());
+            }
+        }
+        Ok(offending)
+    }
+
     pub fn evaluate(
         &self,
         identity: &Identity,
@@ -163,9 +205,23 @@ impl GrantEvaluator {
                     scope.resource.as_str().to_owned(),
                     scope.verb.as_str().to_owned(),
                 );
+                let recovery = (scope.verb == crate::scope::Verb::Delete)
+                    .then(|| {
+                        crate::containment::grant_reaches_recovery_point(
+                            &self.config.containment.recovery_points,
+                            &scope.resource,
+                        )
+                    })
+                    .flatten();
                 let outcome = match (environments.get(&scope.resource), refusals.get(&key)) {
                     (None, _) => ScopeOutcome::Refused {
                         reason: "resource belongs to no configured environment".into(),
+                    },
+                    _ if recovery.is_some() => ScopeOutcome::Refused {
+                        reason: format!(
+                            "delete would reach recovery point {}: never granted",
+                            recovery.as_ref().map(|p| p.as_str()).unwrap_or("")
+                        ),
                     },
                     (_, Some(reasons)) => ScopeOutcome::Refused {
                         reason: reasons.join("; "),

@@ -8,12 +8,15 @@ mod redis;
 mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use self::redis::RedisStore;
+use crate::containment::approval::{Approval, ApprovalAction, ApprovalError};
+use crate::containment::audit::{AuditEvent, AuditRecord};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +110,56 @@ pub trait Store: Send + Sync + 'static {
     /// The newest revocation cursor this process knows of; changes when any broker sharing
     /// the store revokes something, so feed readers can be woken at once.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError>;
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError>;
+    /// Every approval request, newest first (bounded).
+    async fn approvals(&self) -> Result<Vec<Approval>, StoreError>;
+    /// Compare-and-set: stores `next` only if the stored version is `next.version - 1`.
+    async fn replace_approval(&self, next: &Approval) -> Result<bool, StoreError>;
+
+    /// Atomically counts one more event under `key` in the current fixed window of `window`
+    /// and returns the count including it.
+    async fn increment(&self, key: &str, window: Duration) -> Result<u64, StoreError>;
+
+    async fn set_frozen(&self, frozen: bool) -> Result<(), StoreError>;
+    async fn frozen(&self) -> Result<bool, StoreError>;
+
+    /// Appends to the hash chain atomically and returns the stored record.
+    async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord, StoreError>;
+    async fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The sequence number of the newest record (0 when empty).
+    async fn audit_head(&self) -> Result<u64, StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no approval {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Rejected(#[from] ApprovalError),
+}
+
+/// Applies `action` to approval `id` atomically (read, transition, compare-and-set, retry).
+pub async fn update_approval(
+    store: &dyn Store,
+    id: &str,
+    action: &ApprovalAction,
+    now: u64,
+) -> Result<Approval, UpdateError> {
+    for _ in 0..16 {
+        let current = store
+            .approval(id)
+            .await?
+            .ok_or_else(|| UpdateError::NotFound(id.to_owned()))?;
+        let next = current.apply(action, now)?;
+        if store.replace_approval(&next).await? {
+            return Ok(next);
+        }
+    }
+    Err(StoreError::Unavailable("approval kept changing under concurrent updates".into()).into())
 }
 
 /// Opens the configured store: Redis when a URL is given, else SQLite in the data directory.

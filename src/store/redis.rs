@@ -16,6 +16,8 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::watch;
 
 use super::{NewRevocation, Revocation, SessionRecord, Store, StoreError};
+use crate::containment::approval::Approval;
+use crate::containment::audit::{next_record, AuditEvent, AuditRecord, GENESIS};
 use crate::token::unix_seconds_now;
 
 const REVOKE: &str = r#"
@@ -42,10 +44,41 @@ redis.call('PUBLISH', ARGV[8], cursor)
 return entry
 "#;
 
+/// Compare-and-set of an approval: KEYS[1] the approval hash, ARGV[1] expected version,
+/// ARGV[2] new version, ARGV[3] JSON, ARGV[4] TTL seconds.
+const REPLACE_APPROVAL: &str = r#"
+local current = redis.call('HGET', KEYS[1], 'version')
+if current ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'json', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// Fixed-window counter: INCR, and set the expiry on the first event of the window.
+const INCREMENT: &str = r#"
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"#;
+
+/// Appends an audit record only if the head is still the one it was computed from:
+/// KEYS[1] head hash, KEYS[2] log list; ARGV[1] expected seq, ARGV[2] new seq, ARGV[3] new
+/// hash, ARGV[4] record JSON.
+const APPEND_AUDIT: &str = r#"
+local seq = redis.call('HGET', KEYS[1], 'seq') or '0'
+if seq ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'hash', ARGV[3])
+return 1
+"#;
+
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     revoke: Script,
+    replace_approval: Script,
+    increment: Script,
+    append_audit: Script,
     changes: watch::Sender<u64>,
     subscriber: tokio::task::JoinHandle<()>,
 }
@@ -80,6 +113,9 @@ impl RedisStore {
             conn,
             prefix: prefix.to_owned(),
             revoke: Script::new(REVOKE),
+            replace_approval: Script::new(REPLACE_APPROVAL),
+            increment: Script::new(INCREMENT),
+            append_audit: Script::new(APPEND_AUDIT),
             changes,
             subscriber,
         })
@@ -262,4 +298,168 @@ impl Store for RedisStore {
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(&format!("approval:{}", approval.id));
+        let json = to_json(approval)?;
+        let ttl = approval_ttl(approval);
+        let created: bool = redis::cmd("HSETNX")
+            .arg(&key)
+            .arg("json")
+            .arg(&json)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if !created {
+            return Err(StoreError::Corrupt(format!(
+                "approval {} already exists",
+                approval.id
+            )));
+        }
+        let _: () = redis::pipe()
+            .hset(&key, "version", approval.version)
+            .expire(&key, ttl as i64)
+            .zadd(self.key("approvals"), &approval.id, approval.created_at)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        let mut conn = self.conn.clone();
+        let json: Option<String> = conn
+            .hget(self.key(&format!("approval:{id}")), "json")
+            .await
+            .map_err(unavailable)?;
+        json.map(|j| from_json(&j)).transpose()
+    }
+
+    async fn approvals(&self) -> Result<Vec<Approval>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn
+            .zrevrange(self.key("approvals"), 0, 999)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        for id in ids {
+            // Expired approvals disappear; their index entries are skipped.
+            if let Some(approval) = self.approval(&id).await? {
+                out.push(approval);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn replace_approval(&self, next: &Approval) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let replaced: i64 = self
+            .replace_approval
+            .key(self.key(&format!("approval:{}", next.id)))
+            .arg(next.version.saturating_sub(1))
+            .arg(next.version)
+            .arg(to_json(next)?)
+            .arg(approval_ttl(next))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(replaced == 1)
+    }
+
+    async fn increment(&self, key: &str, window: Duration) -> Result<u64, StoreError> {
+        let window = window.as_secs().max(1);
+        let now = unix_seconds_now();
+        let mut conn = self.conn.clone();
+        self.increment
+            .key(self.key(&format!("count:{key}:{}", now / window)))
+            .arg(window + 1)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set_frozen(&self, frozen: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .set(self.key("frozen"), if frozen { "1" } else { "0" })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn frozen(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let value: Option<String> = conn.get(self.key("frozen")).await.map_err(unavailable)?;
+        Ok(value.as_deref() == Some("1"))
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord, StoreError> {
+        let mut conn = self.conn.clone();
+        let head_key = self.key("audit:head");
+        for _ in 0..32 {
+            let (seq, hash): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+                .arg(&head_key)
+                .arg("seq")
+                .arg("hash")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let seq = seq.unwrap_or(0);
+            let hash = hash.unwrap_or_else(|| GENESIS.to_owned());
+            let previous = (seq > 0).then_some((seq, hash.as_str()));
+            let record = next_record(previous, event.clone(), unix_seconds_now());
+            let appended: i64 = self
+                .append_audit
+                .key(&head_key)
+                .key(self.key("audit:log"))
+                .arg(seq)
+                .arg(record.seq)
+                .arg(&record.hash)
+                .arg(to_json(&record)?)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if appended == 1 {
+                return Ok(record);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "audit chain kept moving under concurrent appends".into(),
+        ))
+    }
+
+    async fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        // Records are appended in sequence order starting at 1, so seq N is at index N - 1.
+        let start = seq as isize;
+        let stop = start + limit.max(1) as isize - 1;
+        let rows: Vec<String> = conn
+            .lrange(self.key("audit:log"), start, stop)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(|j| from_json(j)).collect()
+    }
+
+    async fn audit_head(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let seq: Option<u64> = conn
+            .hget(self.key("audit:head"), "seq")
+            .await
+            .map_err(unavailable)?;
+        Ok(seq.unwrap_or(0))
+    }
+}
+
+/// Approvals are kept a day past their expiry, for the record.
+fn approval_ttl(approval: &Approval) -> u64 {
+    approval.expires_at.saturating_sub(unix_seconds_now()) + 86_400
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

@@ -10,6 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::watch;
 
 use super::{NewRevocation, Revocation, RevocationKind, SessionRecord, Store, StoreError};
+use crate::containment::approval::Approval;
+use crate::containment::audit::{next_record, AuditEvent, AuditRecord};
 use crate::token::unix_seconds_now;
 
 const SCHEMA: &str = "
@@ -30,6 +32,25 @@ CREATE TABLE IF NOT EXISTS revocations (
     revoked_at INTEGER NOT NULL,
     expires_at INTEGER,
     UNIQUE (kind, value)
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    id         TEXT PRIMARY KEY,
+    version    INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    json       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    key        TEXT PRIMARY KEY,
+    count      INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flags (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq  INTEGER PRIMARY KEY,
+    json TEXT NOT NULL
 );
 ";
 
@@ -237,6 +258,184 @@ impl Store for SqliteStore {
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
+        let json = to_json(approval)?;
+        let (id, version, created) = (approval.id.clone(), approval.version, approval.created_at);
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO approvals (id, version, created_at, json) VALUES (?1, ?2, ?3, ?4)",
+                params![id, version as i64, created as i64, json],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        let id = id.to_owned();
+        let json: Option<String> = self
+            .with(move |conn| {
+                conn.query_row(
+                    "SELECT json FROM approvals WHERE id = ?1",
+                    params![id],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
+        json.map(|j| from_json(&j)).transpose()
+    }
+
+    async fn approvals(&self) -> Result<Vec<Approval>, StoreError> {
+        let rows: Vec<String> = self
+            .with(|conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT json FROM approvals ORDER BY created_at DESC LIMIT 1000",
+                    )
+                    .map_err(unavailable)?;
+                let rows = stmt.query_map([], |row| row.get(0)).map_err(unavailable)?;
+                rows.map(|r| r.map_err(unavailable)).collect()
+            })
+            .await?;
+        rows.iter().map(|j| from_json(j)).collect()
+    }
+
+    async fn replace_approval(&self, next: &Approval) -> Result<bool, StoreError> {
+        let json = to_json(next)?;
+        let (id, version) = (next.id.clone(), next.version);
+        self.with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE approvals SET version = ?2, json = ?3 WHERE id = ?1 AND version = ?4",
+                    params![id, version as i64, json, version as i64 - 1],
+                )
+                .map_err(unavailable)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn increment(&self, key: &str, window: std::time::Duration) -> Result<u64, StoreError> {
+        let window = window.as_secs().max(1);
+        let now = unix_seconds_now();
+        let key = format!("{key}:{}", now / window);
+        let expires_at = (now / window + 1) * window;
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM counters WHERE expires_at <= ?1",
+                params![now as i64],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO counters (key, count, expires_at) VALUES (?1, 1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET count = count + 1",
+                params![key, expires_at as i64],
+            )
+            .map_err(unavailable)?;
+            let count: i64 = tx
+                .query_row(
+                    "SELECT count FROM counters WHERE key = ?1",
+                    params![key],
+                    |row| row.get(0),
+                )
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(count as u64)
+        })
+        .await
+    }
+
+    async fn set_frozen(&self, frozen: bool) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO flags (name, value) VALUES ('frozen', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![if frozen { "1" } else { "0" }],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn frozen(&self) -> Result<bool, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT value FROM flags WHERE name = 'frozen'", [], |row| {
+                row.get::<_, String>(0)
+            })
+            .optional()
+            .map(|v| v.as_deref() == Some("1"))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let last: Option<String> = tx
+                .query_row(
+                    "SELECT json FROM audit ORDER BY seq DESC LIMIT 1",
+                    [],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let last: Option<AuditRecord> = last.map(|j| from_json(&j)).transpose()?;
+            let record = next_record(
+                last.as_ref().map(|r| (r.seq, r.hash.as_str())),
+                event,
+                unix_seconds_now(),
+            );
+            tx.execute(
+                "INSERT INTO audit (seq, json) VALUES (?1, ?2)",
+                params![record.seq as i64, to_json(&record)?],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows: Vec<String> = self
+            .with(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT json FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                    .map_err(unavailable)?;
+                let rows = stmt
+                    .query_map(params![seq as i64, limit as i64], |row| row.get(0))
+                    .map_err(unavailable)?;
+                rows.map(|r| r.map_err(unavailable)).collect()
+            })
+            .await?;
+        rows.iter().map(|j| from_json(j)).collect()
+    }
+
+    async fn audit_head(&self) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .map(|v| v as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub struct Keyring {
     dir: PathBuf,
     document: KeySetDocument,
     active: KeyPair,
+    /// Signs approval blocks (third-party blocks), separate from the root key.
+    approval: KeyPair,
 }
 
 impl Keyring {
@@ -66,6 +68,22 @@ impl Keyring {
 
     fn key_path(dir: &Path, id: u32) -> PathBuf {
         dir.join(format!("root-{id}.key"))
+    }
+
+    fn approval_key_path(dir: &Path) -> PathBuf {
+        dir.join("approval.key")
+    }
+
+    /// The approval signer, created alongside the first root key (or on first use after an
+    /// upgrade). Brokers that share state must share this file too.
+    fn load_or_create_approval_key(dir: &Path) -> Result<KeyPair, KeyError> {
+        let path = Self::approval_key_path(dir);
+        if path.exists() {
+            return load_private(&path);
+        }
+        let keypair = KeyPair::new();
+        write_atomically(&path, keypair.private().to_prefixed_string().as_bytes())?;
+        Ok(keypair)
     }
 
     pub fn keys_dir(data_dir: &Path) -> PathBuf {
@@ -103,6 +121,7 @@ impl Keyring {
                 why: e.to_string(),
             })?;
         let active = load_private(&Self::key_path(&dir, document.active_key_id))?;
+        let approval = Self::load_or_create_approval_key(&dir)?;
         let published = document
             .keys
             .iter()
@@ -121,6 +140,7 @@ impl Keyring {
             dir,
             document,
             active,
+            approval,
         })
     }
 
@@ -164,6 +184,7 @@ impl Keyring {
             dir: dir.to_owned(),
             document,
             active: keypair,
+            approval: Self::load_or_create_approval_key(dir)?,
         })
     }
 
@@ -173,6 +194,10 @@ impl Keyring {
 
     pub fn signing_key(&self) -> &KeyPair {
         &self.active
+    }
+
+    pub fn approval_key(&self) -> &KeyPair {
+        &self.approval
     }
 
     pub fn document(&self) -> &KeySetDocument {

@@ -87,13 +87,18 @@ pub fn unix_seconds_now() -> u64 {
     unix_seconds(SystemTime::now())
 }
 
-pub(crate) fn from_unix_seconds(secs: u64) -> SystemTime {
+pub fn from_unix_seconds(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 /// The token's wire form: URL-safe base64 of the biscuit's bytes.
 pub fn encode(token: &biscuit_auth::Biscuit) -> Result<String, biscuit_auth::error::Token> {
     Ok(BASE64.encode(token.to_vec()?))
+}
+
+/// The bytes of a token in its wire form (no verification).
+pub fn decode_token_bytes(token: &str) -> Result<Vec<u8>, TokenRejected> {
+    decode_base64(token)
 }
 
 pub(crate) fn decode_base64(token: &str) -> Result<Vec<u8>, TokenRejected> {

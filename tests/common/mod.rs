@@ -16,8 +16,11 @@ pub mod proxy;
 pub const DEPLOY_BOT_KEY: &str = "cgk_test_deploy_bot_0123456789abcdef";
 pub const READER_KEY: &str = "cgk_test_reporting_bot_0123456789ab";
 pub const OPERATOR_KEY: &str = "cgo_test_operator_0123456789abcdef0";
+pub const OPERATOR_BOB_KEY: &str = "cgo_test_operator_bob_0123456789abc";
 /// Granted anything by `OPS_POLICY` (adapter tests need deletes and writes in prod).
 pub const OPS_KEY: &str = "cgk_test_ops_bot_0123456789abcdef012";
+/// The proxies' key for appending decisions to the audit trail.
+pub const ADAPTER_KEY: &str = "cga_test_adapter_0123456789abcdef01";
 pub const OPS_POLICY: &str = "grant($r, $v) <- agent(\"ops-bot\"), requested($r, $v);\n";
 pub const JWT_ISSUER: &str = "https://idp.capgate.test";
 pub const PEM_ISSUER: &str = "https://pem-idp.capgate.test";
@@ -79,6 +82,14 @@ sha256 = "{ops}"
 name = "alice"
 sha256 = "{operator}"
 
+[[operators]]
+name = "bob"
+sha256 = "{operator_bob}"
+
+[[adapters]]
+name = "railway-proxy"
+sha256 = "{adapter}"
+
 [[identity.jwt]]
 issuer = "{issuer}"
 audience = "{aud}"
@@ -97,6 +108,8 @@ algorithm = "RS256"
         reader = sha256(READER_KEY),
         operator = sha256(OPERATOR_KEY),
         ops = sha256(OPS_KEY),
+        operator_bob = sha256(OPERATOR_BOB_KEY),
+        adapter = sha256(ADAPTER_KEY),
         issuer = JWT_ISSUER,
         pem_issuer = PEM_ISSUER,
         aud = AUDIENCE,

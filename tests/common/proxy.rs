@@ -93,6 +93,8 @@ environment = "{environment}"
 name = "railway-proxy"
 adapter_policies = "{policies}"
 max_staleness = "2s"
+adapter_key_env = "CAPGATE_TEST_ADAPTER_KEY"
+audit_spool = "{spool}"
 
 [upstream]
 url = "http://127.0.0.1:{upstream_port}"
@@ -143,6 +145,7 @@ verb = "read"
 mode = "shadow"
 "#,
         policies = repo().join("policies/adapters").display(),
+        spool = dir.path().join("spool.jsonl").display(),
     );
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config).expect("config");
@@ -151,6 +154,7 @@ mode = "shadow"
         .args(["proxy", "http", "--config"])
         .arg(&path)
         .env("CAPGATE_TEST_UPSTREAM_TOKEN", UPSTREAM_SECRET)
+        .env("CAPGATE_TEST_ADAPTER_KEY", super::ADAPTER_KEY)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

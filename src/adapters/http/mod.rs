@@ -19,11 +19,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
+use sha2::Digest;
 
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
 use super::{DECISION_HEADER, MODE_HEADER};
 use crate::config::{duration, RunLimits};
-use crate::guard::{Authorized, Guard, GuardConfig, KeyView, Request as GuardRequest};
+use crate::guard::{
+    Authorized, ContainmentView, Guard, GuardConfig, KeyView, Ledger, Request as GuardRequest,
+};
 use crate::policy::PolicySet;
 use crate::revocation::RevocationView;
 use routes::{RouteConfig, RouteTable};
@@ -103,6 +106,14 @@ pub struct ProxyConfig {
     pub max_token_bytes: usize,
     #[serde(default)]
     pub datalog: RunLimits,
+    /// Environment variable holding this adapter's audit key (`cga_…`, configured at the
+    /// broker under `[[adapters]]`). Without it, writes and deletes are denied: they could not
+    /// be recorded.
+    #[serde(default)]
+    pub adapter_key_env: Option<String>,
+    /// Local spool for decisions recorded off the request path.
+    #[serde(default = "ProxyConfig::default_spool")]
+    pub audit_spool: PathBuf,
     pub upstream: UpstreamConfig,
     pub routes: Vec<RouteConfig>,
 }
@@ -120,6 +131,9 @@ impl ProxyConfig {
     fn default_max_token_bytes() -> usize {
         16 * 1024
     }
+    fn default_spool() -> PathBuf {
+        PathBuf::from("capgate-audit-spool.jsonl")
+    }
 
     pub fn load(path: &Path) -> Result<Self, ProxyError> {
         let text = std::fs::read_to_string(path).map_err(|source| ProxyError::Read {
@@ -133,6 +147,9 @@ impl ProxyConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         if config.adapter_policies.is_relative() {
             config.adapter_policies = base.join(&config.adapter_policies);
+        }
+        if config.audit_spool.is_relative() {
+            config.audit_spool = base.join(&config.audit_spool);
         }
         if let Some(file) = &mut config.upstream.credential_file {
             if file.is_relative() {
@@ -151,7 +168,11 @@ pub struct Proxy {
     upstream: Uri,
     credential: (HeaderName, HeaderValue),
     client: HyperClient<HttpConnector, Body>,
+    ledger: Arc<dyn Ledger>,
 }
+
+/// Largest body hashed into an approval digest.
+const MAX_APPROVAL_BODY: usize = 1 << 20;
 
 /// Request headers that change how an upstream interprets the method; refused outright.
 const METHOD_OVERRIDES: [&str; 3] = [
@@ -181,6 +202,8 @@ impl Proxy {
         config: ProxyConfig,
         keys: KeyView,
         revocations: Arc<RevocationView>,
+        containment: Arc<ContainmentView>,
+        ledger: Arc<dyn Ledger>,
     ) -> Result<Self, ProxyError> {
         let routes = RouteTable::new(&config.routes)?;
         let policy = PolicySet::load_dir(&config.adapter_policies)?;
@@ -206,7 +229,8 @@ impl Proxy {
             keys,
             revocations,
             policy,
-        );
+        )
+        .with_containment(containment);
         let client = HyperClient::builder(TokioExecutor::new()).build_http();
         Ok(Proxy {
             config,
@@ -215,6 +239,7 @@ impl Proxy {
             upstream,
             credential,
             client,
+            ledger,
         })
     }
 
@@ -298,15 +323,38 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         );
     };
     let mode = route.mode.unwrap_or(mode);
+    let mut attributes = vec![
+        ("method".into(), request.method().to_string()),
+        ("route".into(), route.label.clone()),
+        ("path".into(), canonical.encoded.clone()),
+    ];
+    if let Some(query) = &query {
+        attributes.push(("query".into(), query.clone()));
+    }
+    // An approval is bound to the exact operation, body included: buffer (bounded) and hash
+    // it for verbs that need one. Everything else streams.
+    let request = if proxy.guard.containment().needs_approval(route.verb) {
+        let (parts, body) = request.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, MAX_APPROVAL_BODY).await else {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "bodies of operations that need approval are limited to 1 MiB",
+            );
+        };
+        attributes.push((
+            "body_sha256".into(),
+            hex::encode(sha2::Sha256::digest(&bytes)),
+        ));
+        Request::from_parts(parts, Body::from(bytes))
+    } else {
+        request
+    };
     let guard_request = GuardRequest {
         resource: route.resource.clone(),
         verb: route.verb,
         environment: proxy.config.environment.clone(),
-        attributes: vec![
-            ("method".into(), request.method().to_string()),
-            ("route".into(), route.label.clone()),
-            ("path".into(), canonical.encoded.clone()),
-        ],
+        attributes,
     };
     let token = match extract_token(request.headers()) {
         TokenHeader::Present(token) => token,
@@ -326,9 +374,17 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         query,
     };
     let authorized = match mode {
-        Mode::Enforce => proxy
-            .guard
-            .authorize(&token, &guard_request, (request, target)),
+        Mode::Enforce => {
+            proxy
+                .guard
+                .authorize_with(
+                    &token,
+                    &guard_request,
+                    (request, target),
+                    proxy.ledger.as_ref(),
+                )
+                .await
+        }
         Mode::Shadow => Ok(proxy
             .guard
             .authorize_shadow(&token, &guard_request, (request, target))),
@@ -433,13 +489,32 @@ pub async fn serve(
 ) -> Result<(), ProxyError> {
     let keys = super::sync::empty_keys();
     let revocations = Arc::new(RevocationView::new());
+    let containment = Arc::new(ContainmentView::new());
     let tasks = super::sync::spawn(
         super::sync::SyncConfig::new(&config.broker),
         revocations.clone(),
         keys.clone(),
+        containment.clone(),
     )?;
+    let client = crate::client::Client::new(&config.broker)?;
+    let adapter_key = match &config.adapter_key_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| {
+            ProxyError::Credential(format!("adapter key variable {var} is not set"))
+        })?),
+        None => None,
+    };
+    let spool = super::ledger::AuditSpool::start(
+        config.audit_spool.clone(),
+        client.clone(),
+        adapter_key.clone(),
+    );
+    let ledger: Arc<dyn Ledger> = Arc::new(super::ledger::BrokerLedger::new(
+        client,
+        adapter_key,
+        Some(spool),
+    ));
     let addr = config.listen;
-    let proxy = Arc::new(Proxy::new(config, keys, revocations)?);
+    let proxy = Arc::new(Proxy::new(config, keys, revocations, containment, ledger)?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ProxyError::Listen { addr, source })?;

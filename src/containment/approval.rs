@@ -1,0 +1,295 @@
+//! Approval requests and their life: pending → approved (by enough distinct operators) →
+//! used once; or denied, or cancelled (also during a staged delay). Transitions are pure
+//! functions; stores apply them atomically (compare-and-set on `version`).
+
+use serde::{Deserialize, Serialize};
+
+use super::Operation;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    Pending,
+    Approved,
+    Denied,
+    Cancelled,
+    Used,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub id: String,
+    pub status: ApprovalStatus,
+    pub agent: String,
+    pub session: String,
+    /// What the approver sees and approves: adapter, resource, verb, method/path/body or SQL.
+    pub operation: Operation,
+    pub digest: String,
+    pub created_at: u64,
+    /// After this instant the request (or the approved operation) can no longer be used.
+    pub expires_at: u64,
+    pub required: u32,
+    pub approvers: Vec<String>,
+    pub decided_by: Option<String>,
+    /// Staged execution: not usable before this instant.
+    pub not_before: Option<u64>,
+    pub delay_seconds: u64,
+    pub used_at: Option<u64>,
+    /// Incremented by every change; stores compare-and-set on it.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalAction {
+    Approve { operator: String, ttl_seconds: u64 },
+    Deny { operator: String },
+    Cancel { operator: String },
+    Consume { digest: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approval is {0:?}, not pending")]
+    NotPending(ApprovalStatus),
+    #[error("operator {0} has already approved; a second approval must come from someone else")]
+    SameOperator(String),
+    #[error("approval has expired")]
+    Expired,
+    #[error("approval is bound to a different operation")]
+    DigestMismatch,
+    #[error("approval is {0:?}, not approved")]
+    NotApproved(ApprovalStatus),
+    #[error("staged execution: not before {0}")]
+    TooEarly(u64),
+    #[error("approval was already used")]
+    AlreadyUsed,
+}
+
+impl ApprovalError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApprovalError::NotPending(_) => "approval_not_pending",
+            ApprovalError::SameOperator(_) => "approval_same_operator",
+            ApprovalError::Expired => "approval_expired",
+            ApprovalError::DigestMismatch => "approval_digest_mismatch",
+            ApprovalError::NotApproved(ApprovalStatus::Cancelled) => "approval_cancelled",
+            ApprovalError::NotApproved(_) => "approval_not_approved",
+            ApprovalError::TooEarly(_) => "approval_delayed",
+            ApprovalError::AlreadyUsed => "approval_used",
+        }
+    }
+}
+
+impl Approval {
+    /// Applies one action at `now` (seconds since the epoch), returning the next state.
+    pub fn apply(&self, action: &ApprovalAction, now: u64) -> Result<Approval, ApprovalError> {
+        let mut next = self.clone();
+        next.version += 1;
+        match action {
+            ApprovalAction::Approve {
+                operator,
+                ttl_seconds,
+            } => {
+                self.require_pending(now)?;
+                if self.approvers.contains(operator) {
+                    return Err(ApprovalError::SameOperator(operator.clone()));
+                }
+                next.approvers.push(operator.clone());
+                if next.approvers.len() as u32 >= self.required {
+                    let not_before = now + self.delay_seconds;
+                    next.status = ApprovalStatus::Approved;
+                    next.not_before = Some(not_before);
+                    next.expires_at = not_before + ttl_seconds;
+                    next.decided_by = Some(next.approvers.join(", "));
+                }
+            }
+            ApprovalAction::Deny { operator } => {
+                self.require_pending(now)?;
+                next.status = ApprovalStatus::Denied;
+                next.decided_by = Some(operator.clone());
+            }
+            ApprovalAction::Cancel { operator } => match self.status {
+                ApprovalStatus::Pending | ApprovalStatus::Approved => {
+                    next.status = ApprovalStatus::Cancelled;
+                    next.decided_by = Some(operator.clone());
+                }
+                other => return Err(ApprovalError::NotPending(other)),
+            },
+            ApprovalAction::Consume { digest } => {
+                match self.status {
+                    ApprovalStatus::Approved => {}
+                    ApprovalStatus::Used => return Err(ApprovalError::AlreadyUsed),
+                    other => return Err(ApprovalError::NotApproved(other)),
+                }
+                if *digest != self.digest {
+                    return Err(ApprovalError::DigestMismatch);
+                }
+                if let Some(not_before) = self.not_before {
+                    if now < not_before {
+                        return Err(ApprovalError::TooEarly(not_before));
+                    }
+                }
+                if now >= self.expires_at {
+                    return Err(ApprovalError::Expired);
+                }
+                next.status = ApprovalStatus::Used;
+                next.used_at = Some(now);
+            }
+        }
+        Ok(next)
+    }
+
+    fn require_pending(&self, now: u64) -> Result<(), ApprovalError> {
+        if self.status != ApprovalStatus::Pending {
+            return Err(ApprovalError::NotPending(self.status));
+        }
+        if now >= self.expires_at {
+            return Err(ApprovalError::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::Verb;
+    use std::collections::BTreeMap;
+
+    fn pending(required: u32, delay: u64) -> Approval {
+        let operation = Operation {
+            adapter: "railway".into(),
+            resource: "http://railway/volumes/vol_1".into(),
+            verb: Verb::Delete,
+            detail: BTreeMap::new(),
+        };
+        Approval {
+            id: "a1".into(),
+            status: ApprovalStatus::Pending,
+            agent: "bot".into(),
+            session: "s".into(),
+            digest: operation.digest(),
+            operation,
+            created_at: 100,
+            expires_at: 700,
+            required,
+            approvers: vec![],
+            decided_by: None,
+            not_before: None,
+            delay_seconds: delay,
+            used_at: None,
+            version: 0,
+        }
+    }
+
+    fn approve(who: &str) -> ApprovalAction {
+        ApprovalAction::Approve {
+            operator: who.into(),
+            ttl_seconds: 300,
+        }
+    }
+
+    #[test]
+    fn two_person_rule_needs_two_distinct_operators() {
+        let a = pending(2, 0);
+        let once = a.apply(&approve("alice"), 110).expect("first");
+        assert_eq!(once.status, ApprovalStatus::Pending);
+        assert_eq!(
+            once.apply(&approve("alice"), 111),
+            Err(ApprovalError::SameOperator("alice".into()))
+        );
+        let twice = once.apply(&approve("bob"), 112).expect("second");
+        assert_eq!(twice.status, ApprovalStatus::Approved);
+        assert_eq!(twice.version, 2);
+    }
+
+    #[test]
+    fn consumption_is_single_use_digest_bound_and_time_bound() {
+        let approved = pending(1, 0)
+            .apply(&approve("alice"), 110)
+            .expect("approve");
+        let digest = approved.digest.clone();
+        assert_eq!(
+            approved.apply(
+                &ApprovalAction::Consume {
+                    digest: "0".repeat(64)
+                },
+                120
+            ),
+            Err(ApprovalError::DigestMismatch)
+        );
+        assert_eq!(
+            approved.apply(
+                &ApprovalAction::Consume {
+                    digest: digest.clone()
+                },
+                410
+            ),
+            Err(ApprovalError::Expired)
+        );
+        let used = approved
+            .apply(
+                &ApprovalAction::Consume {
+                    digest: digest.clone(),
+                },
+                120,
+            )
+            .expect("use");
+        assert_eq!(
+            used.apply(&ApprovalAction::Consume { digest }, 121),
+            Err(ApprovalError::AlreadyUsed)
+        );
+    }
+
+    #[test]
+    fn staged_execution_waits_and_can_be_cancelled() {
+        let approved = pending(1, 60)
+            .apply(&approve("alice"), 110)
+            .expect("approve");
+        let digest = approved.digest.clone();
+        assert_eq!(
+            approved.apply(
+                &ApprovalAction::Consume {
+                    digest: digest.clone()
+                },
+                150
+            ),
+            Err(ApprovalError::TooEarly(170))
+        );
+        let cancelled = approved
+            .apply(
+                &ApprovalAction::Cancel {
+                    operator: "bob".into(),
+                },
+                160,
+            )
+            .expect("cancel");
+        assert_eq!(
+            cancelled
+                .apply(&ApprovalAction::Consume { digest }, 180)
+                .map_err(|e| e.code()),
+            Err("approval_cancelled")
+        );
+    }
+
+    #[test]
+    fn denied_and_expired_requests_cannot_be_approved() {
+        let denied = pending(1, 0)
+            .apply(
+                &ApprovalAction::Deny {
+                    operator: "alice".into(),
+                },
+                110,
+            )
+            .expect("deny");
+        assert_eq!(
+            denied.apply(&approve("bob"), 111),
+            Err(ApprovalError::NotPending(ApprovalStatus::Denied))
+        );
+        assert_eq!(
+            pending(1, 0).apply(&approve("bob"), 800),
+            Err(ApprovalError::Expired)
+        );
+    }
+}
