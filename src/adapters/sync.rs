@@ -40,6 +40,7 @@ pub fn spawn(
     let client = Client::new(&config.broker)?;
     let feed_client = client.clone();
     let wait = config.poll_wait;
+    let feed_containment = containment.clone();
     let feed = tokio::spawn(async move {
         loop {
             let sent = Instant::now();
@@ -47,7 +48,11 @@ pub fn spawn(
                 .revocations_since(revocations.cursor(), wait)
                 .await
             {
-                Ok(page) => revocations.apply(&page.revocations, sent),
+                Ok(page) => {
+                    // The freeze flag first: the view must never look fresh with an old flag.
+                    feed_containment.set_frozen(page.frozen);
+                    revocations.apply(&page.revocations, sent);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "revocation feed unreachable; the view is ageing");
                     tokio::time::sleep(Duration::from_millis(200)).await;

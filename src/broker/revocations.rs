@@ -90,6 +90,13 @@ pub async fn create(
         })
         .await?;
     state
+        .audit(
+            crate::containment::audit::AuditKind::Revocation,
+            Some(&operator.name),
+            serde_json::json!({ "revocation": entry }),
+        )
+        .await?;
+    state
         .guard
         .revocations()
         .apply(std::slice::from_ref(&entry), std::time::Instant::now());

@@ -134,8 +134,18 @@ impl Broker {
 
     /// The repository's grant policies plus `extra` (e.g. [`OPS_POLICY`]).
     pub async fn start_with_policy(extra: &str) -> Broker {
+        Self::start_custom(extra, "").await
+    }
+
+    /// Extra grant policy text and extra configuration (a `[containment]` table, say).
+    pub async fn start_custom(extra_policy: &str, extra_config: &str) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let policies = dir.path().join("policies");
+        let policies = Self::policies_with(dir.path(), extra_policy);
+        Self::start_with(dir, Some(policies), extra_config, None).await
+    }
+
+    fn policies_with(dir: &Path, extra: &str) -> PathBuf {
+        let policies = dir.join("policies");
         std::fs::create_dir_all(&policies).expect("mkdir");
         for entry in std::fs::read_dir(repo().join("policies")).expect("policies") {
             let path = entry.expect("entry").path();
@@ -144,7 +154,7 @@ impl Broker {
             }
         }
         std::fs::write(policies.join("zz-test.dl"), extra).expect("write");
-        Self::start_at(dir, Some(policies)).await
+        policies
     }
 
     /// Starts a broker whose state lives in `dir` (reused across restarts).
@@ -276,6 +286,20 @@ impl Broker {
             .await;
         assert_eq!(status, 200, "dry run failed: {body}");
         body
+    }
+
+    pub async fn post_as(&self, path: &str, bearer: &str) -> (u16, Value) {
+        self.post_json(path, Some(bearer), json!({})).await
+    }
+
+    pub async fn get_as(&self, path: &str, bearer: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .expect("request");
+        decode(response).await
     }
 
     pub async fn revoke(&self, kind: &str, value: &str) -> (u16, Value) {
