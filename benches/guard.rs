@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use biscuit_auth::builder::{date, string, Term};
 use biscuit_auth::{AuthorizerBuilder, Biscuit};
 use capgate::config::RunLimits;
-use capgate::guard::{Guard, GuardConfig, Request};
+use capgate::containment::{ContainmentConfig, ContainmentDocument};
+use capgate::guard::{ContainmentView, Guard, GuardConfig, Request};
 use capgate::policy::PolicySet;
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
@@ -49,6 +50,18 @@ fn guard(keyring: &Keyring, cache_capacity: usize) -> Guard {
         PolicySet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"))
             .expect("policy"),
     )
+    .with_containment(containment(keyring))
+}
+
+/// Deletes need approval; the benchmarked write needs none (but carries an audit obligation).
+fn containment(keyring: &Keyring) -> Arc<ContainmentView> {
+    let view = Arc::new(ContainmentView::new());
+    view.set_document(ContainmentDocument::new(
+        &ContainmentConfig::default(),
+        &keyring.approval_key().public(),
+    ))
+    .expect("document");
+    view
 }
 
 fn main() {
