@@ -332,3 +332,178 @@ async fn the_store_flag_selects_redis() {
         "SQLite was not used"
     );
 }
+
+/// Two brokers on one Redis prefix with containment, each with a proxy in front of one upstream.
+async fn contained_pair(limit: u64) -> (Broker, Broker, Upstream, ProxyProcess, ProxyProcess) {
+    let extra = format!(
+        "{}\n[containment]\napproval_verbs = [\"delete\"]\n\n[[containment.velocity]]\nagent = \"ops-bot\"\nverb = \"write\"\nlimit = {limit}\nper = \"1m\"\n",
+        store_table(SHARED_REDIS)
+    );
+    let dir_a = tempfile::tempdir().expect("dir");
+    let policies_a = Broker::policies_with(dir_a.path(), OPS_POLICY);
+    let a = Broker::start_with(dir_a, Some(policies_a), &extra, None).await;
+    let dir_b = tempfile::tempdir().expect("dir");
+    let policies_b = Broker::policies_with(dir_b.path(), OPS_POLICY);
+    let b = Broker::start_with(dir_b, Some(policies_b), &extra, Some(&a)).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy_a = start_proxy(&a.url, up_port, "prod").await;
+    let proxy_b = start_proxy(&b.url, up_port, "prod").await;
+    (a, b, upstream, proxy_a, proxy_b)
+}
+
+#[tokio::test]
+async fn velocity_limits_hold_across_two_proxies_under_concurrent_fire() {
+    let limit = 20;
+    let (a, _b, upstream, proxy_a, proxy_b) = contained_pair(limit).await;
+    let token = token_of(
+        &a.issue(
+            OPS_KEY,
+            &[
+                "http://railway/volumes/:write",
+                "http://railway/volumes/:read",
+            ],
+            None,
+        )
+        .await,
+    );
+    wait_allowed(&proxy_a, "/v2/volumes/vol_1", &token).await;
+    wait_allowed(&proxy_b, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let mut shots = Vec::new();
+    for i in 0..40 {
+        let url = if i % 2 == 0 {
+            proxy_a.url.clone()
+        } else {
+            proxy_b.url.clone()
+        };
+        let token = token.clone();
+        shots.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v2/volumes/vol_1/data"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    let mut allowed = 0;
+    let mut limited = 0;
+    for shot in shots {
+        match shot.await.expect("join") {
+            200 => allowed += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(
+        allowed, limit,
+        "exactly the budget passes across both proxies"
+    );
+    assert_eq!(limited, 40 - limit);
+    assert_eq!(upstream.seen().len() as u64, limit);
+}
+
+#[tokio::test]
+async fn an_approval_requested_through_one_broker_is_approved_on_the_other() {
+    let (a, b, upstream, proxy_a, proxy_b) = contained_pair(100).await;
+    let token = token_of(
+        &a.issue(
+            OPS_KEY,
+            &[
+                "http://railway/volumes/vol_1:delete",
+                "http://railway/volumes/:read",
+            ],
+            None,
+        )
+        .await,
+    );
+    wait_allowed(&proxy_a, "/v2/volumes/vol_1", &token).await;
+    wait_allowed(&proxy_b, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let response = reqwest::Client::new()
+        .delete(format!("{}/v2/volumes/vol_1", proxy_a.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 403);
+    let id = response.headers()["capgate-approval-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let (status, approved) = b
+        .post_as(&format!("/v1/approvals/{id}/approve"), OPERATOR_KEY)
+        .await;
+    assert_eq!(
+        (status, approved["status"].as_str()),
+        (200, Some("approved")),
+        "{approved}"
+    );
+    let (status, grant) = b
+        .post_as(&format!("/v1/approvals/{id}/grant"), &token)
+        .await;
+    assert_eq!(status, 200, "{grant}");
+    let approved_token = grant["token"].as_str().expect("token").to_owned();
+    // Used through the other proxy, once.
+    let send = |url: String| {
+        let token = approved_token.clone();
+        async move {
+            reqwest::Client::new()
+                .delete(format!("{url}/v2/volumes/vol_1"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(send(proxy_b.url.clone()).await, 200);
+    assert_eq!(
+        send(proxy_a.url.clone()).await,
+        403,
+        "single use across brokers"
+    );
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn the_audit_chain_stays_intact_under_concurrent_appends_from_two_brokers() {
+    use capgate::containment::audit::{verify, AuditEvent, AuditKind};
+    use capgate::store::{RedisStore, Store};
+    use std::sync::Arc;
+    let prefix = format!("capgate-test-{}:", capgate::token::random_id());
+    let one: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(SHARED_REDIS, &prefix)
+            .await
+            .expect("redis"),
+    );
+    let two: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(SHARED_REDIS, &prefix)
+            .await
+            .expect("redis"),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..60u64 {
+        let store = if i % 2 == 0 { one.clone() } else { two.clone() };
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_audit(AuditEvent {
+                    kind: AuditKind::Decision,
+                    actor: Some("bot".into()),
+                    detail: serde_json::json!({ "i": i }),
+                })
+                .await
+                .expect("append")
+        }));
+    }
+    for task in tasks {
+        task.await.expect("join");
+    }
+    let records = one.audit_since(0, 1000).await.expect("read");
+    assert_eq!(
+        verify(&records, Some(one.audit_head().await.expect("head"))),
+        Ok(60)
+    );
+}

@@ -79,6 +79,9 @@ pub struct RedisStore {
     replace_approval: Script,
     increment: Script,
     append_audit: Script,
+    /// Serialises this process's appends, so compare-and-set conflicts only arise between
+    /// brokers, where a short randomised back-off settles them.
+    audit_lock: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
     subscriber: tokio::task::JoinHandle<()>,
 }
@@ -116,6 +119,7 @@ impl RedisStore {
             replace_approval: Script::new(REPLACE_APPROVAL),
             increment: Script::new(INCREMENT),
             append_audit: Script::new(APPEND_AUDIT),
+            audit_lock: tokio::sync::Mutex::new(()),
             changes,
             subscriber,
         })
@@ -395,9 +399,14 @@ impl Store for RedisStore {
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord, StoreError> {
+        let _serialised = self.audit_lock.lock().await;
         let mut conn = self.conn.clone();
         let head_key = self.key("audit:head");
-        for _ in 0..32 {
+        for attempt in 0..64u64 {
+            if attempt > 0 {
+                let jitter = crate::token::random_id().as_bytes()[0] as u64 % 8;
+                tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
+            }
             let (seq, hash): (Option<u64>, Option<String>) = redis::cmd("HMGET")
                 .arg(&head_key)
                 .arg("seq")

@@ -144,7 +144,7 @@ impl Broker {
         Self::start_with(dir, Some(policies), extra_config, None).await
     }
 
-    fn policies_with(dir: &Path, extra: &str) -> PathBuf {
+    pub fn policies_with(dir: &Path, extra: &str) -> PathBuf {
         let policies = dir.join("policies");
         std::fs::create_dir_all(&policies).expect("mkdir");
         for entry in std::fs::read_dir(repo().join("policies")).expect("policies") {
