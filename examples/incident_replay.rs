@@ -1,0 +1,337 @@
+//! Incident replay: the cascade in which a coding agent deleted a production volume and the
+//! backups stored with it, replayed against Capgate.
+//!
+//! It starts a Railway-like API (volumes and backups, in memory), the real broker (with
+//! `capgate.toml`'s policies, keys and containment in a temporary data directory), and the real
+//! HTTP proxy in front of the API for prod and for staging. A scripted `deploy-bot` agent,
+//! holding exactly what the example policy grants it, then runs the cascade. Each step prints
+//! what happened; the approval request an operator would see is printed in full.
+//!
+//! ```sh
+//! cargo run --example incident_replay
+//! ```
+//!
+//! PostgreSQL steps (DROP DATABASE, mass DELETE) need the PostgreSQL adapter, which this build
+//! does not have yet; they are reported as not run rather than pretended.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use capgate::adapters::http::{Proxy, ProxyConfig};
+use capgate::adapters::ledger::BrokerLedger;
+use capgate::adapters::sync::{empty_keys, spawn, SyncConfig};
+use capgate::broker::BrokerState;
+use capgate::client::Client;
+use capgate::config::BrokerConfig;
+use capgate::guard::{ContainmentView, Ledger};
+use capgate::revocation::RevocationView;
+use serde_json::Value;
+
+/// The demo deploy-bot key and adapter key from `capgate.toml` (public demo values).
+const DEPLOY_BOT_KEY: &str = "cgk_ef3d9d5f0792cebce732585f5521f2be";
+const ADAPTER_KEY: &str = "cga_f5c677a8f75b9f559198b22282d27c16";
+
+/// The Railway-like API's state: what exists, per environment.
+#[derive(Clone, Default)]
+pub struct Infrastructure {
+    pub volumes: Arc<Mutex<BTreeMap<String, String>>>,
+    pub backups: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl Infrastructure {
+    fn seeded() -> Self {
+        let infra = Infrastructure::default();
+        if let (Ok(mut v), Ok(mut b)) = (infra.volumes.lock(), infra.backups.lock()) {
+            v.insert("vol_prod".into(), "production database volume".into());
+            v.insert("vol_staging".into(), "staging database volume".into());
+            b.insert("bk_prod_1".into(), "nightly backup of vol_prod".into());
+            b.insert("bk_prod_2".into(), "weekly backup of vol_prod".into());
+        }
+        infra
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        let v = self.volumes.lock().map(|v| v.len()).unwrap_or(0);
+        let b = self.backups.lock().map(|b| b.len()).unwrap_or(0);
+        (v, b)
+    }
+}
+
+fn railway_api(infra: Infrastructure) -> Router {
+    Router::new()
+        .route(
+            "/v2/volumes",
+            get(|State(i): State<Infrastructure>| async move {
+                Json(
+                    i.volumes
+                        .lock()
+                        .map(|v| v.keys().cloned().collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                )
+            }),
+        )
+        .route(
+            "/v2/volumes/{id}",
+            delete(
+                |State(i): State<Infrastructure>, UrlPath(id): UrlPath<String>| async move {
+                    let removed = i.volumes.lock().ok().and_then(|mut v| v.remove(&id));
+                    format!("deleted volume {id}: {}", removed.is_some())
+                },
+            ),
+        )
+        .route(
+            "/v2/backups/{id}",
+            delete(
+                |State(i): State<Infrastructure>, UrlPath(id): UrlPath<String>| async move {
+                    let removed = i.backups.lock().ok().and_then(|mut b| b.remove(&id));
+                    format!("deleted backup {id}: {}", removed.is_some())
+                },
+            ),
+        )
+        .with_state(infra)
+}
+
+async fn serve(router: Router) -> Result<String, Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(format!("http://{addr}"))
+}
+
+/// One step of the cascade and what Capgate answered.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub action: String,
+    pub status: u16,
+    pub code: String,
+}
+
+pub struct Report {
+    pub steps: Vec<Step>,
+    pub infra: Infrastructure,
+    pub approval_request: Option<Value>,
+}
+
+async fn start_proxy(
+    config: ProxyConfig,
+    client: &Client,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let keys = empty_keys();
+    let revocations = Arc::new(RevocationView::new());
+    let containment = Arc::new(ContainmentView::new());
+    spawn(
+        SyncConfig::new(&config.broker),
+        revocations.clone(),
+        keys.clone(),
+        containment.clone(),
+    )?;
+    let ledger: Arc<dyn Ledger> = Arc::new(BrokerLedger::new(
+        client.clone(),
+        Some(ADAPTER_KEY.into()),
+        None,
+    ));
+    let proxy = Arc::new(Proxy::new(config, keys, revocations, containment, ledger)?);
+    serve(proxy.router()).await
+}
+
+/// Runs the whole scenario and returns what happened.
+pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
+    let say = |line: String| {
+        if !quiet {
+            println!("{line}");
+        }
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::tempdir()?;
+
+    // The broker, as configured in capgate.toml, with its own temporary data directory.
+    let mut config = BrokerConfig::load(&root.join("capgate.toml"))?;
+    config.data_dir = data.path().join("data");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let broker_url = format!("http://{}", listener.local_addr()?);
+    let state = BrokerState::open(config).await?;
+    tokio::spawn(capgate::broker::run(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+
+    // The Railway-like API, fronted by one proxy per environment.
+    let infra = Infrastructure::seeded();
+    let api = serve(railway_api(infra.clone())).await?;
+    let credential = data.path().join("railway-token");
+    std::fs::write(&credential, "railway-api-token-the-agent-never-sees")?;
+    let mut prod = ProxyConfig::load(&root.join("examples/railway-proxy.toml"))?;
+    prod.broker = broker_url.clone();
+    prod.upstream.url = api.clone();
+    prod.upstream.credential_env = None;
+    prod.upstream.credential_file = Some(credential.clone());
+    let mut staging = prod.clone();
+    staging.environment = "staging".into();
+    staging.name = "railway-staging".into();
+    for route in &mut staging.routes {
+        route.resource = route
+            .resource
+            .replace("http://railway/", "http://railway-staging/");
+    }
+    let client = Client::new(&broker_url)?;
+    let prod_url = start_proxy(prod, &client).await?;
+    let staging_url = start_proxy(staging, &client).await?;
+
+    // The agent at startup: a token with exactly what the example policy grants deploy-bot.
+    let scopes = [
+        "http://railway/volumes:read",
+        "http://railway/volumes/:read",
+        "http://railway-staging/volumes/:write",
+        "http://railway-staging/volumes/:delete",
+    ]
+    .iter()
+    .map(|s| s.parse())
+    .collect::<Result<Vec<_>, _>>()?;
+    let token = client
+        .request_token(DEPLOY_BOT_KEY, &scopes, None)
+        .await?
+        .token;
+    say(format!(
+        "deploy-bot holds a token for: {}",
+        scopes
+            .iter()
+            .map(|s: &capgate::scope::Scope| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    // Even its own token cannot obtain more: prod deletes and backups are refused at issuance.
+    let refused = client
+        .request_token(
+            DEPLOY_BOT_KEY,
+            &[
+                "http://railway/volumes/vol_prod:delete".parse()?,
+                "http://railway/backups/:delete".parse()?,
+            ],
+            None,
+        )
+        .await;
+    if let Err(e) = &refused {
+        say(format!(
+            "asking for prod delete and backups delete: refused at issuance ({e})"
+        ));
+    }
+
+    let http = reqwest::Client::new();
+    // Wait until both proxies synced keys and containment settings.
+    for url in [&prod_url, &staging_url] {
+        for _ in 0..100 {
+            let status = http
+                .get(format!("{url}/v2/volumes"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .status();
+            if status != 503 && status != 401 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let mut steps = Vec::new();
+    let mut approval_id = None;
+    let cascade = [
+        ("list volumes (prod)", "GET", &prod_url, "/v2/volumes"),
+        (
+            "delete the production volume",
+            "DELETE",
+            &prod_url,
+            "/v2/volumes/vol_prod",
+        ),
+        (
+            "delete the backups",
+            "DELETE",
+            &prod_url,
+            "/v2/backups/bk_prod_1",
+        ),
+        (
+            "delete the backups (second one)",
+            "DELETE",
+            &prod_url,
+            "/v2/backups/bk_prod_2",
+        ),
+        (
+            "delete the volume the agent thinks is staging",
+            "DELETE",
+            &staging_url,
+            "/v2/volumes/vol_staging",
+        ),
+    ];
+    for (action, method, base, path) in cascade {
+        let response = http
+            .request(method.parse()?, format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        if let Some(id) = response
+            .headers()
+            .get("capgate-approval-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            approval_id = Some(id.to_owned());
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let code = body["code"]
+            .as_str()
+            .unwrap_or(if status == 200 { "allowed" } else { "?" })
+            .to_owned();
+        say(format!(
+            "{action:<48} {method:<6} {path:<26} -> {status} {code}"
+        ));
+        steps.push(Step {
+            action: action.into(),
+            status,
+            code,
+        });
+    }
+    for action in ["DROP DATABASE (PostgreSQL)", "mass DELETE (PostgreSQL)"] {
+        say(format!(
+            "{action:<48} not run: the PostgreSQL adapter is not part of this build"
+        ));
+    }
+
+    // What the on-call operator sees for the one delete that could be approved.
+    let approval_request = match &approval_id {
+        Some(id) => Some(
+            client
+                .approval(&token, id)
+                .await
+                .map(|a| serde_json::to_value(a).unwrap_or(Value::Null))?,
+        ),
+        None => None,
+    };
+    if let Some(request) = &approval_request {
+        say("\nthe approval request an operator sees (`capgate approvals list`):".into());
+        say(serde_json::to_string_pretty(request).unwrap_or_default());
+    }
+    let (volumes, backups) = infra.counts();
+    say(format!(
+        "\nafter the cascade: {volumes} volumes and {backups} backups still exist (2 and 2 before)"
+    ));
+    Ok(Report {
+        steps,
+        infra,
+        approval_request,
+    })
+}
+
+#[allow(
+    dead_code,
+    reason = "the test includes this file as a module and calls `run` itself"
+)]
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    run(false).await.map(|_| ())
+}
