@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod ledger;
+pub mod pg;
 pub mod sync;
 pub mod tower;
 

@@ -1,0 +1,2 @@
+//! The PostgreSQL adapter: statement classification with PostgreSQL's own parser.
+pub mod classify;
