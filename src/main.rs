@@ -150,6 +150,11 @@ enum ProxyCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// PostgreSQL wire-protocol proxy: every statement classified and checked.
+    Pg {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -385,6 +390,15 @@ async fn run(command: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command } => audit_command(command).await,
+        Command::Proxy(ProxyCommand::Pg { config }) => {
+            let config =
+                capgate::adapters::pg::PgProxyConfig::load(&config).map_err(|e| e.to_string())?;
+            tokio::select! {
+                result = capgate::adapters::pg::serve(config) => result.map_err(|e| e.to_string())?,
+                _ = shutdown_signal() => {}
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Proxy(ProxyCommand::Http { config }) => {
             let config =
                 capgate::adapters::http::ProxyConfig::load(&config).map_err(|e| e.to_string())?;

@@ -90,7 +90,9 @@ const HARMLESS_SETTINGS: [&str; 10] = [
 ];
 
 /// Functions known to have no side effects; any other makes the statement at least `write`.
-const PURE_FUNCTIONS: [&str; 82] = [
+const PURE_FUNCTIONS: [&str; 84] = [
+    "pg_sleep",
+    "pg_backend_pid",
     "count",
     "sum",
     "avg",
@@ -544,10 +546,8 @@ impl Walk<'_> {
             }
             "FuncCall" => self.function(&strings(field(f, "funcname"))),
             "VariableSetStmt" => self.set(f),
-            "TransactionStmt" => {
-                if read_write_requested(field(f, "options")) {
-                    self.add(Verb::Admin, Object::Database);
-                }
+            "TransactionStmt" if read_write_requested(field(f, "options")) => {
+                self.add(Verb::Admin, Object::Database);
             }
             "PrepareStmt" => self.prepare = field(f, "name").as_str().map(str::to_owned),
             "ExecuteStmt" => self.execute = field(f, "name").as_str().map(str::to_owned),

@@ -362,14 +362,14 @@ fn fuzzed_statements_never_panic() {
             }
         }
         let sql = String::from_utf8_lossy(&bytes).into_owned();
-        match classify(&sql, "public", &Limits::default()) {
-            Ok(statements) => assert!(
+        // An error is fine (the proxy denies); a result must be well formed.
+        if let Ok(statements) = classify(&sql, "public", &Limits::default()) {
+            assert!(
                 statements
                     .iter()
                     .all(|s| !s.text.is_empty() || s.accesses.is_empty()),
                 "{i}: {sql}"
-            ),
-            Err(_) => {} // fail closed: the proxy denies
+            );
         }
     }
 }
