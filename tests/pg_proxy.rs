@@ -551,7 +551,7 @@ async fn cancels_reach_the_real_backend_only_with_the_proxy_minted_key() {
     let sleeper =
         tokio::spawn(async move { client.simple_query("SELECT pg_sleep(3)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (pid, secret) in [(1, 1), (12345, -7)] {
+    for (pid, secret) in [(1i32, 1i32), (12345, -7)] {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
