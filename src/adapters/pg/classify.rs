@@ -549,6 +549,7 @@ impl Walk<'_> {
             "TransactionStmt" if read_write_requested(field(f, "options")) => {
                 self.add(Verb::Admin, Object::Database);
             }
+            "TransactionStmt" => {} // BEGIN, COMMIT, ROLLBACK, SAVEPOINT: touch nothing
             "PrepareStmt" => self.prepare = field(f, "name").as_str().map(str::to_owned),
             "ExecuteStmt" => self.execute = field(f, "name").as_str().map(str::to_owned),
             "LockStmt" => {
