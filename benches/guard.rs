@@ -69,6 +69,7 @@ fn main() {
     let (keyring, _) = Keyring::open_or_create(dir.path()).expect("keys");
     let now = SystemTime::now();
     let spec = TokenSpec {
+        row_budget: None,
         agent: "deploy-bot".into(),
         session_id: random_id(),
         rights: vec![

@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 fn spec() -> TokenSpec {
     let now = SystemTime::now();
     TokenSpec {
+        row_budget: None,
         agent: "deploy-bot".into(),
         session_id: random_id(),
         rights: [

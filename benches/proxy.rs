@@ -119,6 +119,7 @@ async fn main() {
     let token = encode(
         &mint(
             &TokenSpec {
+                row_budget: None,
                 agent: "bench".into(),
                 session_id: random_id(),
                 rights: vec![GrantedRight {

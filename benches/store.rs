@@ -43,6 +43,7 @@ async fn issue_many(
             })
             .collect();
         let spec = TokenSpec {
+            row_budget: None,
             agent: identity.agent.clone(),
             session_id: random_id(),
             rights,

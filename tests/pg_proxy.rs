@@ -688,3 +688,63 @@ async fn malformed_traffic_never_crashes_the_proxy() {
         .await
         .expect("still serving");
 }
+
+#[tokio::test]
+async fn a_write_over_the_row_budget_changes_nothing() {
+    let policy = format!("{OPS_POLICY}row_budget(10) <- agent(\"ops-bot\");\n");
+    let broker = Broker::start_custom(&policy, "").await;
+    let proxy = start_pg_proxy(&broker).await;
+    let name = format!("capgate_b_{}", &capgate::token::random_id()[..12]);
+    direct()
+        .await
+        .batch_execute(&format!("CREATE TABLE {name} (id int primary key, v text); INSERT INTO {name} SELECT g, 'a' FROM generate_series(1, 100) g;"))
+        .await
+        .expect("create");
+    let issued = broker
+        .issue(
+            OPS_KEY,
+            &["pg://staging/:write", "pg://staging/:read"],
+            None,
+        )
+        .await;
+    let client = connect_when_ready(proxy.port, "ops-bot", &token_of(&issued)).await;
+    let changed = || async {
+        direct()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {name} WHERE v <> 'a'"), &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    let error = client
+        .batch_execute(&format!("UPDATE {name} SET v = 'x' WHERE true"))
+        .await
+        .expect_err("over budget");
+    assert!(
+        format!("{error:?}").contains("row budget exceeded"),
+        "{error:?}"
+    );
+    assert_eq!(changed().await, 0, "rolled back: nothing changed");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'y' WHERE id <= 5"))
+        .await
+        .expect("within budget");
+    assert_eq!(changed().await, 5, "committed");
+    // Inside an explicit transaction: a savepoint is rolled back, the transaction goes on.
+    client.batch_execute("BEGIN").await.expect("begin");
+    assert!(client
+        .batch_execute(&format!("DELETE FROM {name} WHERE id > 0"))
+        .await
+        .is_err());
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'z' WHERE id = 100"))
+        .await
+        .expect("small write in the transaction");
+    client.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(changed().await, 6);
+    assert_eq!(
+        rows(&name).await,
+        100,
+        "the over-budget DELETE changed nothing"
+    );
+}

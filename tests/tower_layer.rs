@@ -62,6 +62,7 @@ fn fixture() -> Fixture {
 fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
     let now = SystemTime::now();
     let spec = TokenSpec {
+        row_budget: None,
         agent: "app-bot".into(),
         session_id: session.into(),
         rights: rights

@@ -170,6 +170,7 @@ pub async fn issue(
         rights,
         issued_at: now,
         expires_at,
+        row_budget: decision.row_budget,
     };
     let keyring = state.keyring()?;
     let token = mint(&spec, keyring.active_key_id(), keyring.signing_key())

@@ -29,6 +29,8 @@ pub enum ScopeOutcome {
 pub struct GrantDecision {
     pub outcomes: Vec<(Scope, ScopeOutcome)>,
     pub ttl: Duration,
+    /// The smallest `row_budget($n)` the policy derives, if any.
+    pub row_budget: Option<u64>,
 }
 
 impl GrantDecision {
@@ -197,6 +199,8 @@ impl GrantEvaluator {
             refusals.entry((resource, verb)).or_default().push(why);
         }
         let caps: Vec<(i64,)> = authorizer.query("cap($s) <- max_ttl($s)")?;
+        let budgets: Vec<(i64,)> = authorizer.query("budget($n) <- row_budget($n)")?;
+        let row_budget = budgets.into_iter().map(|(n,)| n.max(0) as u64).min();
 
         let outcomes = requested
             .into_iter()
@@ -242,7 +246,11 @@ impl GrantEvaluator {
             ttl = ttl.min(Duration::from_secs(seconds.max(0) as u64));
         }
         ttl = ttl.min(self.config.tokens.max_ttl);
-        Ok(GrantDecision { outcomes, ttl })
+        Ok(GrantDecision {
+            outcomes,
+            ttl,
+            row_budget,
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use biscuit_auth::builder::{date, fact, string, BlockBuilder, Term};
+use biscuit_auth::builder::{date, fact, int, string, BlockBuilder, Term};
 use biscuit_auth::{Biscuit, KeyPair};
 
 use super::{unix_seconds, AuthorityContext, FORMAT_VERSION};
@@ -25,6 +25,8 @@ pub struct TokenSpec {
     pub rights: Vec<GrantedRight>,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
+    /// Most rows one write may change (PostgreSQL adapter); from the grant policy.
+    pub row_budget: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,12 @@ pub fn mint(spec: &TokenSpec, key_id: u32, key: &KeyPair) -> Result<Biscuit, Min
                 string(right.verb.as_str()),
                 string(&right.environment),
             ],
+        ))?;
+    }
+    if let Some(budget) = spec.row_budget {
+        block = block.fact(fact(
+            "row_budget",
+            &[int(i64::try_from(budget).unwrap_or(i64::MAX))],
         ))?;
     }
     let params = HashMap::from([("expiry".to_owned(), date(&spec.expires_at))]);

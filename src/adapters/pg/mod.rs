@@ -206,6 +206,17 @@ impl PgProxy {
         })
     }
 
+    /// The token's `row_budget(n)`, if its authority block states one.
+    fn row_budget_of(&self, token: &str) -> Option<u64> {
+        let verified = self.guard.verify_token(token).ok()?;
+        let mut authorizer = biscuit_auth::AuthorizerBuilder::new()
+            .build(&verified.biscuit)
+            .ok()?;
+        let rule: biscuit_auth::builder::Rule = "data($n) <- row_budget($n)".try_into().ok()?;
+        let budgets: Vec<(i64,)> = authorizer.query(rule).ok()?;
+        budgets.into_iter().map(|(n,)| n.max(0) as u64).min()
+    }
+
     fn register_cancel(&self, real: Option<(i32, i32)>) -> (i32, i32) {
         let mut bytes = [0u8; 8];
         let _ = getrandom::getrandom(&mut bytes);

@@ -192,6 +192,8 @@ async fn relay(
         to_client.clone(),
         proxy.config.max_frame_bytes,
     );
+    let intercept: Intercept = Arc::new(std::sync::Mutex::new(None));
+    let intercept_up = intercept.clone();
     let reader = tokio::spawn(async move {
         while let Ok(message) = read_message(&mut upstream_read, max.max(16 << 20)).await {
             match message.tag {
@@ -207,16 +209,22 @@ async fn relay(
                 b'K' => continue,
                 _ => {}
             }
-            if to_client_up
-                .send(wire::encode(message.tag, &message.body))
-                .await
-                .is_err()
-            {
+            // During a row-budget check the session reads upstream's answers itself.
+            let interceptor = intercept_up.lock().ok().and_then(|slot| slot.clone());
+            let delivered = match interceptor {
+                Some(interceptor) => interceptor.send(message).await.is_ok(),
+                None => to_client_up
+                    .send(wire::encode(message.tag, &message.body))
+                    .await
+                    .is_ok(),
+            };
+            if !delivered {
                 break;
             }
         }
     });
     let mut session = Session {
+        row_budget: proxy.row_budget_of(&token),
         proxy,
         token,
         prepared: HashMap::new(),
@@ -243,7 +251,30 @@ async fn relay(
             b'Q' => {
                 let sql = cstr(&message.body)?.0.to_owned();
                 match session.check(&sql).await {
-                    Ok(()) => upstream_write.write_all(&reply(message)).await?,
+                    Ok(checked) if checked.writes && session.row_budget.is_some() => {
+                        let budget = session.row_budget.unwrap_or(0);
+                        if checked.statements > 1 {
+                            let text = "capgate: a multi-statement write cannot run under a row budget; send one statement at a time";
+                            let _ = to_client.send(reply(error_response("42501", text))).await;
+                            let _ = to_client
+                                .send(reply(wire::ready_for_query(status.load(Ordering::SeqCst))))
+                                .await;
+                            continue;
+                        }
+                        let in_transaction = status.load(Ordering::SeqCst) == b'T';
+                        for out in budgeted(
+                            &mut upstream_write,
+                            &intercept,
+                            message,
+                            budget,
+                            in_transaction,
+                        )
+                        .await?
+                        {
+                            let _ = to_client.send(out).await;
+                        }
+                    }
+                    Ok(_) => upstream_write.write_all(&reply(message)).await?,
                     Err(denial) => {
                         let _ = to_client
                             .send(reply(error_response(denial.sqlstate, &denial.message)))
@@ -335,7 +366,101 @@ async fn write_client(mut client: OwnedWriteHalf, mut outbox: mpsc::Receiver<Vec
     let _ = client.shutdown().await;
 }
 
+type Intercept = Arc<std::sync::Mutex<Option<mpsc::Sender<Message>>>>;
+
+/// What a checked query string holds.
+struct Checked {
+    statements: usize,
+    /// Any access of `write` or worse.
+    writes: bool,
+}
+
+/// Runs one write inside a transaction (or savepoint) and keeps its effect only if it changed
+/// at most `budget` rows; returns what the client should receive.
+async fn budgeted(
+    upstream: &mut tokio::net::tcp::OwnedWriteHalf,
+    intercept: &Intercept,
+    query: Message,
+    budget: u64,
+    in_transaction: bool,
+) -> Result<Vec<Vec<u8>>, WireError> {
+    let (open, keep, undo) = if in_transaction {
+        (
+            "SAVEPOINT capgate_row_budget",
+            "RELEASE SAVEPOINT capgate_row_budget",
+            "ROLLBACK TO SAVEPOINT capgate_row_budget",
+        )
+    } else {
+        ("BEGIN", "COMMIT", "ROLLBACK")
+    };
+    let (sender, mut answers) = mpsc::channel::<Message>(1024);
+    if let Ok(mut slot) = intercept.lock() {
+        *slot = Some(sender);
+    }
+    let result = async {
+        let opened = run_collect(upstream, &mut answers, Message { tag: b'Q', body: nul(open) }).await?;
+        if opened.iter().any(|m| m.tag == b'E') {
+            return Ok(opened.into_iter().map(|m| wire::encode(m.tag, &m.body)).collect());
+        }
+        let answer = run_collect(upstream, &mut answers, query).await?;
+        let failed = answer.iter().any(|m| m.tag == b'E');
+        let changed = answer.iter().filter(|m| m.tag == b'C').filter_map(|m| rows_in_tag(&m.body)).max().unwrap_or(0);
+        let over = changed > budget;
+        let close = if failed || over { undo } else { keep };
+        let closed = run_collect(upstream, &mut answers, Message { tag: b'Q', body: nul(close) }).await?;
+        let ready = closed.iter().rev().find(|m| m.tag == b'Z').cloned().unwrap_or(wire::ready_for_query(b'I'));
+        if over {
+            tracing::warn!(changed, budget, "row budget exceeded; rolled back");
+            let text = format!("capgate: row budget exceeded: the statement changed {changed} rows, more than the token's budget of {budget}; nothing was changed");
+            return Ok(vec![wire::encode(b'E', &error_response("42501", &text).body), wire::encode(ready.tag, &ready.body)]);
+        }
+        let mut out: Vec<Vec<u8>> = answer.into_iter().filter(|m| m.tag != b'Z').map(|m| wire::encode(m.tag, &m.body)).collect();
+        out.push(wire::encode(ready.tag, &ready.body));
+        Ok(out)
+    }
+    .await;
+    if let Ok(mut slot) = intercept.lock() {
+        *slot = None;
+    }
+    result
+}
+
+/// Sends one simple query and collects upstream's answers up to ReadyForQuery.
+async fn run_collect(
+    upstream: &mut tokio::net::tcp::OwnedWriteHalf,
+    answers: &mut mpsc::Receiver<Message>,
+    query: Message,
+) -> Result<Vec<Message>, WireError> {
+    upstream
+        .write_all(&wire::encode(query.tag, &query.body))
+        .await?;
+    let mut collected = Vec::new();
+    while let Some(message) = answers.recv().await {
+        let done = message.tag == b'Z';
+        collected.push(message);
+        if done {
+            return Ok(collected);
+        }
+    }
+    Err(WireError::Malformed(
+        "upstream closed during a row-budget check",
+    ))
+}
+
+fn nul(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    body
+}
+
+/// Rows a CommandComplete tag reports: `UPDATE 5`, `DELETE 3`, `INSERT 0 7`, `MERGE 2`, `COPY 9`.
+fn rows_in_tag(body: &[u8]) -> Option<u64> {
+    let tag = std::str::from_utf8(body).ok()?.trim_end_matches('\0');
+    tag.rsplit(' ').next()?.parse().ok()
+}
+
 struct Session {
+    row_budget: Option<u64>,
     proxy: Arc<PgProxy>,
     token: String,
     /// Accesses of statements prepared with SQL `PREPARE`, for `EXECUTE`.
@@ -350,13 +475,21 @@ impl Session {
             let (_name, rest) = cstr(&message.body).map_err(protocol_denial)?;
             let (sql, _) = cstr(rest).map_err(protocol_denial)?;
             let sql = sql.to_owned();
-            self.check(&sql).await?;
+            let checked = self.check(&sql).await?;
+            if checked.writes && self.row_budget.is_some() {
+                return Err(Denial {
+                    sqlstate: "42501",
+                    message:
+                        "capgate: under a row budget, writes must use the simple query protocol"
+                            .into(),
+                });
+            }
         }
         Ok(())
     }
 
     /// Classifies `sql` and asks the guard about every access of every statement in it.
-    async fn check(&mut self, sql: &str) -> Result<(), Denial> {
+    async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
         let proxy = self.proxy.clone();
         let owned = sql.to_owned();
         let statements = tokio::task::spawn_blocking(move || {
@@ -371,6 +504,10 @@ impl Session {
             sqlstate: "42501",
             message: format!("capgate denied: statement not classified ({e})"),
         })?;
+        let mut checked = Checked {
+            statements: statements.len(),
+            writes: false,
+        };
         for statement in statements {
             let accesses = match &statement.execute {
                 Some(name) => self.prepared.get(name).cloned().ok_or_else(|| Denial {
@@ -391,12 +528,13 @@ impl Session {
             }
             for access in &accesses {
                 self.authorize(access, &statement.text).await?;
+                checked.writes |= access.verb != Verb::Read;
             }
             if let Some(name) = &statement.prepare {
                 self.prepared.insert(name.clone(), accesses);
             }
         }
-        Ok(())
+        Ok(checked)
     }
 
     async fn authorize(&self, access: &Access, sql: &str) -> Result<(), Denial> {
