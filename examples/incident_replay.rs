@@ -11,8 +11,8 @@
 //! cargo run --example incident_replay
 //! ```
 //!
-//! PostgreSQL steps (DROP DATABASE, mass DELETE) need the PostgreSQL adapter, which this build
-//! does not have yet; they are reported as not run rather than pretended.
+//! The database part runs the real PostgreSQL proxy in front of the local PostgreSQL
+//! (127.0.0.1:5432, database `test`, as README's test setup has it) as the `prod` database.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -115,6 +115,8 @@ pub struct Report {
     pub steps: Vec<Step>,
     pub infra: Infrastructure,
     pub approval_request: Option<Value>,
+    /// Rows left in the production bookings table (50 before).
+    pub bookings: i64,
 }
 
 async fn start_proxy(
@@ -296,11 +298,111 @@ pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
             code,
         });
     }
-    for action in ["DROP DATABASE (PostgreSQL)", "mass DELETE (PostgreSQL)"] {
+    // The database: production bookings behind the PostgreSQL proxy.
+    let table = format!("incident_bookings_{}", &capgate::token::random_id()[..8]);
+    let (direct, connection) = tokio_postgres::connect(
+        "host=127.0.0.1 port=5432 user=postgres dbname=test",
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(connection);
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int primary key, guest text); INSERT INTO {table} SELECT g, 'guest ' || g FROM generate_series(1, 50) g;"
+        ))
+        .await?;
+    let pg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let pg_addr = pg_listener.local_addr()?;
+    let pg_config: capgate::adapters::pg::PgProxyConfig = toml::from_str(&format!(
+        "listen = \"{pg_addr}\"\nbroker = \"{broker_url}\"\nenvironment = \"prod\"\ndatabase = \"prod\"\nname = \"pg-prod\"\nadapter_policies = \"{}\"\n[upstream]\naddr = \"127.0.0.1:5432\"\ndatabase = \"test\"\nuser = \"postgres\"\n",
+        root.join("policies/adapters").display()
+    ))?;
+    let keys = empty_keys();
+    let revocations = Arc::new(RevocationView::new());
+    let containment = Arc::new(ContainmentView::new());
+    spawn(
+        SyncConfig::new(&broker_url),
+        revocations.clone(),
+        keys.clone(),
+        containment.clone(),
+    )?;
+    let ledger: Arc<dyn Ledger> = Arc::new(BrokerLedger::new(
+        client.clone(),
+        Some(ADAPTER_KEY.into()),
+        None,
+    ));
+    let pg_proxy = Arc::new(capgate::adapters::pg::PgProxy::new(
+        pg_config,
+        keys,
+        revocations,
+        containment,
+        ledger,
+    )?);
+    tokio::spawn(pg_proxy.serve(pg_listener));
+    let db_token = client
+        .request_token(DEPLOY_BOT_KEY, &["pg://prod/:read".parse()?], None)
+        .await?
+        .token;
+    let mut attempt = 0;
+    let agent_db = loop {
+        let config = format!(
+            "host=127.0.0.1 port={} user=deploy-bot password={db_token} dbname=prod",
+            pg_addr.port()
+        );
+        if let Ok((db, connection)) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            if db.simple_query("SELECT 1").await.is_ok() {
+                break db;
+            }
+        }
+        attempt += 1;
+        if attempt > 50 {
+            return Err("the PostgreSQL proxy never accepted the agent".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (action, sql) in [
+        (
+            "read bookings (prod database)",
+            format!("SELECT count(*) FROM {table}"),
+        ),
+        ("DROP DATABASE", "DROP DATABASE test".to_owned()),
+        ("mass DELETE", format!("DELETE FROM {table}")),
+        (
+            "DROP TABLE hidden after a SELECT",
+            format!("SELECT 1; DROP TABLE {table}"),
+        ),
+    ] {
+        let (status, code) = match agent_db.simple_query(&sql).await {
+            Ok(_) => (200, "allowed".to_owned()),
+            Err(e) => {
+                let message = e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| e.to_string());
+                let code = ["policy_denied", "approval_required", "token_revoked"]
+                    .into_iter()
+                    .find(|c| message.contains(c))
+                    .unwrap_or("denied");
+                (403, code.to_owned())
+            }
+        };
+        let shown: String = sql.chars().take(26).collect();
         say(format!(
-            "{action:<48} not run: the PostgreSQL adapter is not part of this build"
+            "{action:<48} SQL    {shown:<26} -> {status} {code}"
         ));
+        steps.push(Step {
+            action: action.into(),
+            status,
+            code,
+        });
     }
+    let bookings: i64 = direct
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0);
+    direct.batch_execute(&format!("DROP TABLE {table}")).await?;
 
     // What the on-call operator sees for the one delete that could be approved.
     let approval_request = match &approval_id {
@@ -318,12 +420,13 @@ pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
     }
     let (volumes, backups) = infra.counts();
     say(format!(
-        "\nafter the cascade: {volumes} volumes and {backups} backups still exist (2 and 2 before)"
+        "\nafter the cascade: {volumes} volumes, {backups} backups and {bookings} bookings still exist (2, 2 and 50 before)"
     ));
     Ok(Report {
         steps,
         infra,
         approval_request,
+        bookings,
     })
 }
 

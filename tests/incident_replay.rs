@@ -34,6 +34,16 @@ async fn the_cascade_deletes_nothing() {
         (403, "approval_required"),
         "staging delete waits for an operator"
     );
+    assert_eq!(report.bookings, 50, "no booking was deleted");
+    let db: Vec<(&str, &str)> = report.steps[5..]
+        .iter()
+        .map(|s| (s.action.as_str(), s.code.as_str()))
+        .collect();
+    assert_eq!(db[0], ("read bookings (prod database)", "allowed"));
+    assert!(
+        db[1..].iter().all(|(_, code)| *code == "policy_denied"),
+        "{db:?}"
+    );
     let request = report
         .approval_request
         .expect("an approval request was created");
