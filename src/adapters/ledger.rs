@@ -156,7 +156,12 @@ async fn run_spool(
         tokio::select! {
             event = receiver.recv() => {
                 let Some(event) = event else { return };
-                if let Err(e) = append_line(&path, &event).await {
+                // Everything already queued goes in the same write and the same fsync.
+                let mut batch = vec![event];
+                while let Ok(more) = receiver.try_recv() {
+                    batch.push(more);
+                }
+                if let Err(e) = append_lines(&path, &batch).await {
                     tracing::error!(error = %e, path = %path.display(), "cannot write audit spool");
                 }
             }
@@ -169,9 +174,12 @@ async fn run_spool(
     }
 }
 
-async fn append_line(path: &PathBuf, event: &AuditEvent) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
-    line.push(b'\n');
+async fn append_lines(path: &PathBuf, events: &[AuditEvent]) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    for event in events {
+        line.extend(serde_json::to_vec(event).map_err(std::io::Error::other)?);
+        line.push(b'\n');
+    }
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -44,8 +44,9 @@ pub async fn append(
             format!("at most {MAX_BATCH} events per batch"),
         ));
     }
-    let mut head = 0;
-    for mut event in request.events {
+    let mut events = request.events;
+    let count = events.len();
+    for event in &mut events {
         // Adapters may only report decisions, and each is stamped with who reported it.
         if event.kind != AuditKind::Decision {
             return Err(ApiError::new(
@@ -57,12 +58,12 @@ pub async fn append(
         if let Some(detail) = event.detail.as_object_mut() {
             detail.insert("reported_by".into(), adapter.clone().into());
         }
-        head = state.store.append_audit(event).await?.seq;
     }
+    let head = state.store.append_audit_batch(events).await?;
     Ok((
         StatusCode::CREATED,
         Json(AppendResponse {
-            appended: head as usize,
+            appended: count,
             head,
         }),
     ))

@@ -127,6 +127,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends to the hash chain atomically and returns the stored record.
     async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord, StoreError>;
+    /// Appends several records in order; stores that can, commit them together. Returns the
+    /// sequence number of the last one.
+    async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<u64, StoreError> {
+        let mut head = 0;
+        for event in events {
+            head = self.append_audit(event).await?.seq;
+        }
+        Ok(head)
+    }
     async fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
     /// The sequence number of the newest record (0 when empty).
     async fn audit_head(&self) -> Result<u64, StoreError>;

@@ -403,6 +403,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// One transaction, one fsync, for the whole batch.
+    async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<u64, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let last: Option<String> = tx
+                .query_row(
+                    "SELECT json FROM audit ORDER BY seq DESC LIMIT 1",
+                    [],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let mut previous: Option<AuditRecord> = last.map(|j| from_json(&j)).transpose()?;
+            for event in events {
+                let record = next_record(
+                    previous.as_ref().map(|r| (r.seq, r.hash.as_str())),
+                    event,
+                    unix_seconds_now(),
+                );
+                tx.execute(
+                    "INSERT INTO audit (seq, json) VALUES (?1, ?2)",
+                    params![record.seq as i64, to_json(&record)?],
+                )
+                .map_err(unavailable)?;
+                previous = Some(record);
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(previous.map(|r| r.seq).unwrap_or(0))
+        })
+        .await
+    }
+
     async fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let rows: Vec<String> = self
             .with(move |conn| {

@@ -239,16 +239,58 @@ pub fn classify(
     if sql.contains('\0') {
         return Err(ClassifyError::Parse("NUL byte in query".into()));
     }
-    let owned = sql.to_owned();
-    let schema = default_schema.to_owned();
-    // A big stack: libpg_query and serde recurse on deeply nested trees.
-    std::thread::Builder::new()
-        .name("capgate-sql-classify".into())
-        .stack_size(64 << 20)
-        .spawn(move || classify_here(&owned, &schema))
-        .map_err(|e| ClassifyError::Internal(e.to_string()))?
-        .join()
-        .map_err(|_| ClassifyError::Internal("classifier thread panicked".into()))?
+    let (reply, answer) = std::sync::mpsc::channel();
+    pool()
+        .lock()
+        .map_err(|_| ClassifyError::Internal("classifier pool unavailable".into()))?
+        .send(Job {
+            sql: sql.to_owned(),
+            schema: default_schema.to_owned(),
+            reply,
+        })
+        .map_err(|_| ClassifyError::Internal("classifier pool stopped".into()))?;
+    answer
+        .recv()
+        .map_err(|_| ClassifyError::Internal("classifier worker failed".into()))?
+}
+
+struct Job {
+    sql: String,
+    schema: String,
+    reply: std::sync::mpsc::Sender<Result<Vec<Statement>, ClassifyError>>,
+}
+
+/// Worker threads with large stacks (libpg_query and serde recurse on nested trees), started
+/// once: spawning a 64 MiB-stack thread per statement cost more than the parse itself.
+fn pool() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
+    static POOL: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(queue));
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8);
+        for i in 0..workers {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("capgate-sql-classify-{i}"))
+                .stack_size(64 << 20)
+                .spawn(move || loop {
+                    let job = match queue.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let _ = job.reply.send(classify_here(&job.sql, &job.schema));
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a classifier worker");
+            }
+        }
+        std::sync::Mutex::new(jobs)
+    })
 }
 
 fn classify_here(sql: &str, default_schema: &str) -> Result<Vec<Statement>, ClassifyError> {

@@ -180,8 +180,11 @@ async fn relay(
     token: String,
     proxy: Arc<PgProxy>,
 ) -> Result<(), WireError> {
-    let (mut client_read, client_write) = client.into_split();
-    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, mut upstream_write) = upstream.into_split();
+    // Buffered reads: a typical answer is several small messages in one TCP segment.
+    let mut client_read = tokio::io::BufReader::new(client_read);
+    let mut upstream_read = tokio::io::BufReader::new(upstream_read);
     let (to_client, outbox) = mpsc::channel::<Vec<u8>>(256);
     let status = Arc::new(AtomicU8::new(b'I'));
     let copy_in = Arc::new(AtomicBool::new(false));
@@ -357,8 +360,12 @@ async fn relay(
     outcome
 }
 
+/// Writes everything queued for the client, coalescing what is already waiting into one write.
 async fn write_client(mut client: OwnedWriteHalf, mut outbox: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = outbox.recv().await {
+    while let Some(mut bytes) = outbox.recv().await {
+        while let Ok(more) = outbox.try_recv() {
+            bytes.extend_from_slice(&more);
+        }
         if client.write_all(&bytes).await.is_err() {
             return;
         }
