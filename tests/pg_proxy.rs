@@ -748,3 +748,11 @@ async fn a_write_over_the_row_budget_changes_nothing() {
         "the over-budget DELETE changed nothing"
     );
 }
+
+#[test]
+fn the_example_pg_config_loads() {
+    let config = capgate::adapters::pg::PgProxyConfig::load(&repo().join("examples/pg-proxy.toml"))
+        .expect("example config");
+    assert!(config.adapter_policies.join("default.dl").exists());
+    assert_eq!(config.database, "staging");
+}

@@ -5,6 +5,7 @@
 pub mod http;
 pub mod ledger;
 pub mod pg;
+pub mod runtime;
 pub mod sync;
 pub mod tower;
 

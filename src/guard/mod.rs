@@ -280,21 +280,45 @@ impl Guard {
     /// Authenticates a Capgate token without asking about any resource: size, expiry, key,
     /// signature and revocation. The broker uses it where the token itself is the credential.
     pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, (DenyCode, String)> {
-        let now = SystemTime::now();
-        let keys = self
-            .keys
-            .read()
-            .map(|k| k.clone())
-            .map_err(|_| (DenyCode::TokenUnknownKey, "key view unavailable".to_owned()))?;
+        self.token_check(token, SystemTime::now(), Instant::now())
+            .map_err(|failure| (failure.code, failure.reason))
+    }
+
+    /// Key view, signature (or cache), expiry and revocation: everything about the token
+    /// itself, before any question about a resource.
+    fn token_check(
+        &self,
+        token: &str,
+        now: SystemTime,
+        mono: Instant,
+    ) -> Result<Arc<VerifiedToken>, TokenFailure> {
+        let failure = |code, reason: String, verified: Option<Arc<VerifiedToken>>| TokenFailure {
+            code,
+            reason,
+            verified,
+        };
+        let keys = self.keys.read().map(|k| k.clone()).map_err(|_| {
+            failure(
+                DenyCode::TokenUnknownKey,
+                "key view unavailable".into(),
+                None,
+            )
+        })?;
         let verified = self
             .verified(token, &keys, now)
-            .map_err(|rejected| (DenyCode::from(&rejected), rejected.to_string()))?;
-        self.revocations
-            .check(&verified, self.config.max_staleness, Instant::now())
-            .map_err(|denial| match denial {
-                RevocationDenial::Revoked(_) => (DenyCode::TokenRevoked, denial.to_string()),
-                _ => (DenyCode::RevocationFeedStale, denial.to_string()),
-            })?;
+            .map_err(|rejected| failure(DenyCode::from(&rejected), rejected.to_string(), None))?;
+        if let Err(denial) = self
+            .revocations
+            .check(&verified, self.config.max_staleness, mono)
+        {
+            let code = match denial {
+                RevocationDenial::Revoked(_) => DenyCode::TokenRevoked,
+                RevocationDenial::NeverSynced | RevocationDenial::Stale { .. } => {
+                    DenyCode::RevocationFeedStale
+                }
+            };
+            return Err(failure(code, denial.to_string(), Some(verified)));
+        }
         Ok(verified)
     }
 
@@ -312,16 +336,7 @@ impl Guard {
         request: &Request,
         payload: T,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        let decision = self.decide(token, request);
-        if decision.is_allow() {
-            Ok(Authorized {
-                inner: payload,
-                decision_id: decision.id,
-                shadow_deny: None,
-            })
-        } else {
-            Err(Box::new(decision))
-        }
+        into_authorized(self.decide(token, request), payload)
     }
 
     /// Decides, then fulfils what an allow still requires through `ledger` (consume the
@@ -399,15 +414,7 @@ impl Guard {
                 token,
             ));
         }
-        if decision.is_allow() {
-            Ok(Authorized {
-                inner: payload,
-                decision_id: decision.id,
-                shadow_deny: None,
-            })
-        } else {
-            Err(Box::new(decision))
-        }
+        into_authorized(decision, payload)
     }
 
     /// Shadow mode: decides and logs as usual, then lets `payload` through either way,
@@ -436,40 +443,17 @@ impl Guard {
             explanation,
             obligations: Vec::new(),
         };
-        let keys = match self.keys.read() {
-            Ok(keys) => keys.clone(),
-            Err(_) => {
-                return deny(
-                    DenyCode::TokenUnknownKey,
-                    "key view unavailable".into(),
-                    None,
-                    vec![],
-                )
-            }
-        };
-        let verified = match self.verified(token, &keys, now) {
+        let verified = match self.token_check(token, now, mono) {
             Ok(verified) => verified,
-            Err(rejected) => {
+            Err(failure) => {
                 return deny(
-                    DenyCode::from(&rejected),
-                    rejected.to_string(),
-                    None,
+                    failure.code,
+                    failure.reason,
+                    failure.verified.as_deref(),
                     vec![],
                 )
             }
         };
-        if let Err(denial) = self
-            .revocations
-            .check(&verified, self.config.max_staleness, mono)
-        {
-            let code = match denial {
-                RevocationDenial::Revoked(_) => DenyCode::TokenRevoked,
-                RevocationDenial::NeverSynced | RevocationDenial::Stale { .. } => {
-                    DenyCode::RevocationFeedStale
-                }
-            };
-            return deny(code, denial.to_string(), Some(&verified), vec![]);
-        }
         match self.run_policy(&verified, request, now) {
             Ok((explanation, mut authorizer)) => {
                 let (outcome, obligations) = match containment::check(
@@ -566,6 +550,25 @@ impl Guard {
             }
             Err(other) => Err(internal(other)),
         }
+    }
+}
+
+/// Why the token itself failed, with the token if it did verify (for the decision's agent).
+struct TokenFailure {
+    code: DenyCode,
+    reason: String,
+    verified: Option<Arc<VerifiedToken>>,
+}
+
+fn into_authorized<T>(decision: Decision, payload: T) -> Result<Authorized<T>, Box<Decision>> {
+    if decision.is_allow() {
+        Ok(Authorized {
+            inner: payload,
+            decision_id: decision.id,
+            shadow_deny: None,
+        })
+    } else {
+        Err(Box::new(decision))
     }
 }
 

@@ -110,27 +110,8 @@ impl GrantEvaluator {
     ) -> Result<Vec<String>, PolicyEvalError> {
         let mut offending = Vec::new();
         for point in &self.config.containment.recovery_points {
-            let terms = [string(point.as_str()), string("delete")];
-            let mut builder = self
-                .policy
-                .builder()
-                .set_limits(self.limits.to_biscuit())
-                .fact(fact("agent", &[string(&identity.agent)]))?
-                .fact(fact("auth_method", &[string(identity.method.as_str())]))?
-                .fact(fact("time", &[date(&now)]))?
-                .fact(fact("requested", &terms))?;
-            if point.is_prefix() {
-                builder = builder.fact(fact("requested_prefix", &terms))?;
-            }
-            if let Some(env) = self.config.environment_of(point) {
-                builder = builder.fact(fact(
-                    "environment_of",
-                    &[string(point.as_str()), string(env)],
-                ))?;
-            }
-            for (key, value) in &identity.claims {
-                builder = builder.fact(fact("claim", &[string(key), claim_term(value)]))?;
-            }
+            let delete = Scope::new(point.clone(), crate::scope::Verb::Delete);
+            let builder = self.request_builder(identity, std::slice::from_ref(&delete), now)?;
             let mut authorizer = builder.build_unauthenticated()?;
             let granted: Vec<(String, String)> =
                 authorizer.query("granted($r, $v) <- grant($r, $v)")?;
@@ -162,31 +143,15 @@ impl GrantEvaluator {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut builder = self
-            .policy
-            .builder()
-            .set_limits(self.limits.to_biscuit())
-            .fact(fact("agent", &[string(&identity.agent)]))?
-            .fact(fact("auth_method", &[string(identity.method.as_str())]))?
-            .fact(fact("time", &[date(&now)]))?;
-        for (key, value) in &identity.claims {
-            builder = builder.fact(fact("claim", &[string(key), claim_term(value)]))?;
-        }
-        let mut environments = BTreeMap::new();
-        for scope in &requested {
-            let terms = [string(scope.resource.as_str()), string(scope.verb.as_str())];
-            builder = builder.fact(fact("requested", &terms))?;
-            if scope.resource.is_prefix() {
-                builder = builder.fact(fact("requested_prefix", &terms))?;
-            }
-            if let Some(env) = self.config.environment_of(&scope.resource) {
-                environments.insert(scope.resource.clone(), env.to_owned());
-                builder = builder.fact(fact(
-                    "environment_of",
-                    &[string(scope.resource.as_str()), string(env)],
-                ))?;
-            }
-        }
+        let environments: BTreeMap<_, _> = requested
+            .iter()
+            .filter_map(|scope| {
+                self.config
+                    .environment_of(&scope.resource)
+                    .map(|env| (scope.resource.clone(), env.to_owned()))
+            })
+            .collect();
+        let builder = self.request_builder(identity, &requested, now)?;
         let mut authorizer = builder.build_unauthenticated()?;
         let granted: BTreeSet<(String, String)> = authorizer
             .query("granted($r, $v) <- grant($r, $v)")?
@@ -251,6 +216,42 @@ impl GrantEvaluator {
             ttl,
             row_budget,
         })
+    }
+}
+
+impl GrantEvaluator {
+    /// The policy with the facts of one request: identity, claims, time, requested scopes and
+    /// the configured environment of each.
+    fn request_builder(
+        &self,
+        identity: &Identity,
+        requested: &[Scope],
+        now: SystemTime,
+    ) -> Result<biscuit_auth::AuthorizerBuilder, PolicyEvalError> {
+        let mut builder = self
+            .policy
+            .builder()
+            .set_limits(self.limits.to_biscuit())
+            .fact(fact("agent", &[string(&identity.agent)]))?
+            .fact(fact("auth_method", &[string(identity.method.as_str())]))?
+            .fact(fact("time", &[date(&now)]))?;
+        for (key, value) in &identity.claims {
+            builder = builder.fact(fact("claim", &[string(key), claim_term(value)]))?;
+        }
+        for scope in requested {
+            let terms = [string(scope.resource.as_str()), string(scope.verb.as_str())];
+            builder = builder.fact(fact("requested", &terms))?;
+            if scope.resource.is_prefix() {
+                builder = builder.fact(fact("requested_prefix", &terms))?;
+            }
+            if let Some(env) = self.config.environment_of(&scope.resource) {
+                builder = builder.fact(fact(
+                    "environment_of",
+                    &[string(scope.resource.as_str()), string(env)],
+                ))?;
+            }
+        }
+        Ok(builder)
     }
 }
 

@@ -376,63 +376,18 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord, StoreError> {
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let last: Option<String> = tx
-                .query_row(
-                    "SELECT json FROM audit ORDER BY seq DESC LIMIT 1",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            let last: Option<AuditRecord> = last.map(|j| from_json(&j)).transpose()?;
-            let record = next_record(
-                last.as_ref().map(|r| (r.seq, r.hash.as_str())),
-                event,
-                unix_seconds_now(),
-            );
-            tx.execute(
-                "INSERT INTO audit (seq, json) VALUES (?1, ?2)",
-                params![record.seq as i64, to_json(&record)?],
-            )
-            .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(record)
-        })
-        .await
+        let mut records = self
+            .with(move |conn| append_chained(conn, vec![event]))
+            .await?;
+        records
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("audit append returned nothing".into()))
     }
 
     /// One transaction, one fsync, for the whole batch.
     async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<u64, StoreError> {
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let last: Option<String> = tx
-                .query_row(
-                    "SELECT json FROM audit ORDER BY seq DESC LIMIT 1",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            let mut previous: Option<AuditRecord> = last.map(|j| from_json(&j)).transpose()?;
-            for event in events {
-                let record = next_record(
-                    previous.as_ref().map(|r| (r.seq, r.hash.as_str())),
-                    event,
-                    unix_seconds_now(),
-                );
-                tx.execute(
-                    "INSERT INTO audit (seq, json) VALUES (?1, ?2)",
-                    params![record.seq as i64, to_json(&record)?],
-                )
-                .map_err(unavailable)?;
-                previous = Some(record);
-            }
-            tx.commit().map_err(unavailable)?;
-            Ok(previous.map(|r| r.seq).unwrap_or(0))
-        })
-        .await
+        let records = self.with(move |conn| append_chained(conn, events)).await?;
+        Ok(records.last().map(|r| r.seq).unwrap_or(0))
     }
 
     async fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
@@ -460,6 +415,40 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Appends `events` to the chain inside one transaction and returns the stored records.
+fn append_chained(
+    conn: &mut Connection,
+    events: Vec<AuditEvent>,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let tx = conn.transaction().map_err(unavailable)?;
+    let last: Option<String> = tx
+        .query_row(
+            "SELECT json FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let mut previous: Option<AuditRecord> = last.map(|j| from_json(&j)).transpose()?;
+    let mut records = Vec::with_capacity(events.len());
+    for event in events {
+        let record = next_record(
+            previous.as_ref().map(|r| (r.seq, r.hash.as_str())),
+            event,
+            unix_seconds_now(),
+        );
+        tx.execute(
+            "INSERT INTO audit (seq, json) VALUES (?1, ?2)",
+            params![record.seq as i64, to_json(&record)?],
+        )
+        .map_err(unavailable)?;
+        previous = Some(record.clone());
+        records.push(record);
+    }
+    tx.commit().map_err(unavailable)?;
+    Ok(records)
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {

@@ -55,6 +55,8 @@ pub enum ProxyError {
     Serve(std::io::Error),
     #[error(transparent)]
     Sync(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Runtime(#[from] super::runtime::RuntimeError),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -487,34 +489,19 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
-    let keys = super::sync::empty_keys();
-    let revocations = Arc::new(RevocationView::new());
-    let containment = Arc::new(ContainmentView::new());
-    let tasks = super::sync::spawn(
-        super::sync::SyncConfig::new(&config.broker),
-        revocations.clone(),
-        keys.clone(),
-        containment.clone(),
-    )?;
-    let client = crate::client::Client::new(&config.broker)?;
-    let adapter_key = match &config.adapter_key_env {
-        Some(var) => Some(std::env::var(var).map_err(|_| {
-            ProxyError::Credential(format!("adapter key variable {var} is not set"))
-        })?),
-        None => None,
-    };
-    let spool = super::ledger::AuditSpool::start(
+    let runtime = super::runtime::AdapterRuntime::start(
+        &config.broker,
+        config.adapter_key_env.as_deref(),
         config.audit_spool.clone(),
-        client.clone(),
-        adapter_key.clone(),
-    );
-    let ledger: Arc<dyn Ledger> = Arc::new(super::ledger::BrokerLedger::new(
-        client,
-        adapter_key,
-        Some(spool),
-    ));
+    )?;
     let addr = config.listen;
-    let proxy = Arc::new(Proxy::new(config, keys, revocations, containment, ledger)?);
+    let proxy = Arc::new(Proxy::new(
+        config,
+        runtime.keys,
+        runtime.revocations,
+        runtime.containment,
+        runtime.ledger,
+    )?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ProxyError::Listen { addr, source })?;
@@ -523,7 +510,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ProxyError::Serve);
-    for task in tasks {
+    for task in runtime.tasks {
         task.abort();
     }
     result

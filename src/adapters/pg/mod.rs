@@ -37,6 +37,8 @@ pub enum PgProxyError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Runtime(#[from] super::runtime::RuntimeError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -270,33 +272,11 @@ fn rights(verified: &VerifiedToken) -> Vec<(String, String)> {
 
 /// Runs the PostgreSQL proxy: syncs from the broker and serves until the process ends.
 pub async fn serve(config: PgProxyConfig) -> Result<(), PgProxyError> {
-    let keys = super::sync::empty_keys();
-    let revocations = Arc::new(RevocationView::new());
-    let containment = Arc::new(ContainmentView::new());
-    super::sync::spawn(
-        super::sync::SyncConfig::new(&config.broker),
-        revocations.clone(),
-        keys.clone(),
-        containment.clone(),
-    )?;
-    let client = crate::client::Client::new(&config.broker)?;
-    let adapter_key = match &config.adapter_key_env {
-        Some(var) => Some(
-            std::env::var(var)
-                .map_err(|_| PgProxyError::Credential(format!("{var} is not set")))?,
-        ),
-        None => None,
-    };
-    let spool = super::ledger::AuditSpool::start(
+    let runtime = super::runtime::AdapterRuntime::start(
+        &config.broker,
+        config.adapter_key_env.as_deref(),
         config.audit_spool.clone(),
-        client.clone(),
-        adapter_key.clone(),
-    );
-    let ledger: Arc<dyn Ledger> = Arc::new(super::ledger::BrokerLedger::new(
-        client,
-        adapter_key,
-        Some(spool),
-    ));
+    )?;
     let addr = config.listen;
     let listener = TcpListener::bind(addr)
         .await
@@ -304,10 +284,10 @@ pub async fn serve(config: PgProxyConfig) -> Result<(), PgProxyError> {
     tracing::info!(%addr, "capgate pg proxy listening");
     Arc::new(PgProxy::new(
         config,
-        keys,
-        revocations,
-        containment,
-        ledger,
+        runtime.keys,
+        runtime.revocations,
+        runtime.containment,
+        runtime.ledger,
     )?)
     .serve(listener)
     .await;
