@@ -70,6 +70,7 @@ fn main() {
     let now = SystemTime::now();
     let spec = TokenSpec {
         row_budget: None,
+        use_budget: None,
         agent: "deploy-bot".into(),
         session_id: random_id(),
         rights: vec![

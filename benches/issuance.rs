@@ -15,6 +15,7 @@ fn spec() -> TokenSpec {
     let now = SystemTime::now();
     TokenSpec {
         row_budget: None,
+        use_budget: None,
         agent: "deploy-bot".into(),
         session_id: random_id(),
         rights: [

@@ -120,6 +120,7 @@ async fn main() {
         &mint(
             &TokenSpec {
                 row_budget: None,
+                use_budget: None,
                 agent: "bench".into(),
                 session_id: random_id(),
                 rights: vec![GrantedRight {

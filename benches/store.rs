@@ -44,6 +44,7 @@ async fn issue_many(
             .collect();
         let spec = TokenSpec {
             row_budget: None,
+            use_budget: None,
             agent: identity.agent.clone(),
             session_id: random_id(),
             rights,

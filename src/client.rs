@@ -87,6 +87,18 @@ impl Client {
         scopes: &[Scope],
         ttl: Option<Duration>,
     ) -> Result<IssuedToken, ClientError> {
+        self.request_token_with_uses(credential, scopes, ttl, None)
+            .await
+    }
+
+    /// As `request_token`, for a token usable at most `max_uses` times in all (1 = one-shot).
+    pub async fn request_token_with_uses(
+        &self,
+        credential: &str,
+        scopes: &[Scope],
+        ttl: Option<Duration>,
+        max_uses: Option<u64>,
+    ) -> Result<IssuedToken, ClientError> {
         let details: Vec<_> = scopes
             .iter()
             .map(|s| json!({"type": "capgate", "locations": [s.resource], "actions": [s.verb]}))
@@ -94,6 +106,9 @@ impl Client {
         let mut body = json!({ "authorization_details": details });
         if let Some(ttl) = ttl {
             body["ttl_seconds"] = json!(ttl.as_secs().max(1));
+        }
+        if let Some(uses) = max_uses {
+            body["max_uses"] = json!(uses);
         }
         let issued_at = SystemTime::now();
         let response = self
@@ -213,6 +228,10 @@ impl Client {
     pub async fn count(&self, token: &str, verb: Verb) -> Result<CountResponse, ClientError> {
         self.post_json("/v1/velocity", token, &json!({ "verb": verb }))
             .await
+    }
+
+    pub async fn count_use(&self, token: &str) -> Result<CountResponse, ClientError> {
+        self.post_json("/v1/uses", token, &json!({})).await
     }
 
     pub async fn append_audit(

@@ -183,6 +183,9 @@ enum TokenCommand {
         /// Lifetime, e.g. 5m (capped by policy).
         #[arg(long)]
         ttl: Option<humantime::Duration>,
+        /// Usable this many times in all, across adapters (1 = one-shot).
+        #[arg(long)]
+        max_uses: Option<u64>,
         /// Agent credential: an API key (cgk_…) or an identity JWT.
         #[arg(long, env = "CAPGATE_CREDENTIAL", hide_env_values = true)]
         credential: String,
@@ -448,11 +451,12 @@ async fn token_command(command: TokenCommand) -> CliResult {
             broker,
             scopes,
             ttl,
+            max_uses,
             credential,
         } => {
             let client = Client::new(&broker).map_err(|e| e.to_string())?;
             match client
-                .request_token(&credential, &scopes, ttl.map(Into::into))
+                .request_token_with_uses(&credential, &scopes, ttl.map(Into::into), max_uses)
                 .await
             {
                 Ok(issued) => {

@@ -695,3 +695,85 @@ async fn a_broker_restart_loses_no_approval_counter_or_audit_record() {
         first + 1
     );
 }
+
+#[tokio::test]
+async fn a_token_use_budget_is_counted_across_its_attenuated_copies() {
+    let s = setup("", &["http://railway/volumes/:read"]).await;
+    let (status, issued) = s
+        .broker
+        .post_json(
+            "/v1/tokens",
+            Some(OPS_KEY),
+            json!({"authorization_details": details(&["http://railway/volumes/:read"]), "max_uses": 2}),
+        )
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    let token = token_of(&issued);
+    let narrowed = capgate::token::attenuate(
+        &token,
+        &capgate::token::Attenuation {
+            resource: Some("http://railway/volumes/vol_1".parse().expect("pattern")),
+            ..Default::default()
+        },
+    )
+    .expect("attenuate");
+    assert_eq!(
+        send(&s.proxy, "GET", "/v2/volumes/vol_1", &token).await.0,
+        200
+    );
+    assert_eq!(
+        send(&s.proxy, "GET", "/v2/volumes/vol_1", &narrowed)
+            .await
+            .0,
+        200
+    );
+    let (status, body, _) = send(&s.proxy, "GET", "/v2/volumes/vol_1", &token).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("use_budget_exhausted"), "{body}");
+    let (status, _, _) = send(&s.proxy, "GET", "/v2/volumes/vol_1", &narrowed).await;
+    assert_eq!(status, 429, "the attenuated copy shares the budget");
+    assert_eq!(s.upstream.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn writes_are_denied_when_their_audit_record_cannot_be_stored() {
+    // A proxy that has no audit key cannot record writes, so it must not perform them.
+    let broker = Broker::start_custom(OPS_POLICY, &containment("")).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy_with_env(
+        &broker.url,
+        up_port,
+        "prod",
+        &[(
+            "CAPGATE_TEST_ADAPTER_KEY",
+            "cga_not_configured_at_the_broker_000",
+        )],
+    )
+    .await;
+    let token = token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/:write",
+                    "http://railway/volumes/:read",
+                ],
+                None,
+            )
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let (status, body, _) = send(&proxy, "POST", "/v2/volumes/vol_1/data", &token).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("audit_unavailable"), "{body}");
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing unrecorded reached the upstream"
+    );
+    assert_eq!(
+        send(&proxy, "GET", "/v2/volumes/vol_1", &token).await.0,
+        200,
+        "reads are spooled, not blocked"
+    );
+}

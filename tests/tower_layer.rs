@@ -63,6 +63,7 @@ fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
     let now = SystemTime::now();
     let spec = TokenSpec {
         row_budget: None,
+        use_budget: None,
         agent: "app-bot".into(),
         session_id: session.into(),
         rights: rights
@@ -257,4 +258,50 @@ async fn a_stale_revocation_view_denies_in_process_too() {
         send(&mut router, "GET", "/items/1", Some(&token)).await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
+}
+
+#[tokio::test]
+async fn hitting_a_datalog_run_limit_is_its_own_deny_reason() {
+    let fixture = fixture();
+    let tight = Guard::new(
+        GuardConfig {
+            adapter: "items-app".into(),
+            max_token_bytes: 16 * 1024,
+            max_staleness: Duration::from_secs(3600 * 2),
+            limits: RunLimits {
+                max_facts: 10_000,
+                max_iterations: 100,
+                max_time: Duration::from_nanos(1),
+            },
+            cache_capacity: 0,
+        },
+        Arc::new(RwLock::new(Arc::new(
+            fixture.keyring.public_keys().expect("keys"),
+        ))),
+        fixture.revocations.clone(),
+        PolicySet::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
+        )
+        .expect("policy"),
+    );
+    let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
+    let request = GuardRequest {
+        resource: "http://app/items/1".into(),
+        verb: Verb::Read,
+        environment: "prod".into(),
+        attributes: vec![],
+    };
+    let decision = tight.decide_at(&token, &request, SystemTime::now(), Instant::now());
+    assert_eq!(
+        decision.outcome,
+        capgate::guard::Outcome::Deny {
+            code: capgate::guard::DenyCode::PolicyRunLimit,
+            reason: "Datalog run limit reached: spent too much time verifying".into()
+        }
+    );
+    // The same request under the normal limits is allowed: the limit, not the policy, denied.
+    assert!(fixture
+        .guard
+        .decide_at(&token, &request, SystemTime::now(), Instant::now())
+        .is_allow());
 }

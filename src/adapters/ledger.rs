@@ -48,7 +48,8 @@ fn denial(e: ClientError) -> LedgerDenial {
 
 /// Broker codes this adapter passes on; anything else is reported generically.
 fn static_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
+        "use_budget_exhausted",
         "rate_limited",
         "approval_used",
         "approval_expired",
@@ -97,6 +98,14 @@ impl Ledger for BrokerLedger {
     async fn count(&self, token: &str, verb: Verb) -> Result<(), LedgerDenial> {
         self.client
             .count(token, verb)
+            .await
+            .map(|_| ())
+            .map_err(denial)
+    }
+
+    async fn count_use(&self, token: &str) -> Result<(), LedgerDenial> {
+        self.client
+            .count_use(token)
             .await
             .map(|_| ())
             .map_err(denial)

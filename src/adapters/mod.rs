@@ -139,7 +139,7 @@ pub fn deny_response(decision: &Decision, mode: Mode) -> Response {
             | DenyCode::AuditUnavailable
     ) {
         StatusCode::SERVICE_UNAVAILABLE
-    } else if code == DenyCode::RateLimited {
+    } else if matches!(code, DenyCode::RateLimited | DenyCode::UseBudgetExhausted) {
         StatusCode::TOO_MANY_REQUESTS
     } else {
         StatusCode::FORBIDDEN

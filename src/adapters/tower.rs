@@ -16,7 +16,7 @@ use tower::Layer;
 use tower_service::Service;
 
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
-use crate::guard::{Guard, Request as GuardRequest};
+use crate::guard::{Guard, Ledger, Request as GuardRequest};
 
 type Mapper = dyn Fn(&Parts) -> Option<GuardRequest> + Send + Sync;
 
@@ -33,6 +33,8 @@ pub struct GuardLayer {
     guard: Arc<Guard>,
     mapper: Arc<Mapper>,
     mode: Mode,
+    /// Without a ledger, allows that carry obligations (approval, counting, audit) are denied.
+    ledger: Option<Arc<dyn Ledger>>,
 }
 
 impl GuardLayer {
@@ -44,7 +46,15 @@ impl GuardLayer {
             guard,
             mapper: Arc::new(mapper),
             mode: Mode::Enforce,
+            ledger: None,
         }
+    }
+
+    /// Lets the layer fulfil approvals, velocity counts and audit records through `ledger`
+    /// (e.g. a [`crate::adapters::ledger::BrokerLedger`]), so writes can be allowed.
+    pub fn with_ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     pub fn with_mode(mut self, mode: Mode) -> Self {
@@ -116,7 +126,15 @@ where
             strip_token_headers(&mut parts.headers);
             let request = Request::from_parts(parts, body);
             let authorized = match mode {
-                Mode::Enforce => layer.guard.authorize(&token, &guard_request, request),
+                Mode::Enforce => match &layer.ledger {
+                    Some(ledger) => {
+                        layer
+                            .guard
+                            .authorize_with(&token, &guard_request, request, ledger.as_ref())
+                            .await
+                    }
+                    None => layer.guard.authorize(&token, &guard_request, request),
+                },
                 Mode::Shadow => Ok(layer
                     .guard
                     .authorize_shadow(&token, &guard_request, request)),

@@ -89,6 +89,41 @@ pub async fn count(
     }))
 }
 
+/// Counts one call against the token's own use budget (shared by its attenuated copies).
+pub async fn count_use(
+    State(state): State<Arc<BrokerState>>,
+    headers: HeaderMap,
+) -> Result<Json<CountResponse>, ApiError> {
+    let verified = agent_token(&state, &headers)?;
+    let Some(budget) = verified.use_budget else {
+        return Ok(Json(CountResponse {
+            count: 0,
+            limit: None,
+        }));
+    };
+    let authority = verified.revocation_ids.first().cloned().unwrap_or_default();
+    // No window: the count lives as long as the token (the store key outlives it).
+    let count = state
+        .store
+        .increment(
+            &format!("uses:{authority}"),
+            std::time::Duration::from_secs(10 * 365 * 86_400),
+        )
+        .await?;
+    if count > budget {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "use_budget_exhausted",
+            format!("this token may be used {budget} times and has been"),
+        )
+        .with_extra(json!({"count": count, "limit": budget})));
+    }
+    Ok(Json(CountResponse {
+        count,
+        limit: Some(budget),
+    }))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeState {

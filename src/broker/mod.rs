@@ -248,6 +248,7 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
         (Method::GET, "/v1/health", get(health::health)),
         (Method::GET, "/v1/containment", get(containment::document)),
         (Method::POST, "/v1/velocity", post(containment::count)),
+        (Method::POST, "/v1/uses", post(containment::count_use)),
         (Method::GET, "/v1/freeze", get(containment::freeze_state)),
         (Method::POST, "/v1/freeze", post(containment::set_freeze)),
         (Method::POST, "/v1/approvals", post(approvals::create)),

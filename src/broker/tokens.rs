@@ -44,6 +44,9 @@ struct TokenRequest {
     authorization_details: Vec<AuthorizationDetail>,
     #[serde(default)]
     ttl_seconds: Option<u64>,
+    /// Ask for a token usable this many times in all (1 = one-shot); policy may cap it lower.
+    #[serde(default)]
+    max_uses: Option<u64>,
     #[serde(default)]
     grant_type: Option<String>,
     #[serde(default)]
@@ -171,7 +174,18 @@ pub async fn issue(
         issued_at: now,
         expires_at,
         row_budget: decision.row_budget,
+        use_budget: match (request.max_uses, decision.use_budget) {
+            (Some(asked), Some(cap)) => Some(asked.min(cap)),
+            (asked, cap) => asked.or(cap),
+        },
     };
+    if spec.use_budget == Some(0) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_max_uses",
+            "max_uses must be positive",
+        ));
+    }
     let keyring = state.keyring()?;
     let token = mint(&spec, keyring.active_key_id(), keyring.signing_key())
         .and_then(|t| Ok(crate::token::encode(&t)?))
@@ -240,6 +254,7 @@ fn from_form(body: &[u8]) -> Result<TokenRequest, ApiError> {
     Ok(TokenRequest {
         authorization_details,
         ttl_seconds,
+        max_uses: None,
         grant_type: Some(form.grant_type),
         subject_token: Some(form.subject_token),
         subject_token_type: Some(form.subject_token_type),

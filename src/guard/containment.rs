@@ -26,6 +26,8 @@ pub enum Obligation {
     Count { verb: Verb },
     /// Record the decision in the audit trail before forwarding; if it cannot be stored, deny.
     Audit,
+    /// Count one use against the token's own use budget (one-shot, N calls).
+    Use,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +54,13 @@ pub trait Ledger: Send + Sync {
     ) -> Result<(), LedgerDenial>;
     async fn count(&self, token: &str, verb: Verb) -> Result<(), LedgerDenial>;
     async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial>;
+    /// Counts one call against the token's use budget; refuses once it is spent.
+    async fn count_use(&self, _token: &str) -> Result<(), LedgerDenial> {
+        Err(LedgerDenial {
+            code: "use_budget_unavailable",
+            reason: "this adapter cannot count token uses".into(),
+        })
+    }
     /// Records a decision off the request path (reads, denials); best effort, spooled.
     fn record_later(&self, _event: AuditEvent) {}
 }

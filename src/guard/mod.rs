@@ -58,6 +58,9 @@ pub enum DenyCode {
     RateLimited,
     ApprovalInvalid,
     AuditUnavailable,
+    UseBudgetExhausted,
+    /// An allow that still needs a ledger (approval, counting, audit) asked without one.
+    ObligationsUnfulfilled,
 }
 
 impl DenyCode {
@@ -80,6 +83,8 @@ impl DenyCode {
             DenyCode::RateLimited => "rate_limited",
             DenyCode::ApprovalInvalid => "approval_invalid",
             DenyCode::AuditUnavailable => "audit_unavailable",
+            DenyCode::UseBudgetExhausted => "use_budget_exhausted",
+            DenyCode::ObligationsUnfulfilled => "obligations_unfulfilled",
         }
     }
 
@@ -361,6 +366,7 @@ impl Guard {
                             digest,
                         } => ledger.consume_approval(token, approval_id, digest).await,
                         Obligation::Count { verb } => ledger.count(token, *verb).await,
+                        Obligation::Use => ledger.count_use(token).await,
                         Obligation::Audit => {
                             ledger
                                 .audit(decision_event(
@@ -376,6 +382,7 @@ impl Guard {
                         let code = match obligation {
                             Obligation::ConsumeApproval { .. } => DenyCode::ApprovalInvalid,
                             Obligation::Count { .. } => DenyCode::RateLimited,
+                            Obligation::Use => DenyCode::UseBudgetExhausted,
                             Obligation::Audit => DenyCode::AuditUnavailable,
                         };
                         decision.outcome = Outcome::Deny {
@@ -463,7 +470,12 @@ impl Guard {
                     request,
                     &mut authorizer,
                 ) {
-                    Ok(obligations) => (Outcome::Allow, obligations),
+                    Ok(mut obligations) => {
+                        if verified.use_budget.is_some() {
+                            obligations.insert(0, Obligation::Use);
+                        }
+                        (Outcome::Allow, obligations)
+                    }
                     Err(outcome) => (outcome, Vec::new()),
                 };
                 Decision {
@@ -560,7 +572,17 @@ struct TokenFailure {
     verified: Option<Arc<VerifiedToken>>,
 }
 
-fn into_authorized<T>(decision: Decision, payload: T) -> Result<Authorized<T>, Box<Decision>> {
+/// Only an allow with nothing left to do becomes `Authorized`: obligations (approval, counts,
+/// audit) need a ledger, so without one they turn the allow into a deny.
+fn into_authorized<T>(mut decision: Decision, payload: T) -> Result<Authorized<T>, Box<Decision>> {
+    if decision.is_allow() && !decision.obligations.is_empty() {
+        decision.outcome = Outcome::Deny {
+            code: DenyCode::ObligationsUnfulfilled,
+            reason:
+                "this operation needs approval, counting or audit, which this adapter cannot do"
+                    .into(),
+        };
+    }
     if decision.is_allow() {
         Ok(Authorized {
             inner: payload,

@@ -31,6 +31,8 @@ pub struct GrantDecision {
     pub ttl: Duration,
     /// The smallest `row_budget($n)` the policy derives, if any.
     pub row_budget: Option<u64>,
+    /// The smallest `use_budget($n)` the policy derives, if any.
+    pub use_budget: Option<u64>,
 }
 
 impl GrantDecision {
@@ -166,6 +168,8 @@ impl GrantEvaluator {
         let caps: Vec<(i64,)> = authorizer.query("cap($s) <- max_ttl($s)")?;
         let budgets: Vec<(i64,)> = authorizer.query("budget($n) <- row_budget($n)")?;
         let row_budget = budgets.into_iter().map(|(n,)| n.max(0) as u64).min();
+        let uses: Vec<(i64,)> = authorizer.query("uses($n) <- use_budget($n)")?;
+        let use_budget = uses.into_iter().map(|(n,)| n.max(0) as u64).min();
 
         let outcomes = requested
             .into_iter()
@@ -215,6 +219,7 @@ impl GrantEvaluator {
             outcomes,
             ttl,
             row_budget,
+            use_budget,
         })
     }
 }

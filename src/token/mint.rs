@@ -27,6 +27,8 @@ pub struct TokenSpec {
     pub expires_at: SystemTime,
     /// Most rows one write may change (PostgreSQL adapter); from the grant policy.
     pub row_budget: Option<u64>,
+    /// Calls allowed in all (one-shot = 1), counted across adapters.
+    pub use_budget: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,12 @@ pub fn mint(spec: &TokenSpec, key_id: u32, key: &KeyPair) -> Result<Biscuit, Min
             ],
         ))?;
     }
+    if let Some(uses) = spec.use_budget {
+        block = block.fact(fact(
+            "use_budget",
+            &[int(i64::try_from(uses).unwrap_or(i64::MAX))],
+        ))?;
+    }
     if let Some(budget) = spec.row_budget {
         block = block.fact(fact(
             "row_budget",
@@ -71,6 +79,7 @@ pub fn mint(spec: &TokenSpec, key_id: u32, key: &KeyPair) -> Result<Biscuit, Min
         agent: spec.agent.clone(),
         session: spec.session_id.clone(),
         exp: unix_seconds(spec.expires_at),
+        uses: spec.use_budget,
     };
     let block = block.context(serde_json::to_string(&context)?);
     let token = Biscuit::builder()

@@ -67,6 +67,9 @@ pub(crate) struct AuthorityContext {
     pub session: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// How many calls the token may make in all, across adapters (absent: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u64>,
 }
 
 pub(crate) const FORMAT_VERSION: u32 = 1;

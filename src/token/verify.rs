@@ -24,6 +24,8 @@ pub struct VerifiedToken {
     pub expires_at: SystemTime,
     /// One per block, hex; revoking any of them revokes this token and its descendants.
     pub revocation_ids: Vec<String>,
+    /// The authority block's use budget: calls allowed in all, shared by attenuated copies.
+    pub use_budget: Option<u64>,
 }
 
 /// Reads the expiry from the (unverified) authority context. Cheap: two protobuf decodes.
@@ -91,6 +93,7 @@ pub(crate) fn verify_bytes(
             .collect(),
         biscuit,
         key_id,
+        use_budget: context.uses,
         agent: context.agent,
         session: context.session,
         expires_at,

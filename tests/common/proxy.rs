@@ -83,6 +83,16 @@ impl Drop for ProxyProcess {
 }
 
 pub async fn start_proxy(broker_url: &str, upstream_port: u16, environment: &str) -> ProxyProcess {
+    start_proxy_with_env(broker_url, upstream_port, environment, &[]).await
+}
+
+/// As `start_proxy`, with extra or overriding environment variables for the process.
+pub async fn start_proxy_with_env(
+    broker_url: &str,
+    upstream_port: u16,
+    environment: &str,
+    env: &[(&str, &str)],
+) -> ProxyProcess {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = format!(
@@ -155,6 +165,7 @@ mode = "shadow"
         .arg(&path)
         .env("CAPGATE_TEST_UPSTREAM_TOKEN", UPSTREAM_SECRET)
         .env("CAPGATE_TEST_ADAPTER_KEY", super::ADAPTER_KEY)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
