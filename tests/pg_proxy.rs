@@ -27,6 +27,20 @@ impl Drop for PgProxyProcess {
 }
 
 async fn start_pg_proxy(broker: &Broker) -> PgProxyProcess {
+    start_pg_proxy_with(
+        broker,
+        "addr = \"127.0.0.1:5432\"\ndatabase = \"test\"\nuser = \"postgres\"\n",
+        &[],
+    )
+    .await
+}
+
+/// A proxy in front of the given `[upstream]` table, with extra environment variables.
+async fn start_pg_proxy_with(
+    broker: &Broker,
+    upstream: &str,
+    env: &[(&str, &str)],
+) -> PgProxyProcess {
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
     let config = format!(
@@ -42,9 +56,7 @@ adapter_key_env = "CAPGATE_TEST_ADAPTER_KEY"
 audit_spool = "{spool}"
 
 [upstream]
-addr = "127.0.0.1:5432"
-database = "test"
-user = "postgres"
+{upstream}
 "#,
         broker = broker.url,
         policies = repo().join("policies/adapters").display(),
@@ -57,6 +69,7 @@ user = "postgres"
         .args(["proxy", "pg", "--config"])
         .arg(&path)
         .env("CAPGATE_TEST_ADAPTER_KEY", ADAPTER_KEY)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -755,4 +768,150 @@ fn the_example_pg_config_loads() {
         .expect("example config");
     assert!(config.adapter_policies.join("default.dl").exists());
     assert_eq!(config.database, "staging");
+}
+
+/// A throwaway PostgreSQL cluster that demands a password (SCRAM-SHA-256, or md5), run as the
+/// `postgres` system user; the shared server on 5432 trusts loopback and never asks.
+struct PasswordCluster {
+    port: u16,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+const UPSTREAM_USER: &str = "capgate_up";
+const UPSTREAM_PASSWORD: &str = "upstream-only-secret";
+
+impl PasswordCluster {
+    fn start(auth: &str) -> PasswordCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().expect("dir");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, UPSTREAM_PASSWORD).expect("pwfile");
+        let run = |args: &[&std::ffi::OsStr]| {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "as postgres: {args:?} (these tests run as root, as CI does)"
+            );
+        };
+        Command::new("chown")
+            .arg("-R")
+            .arg("postgres")
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        let data = dir.path().join("data");
+        let auth_flag = format!("--auth={auth}");
+        run(&[
+            bin.join("initdb").as_os_str(),
+            "-D".as_ref(),
+            data.as_os_str(),
+            "-U".as_ref(),
+            UPSTREAM_USER.as_ref(),
+            auth_flag.as_ref(),
+            "--pwfile".as_ref(),
+            pwfile.as_os_str(),
+        ]);
+        let port = free_port();
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            dir.path().display()
+        );
+        let log = dir.path().join("log");
+        run(&[
+            bin.join("pg_ctl").as_os_str(),
+            "-D".as_ref(),
+            data.as_os_str(),
+            "-o".as_ref(),
+            options.as_ref(),
+            "-l".as_ref(),
+            log.as_os_str(),
+            "-w".as_ref(),
+            "start".as_ref(),
+        ]);
+        PasswordCluster { port, dir, bin }
+    }
+
+    fn url(&self) -> String {
+        format!("host=127.0.0.1 port={} user={UPSTREAM_USER} password={UPSTREAM_PASSWORD} dbname=postgres", self.port)
+    }
+}
+
+impl Drop for PasswordCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_authenticates_upstream_with_scram_and_md5() {
+    let broker = Broker::start().await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    );
+    for auth in ["scram-sha-256", "md5"] {
+        let cluster = PasswordCluster::start(auth);
+        if auth == "md5" {
+            // Store an md5 verifier so the server really asks for md5.
+            let (admin, connection) = tokio_postgres::connect(&cluster.url(), NoTls)
+                .await
+                .expect("admin connection");
+            tokio::spawn(connection);
+            admin
+                .batch_execute(&format!("SET password_encryption = 'md5'; ALTER ROLE {UPSTREAM_USER} PASSWORD '{UPSTREAM_PASSWORD}'"))
+                .await
+                .expect("md5 verifier");
+        }
+        let upstream = format!(
+            "addr = \"127.0.0.1:{}\"\ndatabase = \"postgres\"\nuser = \"{UPSTREAM_USER}\"\npassword_env = \"CAPGATE_TEST_UPSTREAM_PW\"\n",
+            cluster.port
+        );
+        let proxy = start_pg_proxy_with(
+            &broker,
+            &upstream,
+            &[("CAPGATE_TEST_UPSTREAM_PW", UPSTREAM_PASSWORD)],
+        )
+        .await;
+        let client = connect_when_ready(proxy.port, "reporting-bot", &token).await;
+        let row = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .expect("query");
+        assert_eq!(
+            row.get::<_, String>(0),
+            UPSTREAM_USER,
+            "{auth}: connected upstream as the configured role"
+        );
+        let wrong =
+            start_pg_proxy_with(&broker, &upstream, &[("CAPGATE_TEST_UPSTREAM_PW", "wrong")]).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let error = connect(wrong.port, "reporting-bot", &token)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{auth}: wrong upstream password accepted"));
+        assert_eq!(
+            sqlstate(&error).as_deref(),
+            Some("08006"),
+            "{auth}: {error:?}"
+        );
+    }
 }
