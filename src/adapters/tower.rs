@@ -135,9 +135,12 @@ where
                     }
                     None => layer.guard.authorize(&token, &guard_request, request),
                 },
-                Mode::Shadow => Ok(layer
-                    .guard
-                    .authorize_shadow(&token, &guard_request, request)),
+                Mode::Shadow => {
+                    layer
+                        .guard
+                        .authorize_shadow(&token, &guard_request, request, layer.ledger.as_deref())
+                        .await
+                }
             };
             match authorized {
                 Ok(authorized) => {

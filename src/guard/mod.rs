@@ -425,16 +425,48 @@ impl Guard {
     }
 
     /// Shadow mode: decides and logs as usual, then lets `payload` through either way,
-    /// recording the deny it would have made. Still the guard's decision, never a bypass.
-    pub fn authorize_shadow<T>(&self, token: &str, request: &Request, payload: T) -> Authorized<T> {
-        let decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+    /// recording the deny it would have made. Still the guard's decision, never a bypass, and
+    /// still audited: a non-read verb goes through only once its record is stored.
+    pub async fn authorize_shadow<T>(
+        &self,
+        token: &str,
+        request: &Request,
+        payload: T,
+        ledger: Option<&dyn Ledger>,
+    ) -> Result<Authorized<T>, Box<Decision>> {
+        let mut decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
         log_decision(&self.config.adapter, request, &decision, "shadow");
+        let mut event = decision_event(&self.config.adapter, request, &decision, token);
+        if let Some(detail) = event.detail.as_object_mut() {
+            detail.insert("mode".into(), "shadow".into());
+        }
+        let recorded = match ledger {
+            Some(ledger) if request.verb == Verb::Read => {
+                ledger.record_later(event);
+                Ok(())
+            }
+            Some(ledger) => ledger.audit(event).await.map_err(|denial| {
+                (
+                    DenyCode::AuditUnavailable,
+                    format!("{} ({})", denial.reason, denial.code),
+                )
+            }),
+            None if request.verb == Verb::Read => Ok(()),
+            None => Err((
+                DenyCode::ObligationsUnfulfilled,
+                "shadow mode cannot record this write: no ledger".to_owned(),
+            )),
+        };
+        if let Err((code, reason)) = recorded {
+            decision.outcome = Outcome::Deny { code, reason };
+            return Err(Box::new(decision));
+        }
         let decision_id = decision.id.clone();
-        Authorized {
+        Ok(Authorized {
             inner: payload,
             decision_id,
             shadow_deny: (!decision.is_allow()).then(|| Box::new(decision)),
-        }
+        })
     }
 
     fn evaluate(&self, token: &str, request: &Request, now: SystemTime, mono: Instant) -> Decision {

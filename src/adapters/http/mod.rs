@@ -387,9 +387,17 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
                 )
                 .await
         }
-        Mode::Shadow => Ok(proxy
-            .guard
-            .authorize_shadow(&token, &guard_request, (request, target))),
+        Mode::Shadow => {
+            proxy
+                .guard
+                .authorize_shadow(
+                    &token,
+                    &guard_request,
+                    (request, target),
+                    Some(proxy.ledger.as_ref()),
+                )
+                .await
+        }
     };
     match authorized {
         Ok(authorized) => forward(&proxy, authorized, mode).await,
