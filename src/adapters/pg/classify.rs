@@ -223,6 +223,30 @@ pub fn classify(
     default_schema: &str,
     limits: &Limits,
 ) -> Result<Vec<Statement>, ClassifyError> {
+    precheck(sql, limits)?;
+    let (reply, answer) = std::sync::mpsc::channel();
+    submit(sql, default_schema, Reply::Blocking(reply))?;
+    answer
+        .recv()
+        .map_err(|_| ClassifyError::Internal("classifier worker failed".into()))?
+}
+
+/// As [`classify`], without blocking the caller's thread: the async session awaits the worker.
+pub async fn classify_async(
+    sql: &str,
+    default_schema: &str,
+    limits: &Limits,
+) -> Result<Vec<Statement>, ClassifyError> {
+    precheck(sql, limits)?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    submit(sql, default_schema, Reply::Async(reply))?;
+    answer
+        .await
+        .map_err(|_| ClassifyError::Internal("classifier worker failed".into()))?
+}
+
+/// Size, nesting and NUL checks, before any parsing.
+fn precheck(sql: &str, limits: &Limits) -> Result<(), ClassifyError> {
     if sql.len() > limits.max_query_bytes {
         return Err(ClassifyError::TooLarge {
             bytes: sql.len(),
@@ -239,25 +263,33 @@ pub fn classify(
     if sql.contains('\0') {
         return Err(ClassifyError::Parse("NUL byte in query".into()));
     }
-    let (reply, answer) = std::sync::mpsc::channel();
+    Ok(())
+}
+
+fn submit(sql: &str, schema: &str, reply: Reply) -> Result<(), ClassifyError> {
     pool()
         .lock()
         .map_err(|_| ClassifyError::Internal("classifier pool unavailable".into()))?
         .send(Job {
             sql: sql.to_owned(),
-            schema: default_schema.to_owned(),
+            schema: schema.to_owned(),
             reply,
         })
-        .map_err(|_| ClassifyError::Internal("classifier pool stopped".into()))?;
-    answer
-        .recv()
-        .map_err(|_| ClassifyError::Internal("classifier worker failed".into()))?
+        .map_err(|_| ClassifyError::Internal("classifier pool stopped".into()))
+}
+
+type Outcome = Result<Vec<Statement>, ClassifyError>;
+
+/// Where a worker sends its answer: a blocking caller or an async one.
+enum Reply {
+    Blocking(std::sync::mpsc::Sender<Outcome>),
+    Async(tokio::sync::oneshot::Sender<Outcome>),
 }
 
 struct Job {
     sql: String,
     schema: String,
-    reply: std::sync::mpsc::Sender<Result<Vec<Statement>, ClassifyError>>,
+    reply: Reply,
 }
 
 /// Worker threads with large stacks (libpg_query and serde recurse on nested trees), started
@@ -283,7 +315,11 @@ fn pool() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
                         Err(_) => return,
                     };
                     let Ok(job) = job else { return };
-                    let _ = job.reply.send(classify_here(&job.sql, &job.schema));
+                    let outcome = classify_here(&job.sql, &job.schema);
+                    match job.reply {
+                        Reply::Blocking(reply) => drop(reply.send(outcome)),
+                        Reply::Async(reply) => drop(reply.send(outcome)),
+                    }
                 });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a classifier worker");

@@ -14,7 +14,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::classify::{classify, Access, Object};
+use super::classify::{classify_async, Access, Object};
 use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
@@ -498,19 +498,12 @@ impl Session {
     /// Classifies `sql` and asks the guard about every access of every statement in it.
     async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
         let proxy = self.proxy.clone();
-        let owned = sql.to_owned();
-        let statements = tokio::task::spawn_blocking(move || {
-            classify(&owned, &proxy.config.default_schema, &proxy.limits)
-        })
-        .await
-        .map_err(|_| Denial {
-            sqlstate: "42501",
-            message: "capgate: classifier unavailable".into(),
-        })?
-        .map_err(|e| Denial {
-            sqlstate: "42501",
-            message: format!("capgate denied: statement not classified ({e})"),
-        })?;
+        let statements = classify_async(sql, &proxy.config.default_schema, &proxy.limits)
+            .await
+            .map_err(|e| Denial {
+                sqlstate: "42501",
+                message: format!("capgate denied: statement not classified ({e})"),
+            })?;
         let mut checked = Checked {
             statements: statements.len(),
             writes: false,
