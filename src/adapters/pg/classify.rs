@@ -238,11 +238,20 @@ pub async fn classify_async(
     limits: &Limits,
 ) -> Result<Vec<Statement>, ClassifyError> {
     precheck(sql, limits)?;
+    if shallow(sql) {
+        return classify_here(sql, default_schema);
+    }
     let (reply, answer) = tokio::sync::oneshot::channel();
     submit(sql, default_schema, Reply::Async(reply))?;
     answer
         .await
         .map_err(|_| ClassifyError::Internal("classifier worker failed".into()))?
+}
+
+/// Statements this shallow and short recurse so little that any thread's stack will do; the
+/// hand-off to a large-stack worker costs more than parsing them.
+fn shallow(sql: &str) -> bool {
+    sql.len() <= 16 * 1024 && nesting_depth(sql) <= 16
 }
 
 /// Size, nesting and NUL checks, before any parsing.
