@@ -198,7 +198,10 @@ async fn relay(
     let intercept: Intercept = Arc::new(std::sync::Mutex::new(None));
     let intercept_up = intercept.clone();
     let reader = tokio::spawn(async move {
+        // Messages already buffered from one TCP read go to the client as one write.
+        let mut pending: Vec<u8> = Vec::new();
         while let Ok(message) = read_message(&mut upstream_read, max.max(16 << 20)).await {
+            let mut forward = true;
             match message.tag {
                 b'Z' => {
                     status_up.store(
@@ -209,19 +212,27 @@ async fn relay(
                 }
                 b'G' => copy_up.store(true, Ordering::SeqCst),
                 // The real backend's key must never reach the client.
-                b'K' => continue,
+                b'K' => forward = false,
                 _ => {}
             }
             // During a row-budget check the session reads upstream's answers itself.
             let interceptor = intercept_up.lock().ok().and_then(|slot| slot.clone());
-            let delivered = match interceptor {
-                Some(interceptor) => interceptor.send(message).await.is_ok(),
-                None => to_client_up
-                    .send(wire::encode(message.tag, &message.body))
+            if let Some(interceptor) = interceptor {
+                if interceptor.send(message).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            if forward {
+                pending.extend_from_slice(&wire::encode(message.tag, &message.body));
+            }
+            if upstream_read.buffer().is_empty()
+                && !pending.is_empty()
+                && to_client_up
+                    .send(std::mem::take(&mut pending))
                     .await
-                    .is_ok(),
-            };
-            if !delivered {
+                    .is_err()
+            {
                 break;
             }
         }
