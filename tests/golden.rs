@@ -254,3 +254,58 @@ fn regenerate_golden_vectors() {
     )
     .expect("write");
 }
+
+/// Thousands of mutated tokens: the guard never panics, and nothing but the untouched token
+/// is ever allowed.
+#[test]
+fn mutated_tokens_are_never_allowed() {
+    let text = std::fs::read_to_string(dir().join("vectors.json")).expect("vectors.json");
+    let vectors: Vectors = serde_json::from_str(&text).expect("vectors");
+    let guard = guard(&vectors.public_key);
+    let original = vectors.tokens["deploy"].clone();
+    let request = Request {
+        resource: "pg://staging/public.bookings".into(),
+        verb: Verb::Write,
+        environment: "staging".into(),
+        attributes: vec![],
+    };
+    assert!(guard
+        .decide_at(&original, &request, at(NOW), Instant::now())
+        .is_allow());
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/ ";
+    let mut state: u64 = 0xDEAD_BEEF_CAFE_F00D;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut codes: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for i in 0..3000 {
+        let mut bytes = original.clone().into_bytes();
+        for _ in 0..=(next() % 3) {
+            let at = (next() % bytes.len() as u64) as usize;
+            match next() % 4 {
+                0 => {
+                    bytes.remove(at);
+                }
+                1 => bytes.insert(at, alphabet[(next() % alphabet.len() as u64) as usize]),
+                _ => bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+            }
+        }
+        let mutated = String::from_utf8_lossy(&bytes).into_owned();
+        if mutated == original {
+            continue;
+        }
+        let decision = guard.decide_at(&mutated, &request, at(NOW), Instant::now());
+        assert!(!decision.is_allow(), "mutation {i} was allowed: {mutated}");
+        if let Outcome::Deny { code, .. } = decision.outcome {
+            *codes.entry(code.as_str()).or_insert(0) += 1;
+        }
+    }
+    // Many mutations must get past decoding, so the signature check is really exercised.
+    assert!(
+        codes.get("token_bad_signature").copied().unwrap_or(0) > 100,
+        "{codes:?}"
+    );
+}

@@ -154,3 +154,42 @@ mod tests {
         assert_eq!(path.encoded, "/files/a%20b%3Fc%23d");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Random targets: never a panic, and whatever is accepted is free of separators, dot
+    /// segments and control characters in every segment.
+    #[test]
+    fn random_paths_canonicalise_safely() {
+        let alphabet = b"/.%2fFeE5cC0aA;\\\x00\n vx_-~";
+        let mut state: u64 = 0x1234_5678_9ABC_DEF1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 24) as usize;
+            let raw: String = std::iter::once('/')
+                .chain(
+                    (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize] as char),
+                )
+                .collect();
+            if let Ok(path) = canonicalize(&raw) {
+                for segment in &path.segments {
+                    assert!(!segment.contains('/') && !segment.contains('\\'), "{raw:?}");
+                    assert!(segment != "." && segment != "..", "{raw:?}");
+                    assert!(!segment.chars().any(char::is_control), "{raw:?}");
+                }
+                assert_eq!(
+                    canonicalize(&path.encoded).map(|p| p.segments),
+                    Ok(path.segments.clone()),
+                    "canonical form is stable: {raw:?}"
+                );
+            }
+        }
+    }
+}
