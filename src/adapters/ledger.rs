@@ -126,6 +126,24 @@ impl Ledger for BrokerLedger {
             .map_err(denial)
     }
 
+    async fn audit_batch(&self, events: &[AuditEvent]) -> Result<(), LedgerDenial> {
+        let Some(key) = &self.adapter_key else {
+            return Err(LedgerDenial {
+                code: "audit_unavailable",
+                reason: "this adapter has no audit key configured, so it cannot record writes"
+                    .into(),
+            });
+        };
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .append_audit(key, events)
+            .await
+            .map(|_| ())
+            .map_err(denial)
+    }
+
     fn record_later(&self, event: AuditEvent) {
         if let Some(spool) = &self.spool {
             spool.record(event);

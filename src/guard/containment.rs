@@ -54,6 +54,14 @@ pub trait Ledger: Send + Sync {
     ) -> Result<(), LedgerDenial>;
     async fn count(&self, token: &str, verb: Verb) -> Result<(), LedgerDenial>;
     async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial>;
+    /// Stores several records at once, all or nothing as far as the caller knows: an error
+    /// means none may be assumed stored.
+    async fn audit_batch(&self, events: &[AuditEvent]) -> Result<(), LedgerDenial> {
+        for event in events {
+            self.audit(event.clone()).await?;
+        }
+        Ok(())
+    }
     /// Counts one call against the token's use budget; refuses once it is spent.
     async fn count_use(&self, _token: &str) -> Result<(), LedgerDenial> {
         Err(LedgerDenial {

@@ -40,6 +40,33 @@ pub struct Statement {
     pub prepare: Option<String>,
     /// `EXECUTE name`: the caller looks up what PREPARE recorded.
     pub execute: Option<String>,
+    /// BEGIN, COMMIT, ROLLBACK and the like: where a transaction's writes become durable.
+    pub transaction: Option<Transaction>,
+}
+
+/// Transaction control, as far as auditing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transaction {
+    Begin,
+    /// COMMIT, END, PREPARE TRANSACTION: the transaction's writes become durable.
+    Commit,
+    /// ROLLBACK, ABORT: its writes are undone.
+    Rollback,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT/ROLLBACK PREPARED.
+    Other,
+}
+
+fn transaction_control(node: Option<&pg_query::NodeEnum>) -> Option<Transaction> {
+    use pg_query::protobuf::TransactionStmtKind as Kind;
+    let Some(pg_query::NodeEnum::TransactionStmt(stmt)) = node else {
+        return None;
+    };
+    Some(match stmt.kind() {
+        Kind::TransStmtBegin | Kind::TransStmtStart => Transaction::Begin,
+        Kind::TransStmtCommit | Kind::TransStmtPrepare => Transaction::Commit,
+        Kind::TransStmtRollback => Transaction::Rollback,
+        _ => Transaction::Other,
+    })
 }
 
 impl Statement {
@@ -355,7 +382,10 @@ fn classify_here(sql: &str, default_schema: &str) -> Result<Vec<Statement>, Clas
         .to_owned();
         let tree = serde_json::to_value(raw.stmt.as_deref())
             .map_err(|e| ClassifyError::Internal(e.to_string()))?;
-        statements.push(classify_statement(text, &tree, default_schema));
+        let mut statement = classify_statement(text, &tree, default_schema);
+        statement.transaction =
+            transaction_control(raw.stmt.as_deref().and_then(|n| n.node.as_ref()));
+        statements.push(statement);
     }
     Ok(statements)
 }
@@ -453,6 +483,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         accesses,
         prepare: walk.prepare,
         execute: walk.execute,
+        transaction: None,
     }
 }
 

@@ -5,20 +5,24 @@
 //! session stays usable.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::classify::{classify_async, Access, Object};
+use super::classify::{classify_async, Access, Object, Statement, Transaction};
 use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
-use crate::guard::{Outcome, Request as GuardRequest};
+use crate::containment::audit::AuditEvent;
+use crate::guard::{Ledger, LedgerDenial, Outcome, Request as GuardRequest};
 use crate::scope::Verb;
 
 /// Startup parameters a client may send; anything else (notably `options`) is refused.
@@ -174,295 +178,174 @@ async fn refuse(client: &mut TcpStream, sqlstate: &str, message: &str) -> Result
     Ok(())
 }
 
+/// What the client is owed next, in the order the client must see it. Replies the proxy makes
+/// itself (a denial) wait behind upstream answers to anything forwarded before them, so a
+/// pipelining client never reads them out of order.
+enum Owed {
+    /// Upstream's answers up to and including its next ReadyForQuery.
+    Upstream,
+    /// The same, delivered to the session instead of the client (a row-budget check).
+    Intercepted(mpsc::UnboundedSender<Message>),
+    /// Bytes the proxy answers itself.
+    Local(Vec<u8>),
+    /// A ReadyForQuery of the proxy's own, with upstream's transaction status at that point.
+    Ready,
+}
+
+/// State both directions of one session read; they run in one task, so these are never
+/// contended, only shared.
+struct Shared {
+    /// Transaction status from upstream's latest ReadyForQuery.
+    status: AtomicU8,
+    copy_in: AtomicBool,
+    /// Forwarded requests whose ReadyForQuery has not come back yet.
+    in_flight: AtomicUsize,
+    /// Counts upstream's returns to idle: portals die with the transaction they were made in.
+    epoch: AtomicU64,
+}
+
+/// Both directions of a session run as two futures of one task: a statement's round trip
+/// costs no hand-off between threads.
 async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
     token: String,
     proxy: Arc<PgProxy>,
 ) -> Result<(), WireError> {
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, mut upstream_write) = upstream.into_split();
-    // Buffered reads: a typical answer is several small messages in one TCP segment.
-    let mut client_read = tokio::io::BufReader::new(client_read);
-    let mut upstream_read = tokio::io::BufReader::new(upstream_read);
-    let (to_client, outbox) = mpsc::channel::<Vec<u8>>(256);
-    let status = Arc::new(AtomicU8::new(b'I'));
-    let copy_in = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(write_client(client_write, outbox));
-    let (status_up, copy_up, to_client_up, max) = (
-        status.clone(),
-        copy_in.clone(),
-        to_client.clone(),
-        proxy.config.max_frame_bytes,
-    );
-    let intercept: Intercept = Arc::new(std::sync::Mutex::new(None));
-    let intercept_up = intercept.clone();
-    let reader = tokio::spawn(async move {
-        // Messages already buffered from one TCP read go to the client as one write.
-        let mut pending: Vec<u8> = Vec::new();
-        while let Ok(message) = read_message(&mut upstream_read, max.max(16 << 20)).await {
-            let mut forward = true;
-            match message.tag {
-                b'Z' => {
-                    status_up.store(
-                        message.body.first().copied().unwrap_or(b'I'),
-                        Ordering::SeqCst,
-                    );
-                    copy_up.store(false, Ordering::SeqCst);
-                }
-                b'G' => copy_up.store(true, Ordering::SeqCst),
-                // The real backend's key must never reach the client.
-                b'K' => forward = false,
-                _ => {}
-            }
-            // During a row-budget check the session reads upstream's answers itself.
-            let interceptor = intercept_up.lock().ok().and_then(|slot| slot.clone());
-            if let Some(interceptor) = interceptor {
-                if interceptor.send(message).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            if forward {
-                pending.extend_from_slice(&wire::encode(message.tag, &message.body));
-            }
-            if upstream_read.buffer().is_empty()
-                && !pending.is_empty()
-                && to_client_up
-                    .send(std::mem::take(&mut pending))
-                    .await
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let shared = Shared {
+        status: AtomicU8::new(b'I'),
+        copy_in: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        epoch: AtomicU64::new(0),
+    };
+    let (owe, owed) = mpsc::unbounded_channel();
+    let upstream_max = proxy.config.max_frame_bytes.max(16 << 20);
     let mut session = Session {
         row_budget: proxy.row_budget_of(&token),
         proxy,
         token,
         prepared: HashMap::new(),
+        parsed: HashMap::new(),
+        portals: HashMap::new(),
         batch: Vec::new(),
         discarding: false,
+        deferred: std::sync::Mutex::new(Vec::new()),
+        shared: &shared,
+        owe,
+        upstream: upstream_write,
     };
-    let outcome = loop {
-        let message =
-            match read_message(&mut client_read, session.proxy.config.max_frame_bytes).await {
-                Ok(message) => message,
-                Err(WireError::Io(_)) => break Ok(()),
-                Err(e) => {
-                    let _ = to_client
-                        .send(wire::encode(
-                            b'E',
-                            &error_response("08P01", &e.to_string()).body,
-                        ))
-                        .await;
-                    break Err(e);
-                }
-            };
-        let reply = |m: Message| wire::encode(m.tag, &m.body);
-        match message.tag {
-            b'Q' => {
-                let sql = cstr(&message.body)?.0.to_owned();
-                match session.check(&sql).await {
-                    Ok(checked) if checked.writes && session.row_budget.is_some() => {
-                        let budget = session.row_budget.unwrap_or(0);
-                        if checked.statements > 1 {
-                            let text = "capgate: a multi-statement write cannot run under a row budget; send one statement at a time";
-                            let _ = to_client.send(reply(error_response("42501", text))).await;
-                            let _ = to_client
-                                .send(reply(wire::ready_for_query(status.load(Ordering::SeqCst))))
-                                .await;
-                            continue;
-                        }
-                        let in_transaction = status.load(Ordering::SeqCst) == b'T';
-                        for out in budgeted(
-                            &mut upstream_write,
-                            &intercept,
-                            message,
-                            budget,
-                            in_transaction,
-                        )
-                        .await?
-                        {
-                            let _ = to_client.send(out).await;
-                        }
-                    }
-                    Ok(_) => upstream_write.write_all(&reply(message)).await?,
-                    Err(denial) => {
-                        let _ = to_client
-                            .send(reply(error_response(denial.sqlstate, &denial.message)))
-                            .await;
-                        let _ = to_client
-                            .send(reply(wire::ready_for_query(status.load(Ordering::SeqCst))))
-                            .await;
-                    }
-                }
+    let outcome = {
+        let from_client = session.serve(client_read);
+        let to_client = deliver(upstream_read, client_write, owed, &shared, upstream_max);
+        tokio::pin!(from_client, to_client);
+        tokio::select! {
+            outcome = &mut from_client => {
+                // The client is done; let what it is owed (a last error, say) reach it.
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut to_client).await;
+                outcome
             }
-            // Extended protocol: a batch is held until Sync or Flush, then checked whole, so
-            // nothing of a batch with a denied Parse reaches the upstream.
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
-                if !session.discarding {
-                    session.batch.push(message);
-                }
-            }
-            b'S' | b'H' => {
-                let sync = message.tag == b'S';
-                if session.discarding {
-                    if sync {
-                        session.discarding = false;
-                        let _ = to_client
-                            .send(reply(wire::ready_for_query(status.load(Ordering::SeqCst))))
-                            .await;
-                    }
-                    continue;
-                }
-                let batch = std::mem::take(&mut session.batch);
-                match session.check_batch(&batch).await {
-                    Ok(()) => {
-                        for held in batch {
-                            upstream_write.write_all(&reply(held)).await?;
-                        }
-                        upstream_write.write_all(&reply(message)).await?;
-                    }
-                    Err(denial) => {
-                        let _ = to_client
-                            .send(reply(error_response(denial.sqlstate, &denial.message)))
-                            .await;
-                        if sync {
-                            let _ = to_client
-                                .send(reply(wire::ready_for_query(status.load(Ordering::SeqCst))))
-                                .await;
-                        } else {
-                            session.discarding = true;
-                        }
-                    }
-                }
-            }
-            b'd' | b'c' | b'f' if copy_in.load(Ordering::SeqCst) => {
-                upstream_write.write_all(&reply(message)).await?
-            }
-            b'F' => {
-                tracing::warn!("fastpath function call refused");
-                let _ = to_client
-                    .send(reply(error_response(
-                        "42501",
-                        "capgate: fastpath function calls are not allowed",
-                    )))
-                    .await;
-                let _ = to_client
-                    .send(reply(wire::ready_for_query(status.load(Ordering::SeqCst))))
-                    .await;
-            }
-            b'X' => {
-                let _ = upstream_write.write_all(&reply(message)).await;
-                break Ok(());
-            }
-            other => {
-                let text = format!("capgate: unexpected message type {:?}", other as char);
-                let _ = to_client.send(reply(error_response("08P01", &text))).await;
-                break Err(WireError::Malformed("unexpected message type"));
-            }
+            delivered = &mut to_client => delivered,
         }
     };
-    reader.abort();
-    drop(to_client);
-    let _ = writer.await;
+    session.end();
     outcome
 }
 
-/// Writes everything queued for the client, coalescing what is already waiting into one write.
-async fn write_client(mut client: OwnedWriteHalf, mut outbox: mpsc::Receiver<Vec<u8>>) {
-    while let Some(mut bytes) = outbox.recv().await {
-        while let Ok(more) = outbox.try_recv() {
-            bytes.extend_from_slice(&more);
+/// Upstream to client: forwards upstream's answers, interleaving the proxy's own replies in
+/// order, and writes whatever is already buffered in one go.
+async fn deliver(
+    mut upstream: ReadHalf<'_>,
+    mut client: WriteHalf<'_>,
+    mut owed: mpsc::UnboundedReceiver<Owed>,
+    shared: &Shared,
+    max: usize,
+) -> Result<(), WireError> {
+    let mut framer = wire::Framer::new(max);
+    let mut queue: VecDeque<Owed> = VecDeque::new();
+    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut open = true;
+    loop {
+        while let Ok(entry) = owed.try_recv() {
+            queue.push_back(entry);
         }
-        if client.write_all(&bytes).await.is_err() {
-            return;
+        pay_local(&mut queue, &mut out, shared);
+        while let Some(frame) = framer.next_frame()? {
+            route(frame, &mut queue, &mut out, shared);
+        }
+        if !out.is_empty() {
+            client.write_all(&out).await?;
+            out.clear();
+        }
+        if !open && queue.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            entry = owed.recv(), if open => match entry {
+                Some(entry) => queue.push_back(entry),
+                None => open = false,
+            },
+            read = framer.fill(&mut upstream) => {
+                if read? == 0 {
+                    return Ok(());
+                }
+            }
         }
     }
-    let _ = client.shutdown().await;
 }
 
-type Intercept = Arc<std::sync::Mutex<Option<mpsc::Sender<Message>>>>;
+/// Moves the proxy's own replies at the head of the queue into `out`.
+fn pay_local(queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared: &Shared) {
+    while let Some(Owed::Local(_) | Owed::Ready) = queue.front() {
+        match queue.pop_front() {
+            Some(Owed::Local(bytes)) => out.extend_from_slice(&bytes),
+            Some(Owed::Ready) => {
+                let ready = wire::ready_for_query(shared.status.load(Ordering::SeqCst));
+                out.extend_from_slice(&wire::encode(ready.tag, &ready.body));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn route(frame: BytesMut, queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared: &Shared) {
+    let tag = frame[0];
+    match tag {
+        b'Z' => {
+            let status = frame.get(5).copied().unwrap_or(b'I');
+            shared.status.store(status, Ordering::SeqCst);
+            shared.copy_in.store(false, Ordering::SeqCst);
+            if status == b'I' {
+                shared.epoch.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        b'G' => shared.copy_in.store(true, Ordering::SeqCst),
+        // The real backend's key must never reach the client.
+        b'K' => return,
+        _ => {}
+    }
+    match queue.front() {
+        Some(Owed::Intercepted(session)) => {
+            let _ = session.send(wire::message_of(&frame));
+        }
+        _ => out.extend_from_slice(&frame),
+    }
+    if tag == b'Z' && matches!(queue.front(), Some(Owed::Upstream | Owed::Intercepted(_))) {
+        queue.pop_front();
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        pay_local(queue, out, shared);
+    }
+}
 
 /// What a checked query string holds.
 struct Checked {
     statements: usize,
     /// Any access of `write` or worse.
     writes: bool,
-}
-
-/// Runs one write inside a transaction (or savepoint) and keeps its effect only if it changed
-/// at most `budget` rows; returns what the client should receive.
-async fn budgeted(
-    upstream: &mut tokio::net::tcp::OwnedWriteHalf,
-    intercept: &Intercept,
-    query: Message,
-    budget: u64,
-    in_transaction: bool,
-) -> Result<Vec<Vec<u8>>, WireError> {
-    let (open, keep, undo) = if in_transaction {
-        (
-            "SAVEPOINT capgate_row_budget",
-            "RELEASE SAVEPOINT capgate_row_budget",
-            "ROLLBACK TO SAVEPOINT capgate_row_budget",
-        )
-    } else {
-        ("BEGIN", "COMMIT", "ROLLBACK")
-    };
-    let (sender, mut answers) = mpsc::channel::<Message>(1024);
-    if let Ok(mut slot) = intercept.lock() {
-        *slot = Some(sender);
-    }
-    let result = async {
-        let opened = run_collect(upstream, &mut answers, Message { tag: b'Q', body: nul(open) }).await?;
-        if opened.iter().any(|m| m.tag == b'E') {
-            return Ok(opened.into_iter().map(|m| wire::encode(m.tag, &m.body)).collect());
-        }
-        let answer = run_collect(upstream, &mut answers, query).await?;
-        let failed = answer.iter().any(|m| m.tag == b'E');
-        let changed = answer.iter().filter(|m| m.tag == b'C').filter_map(|m| rows_in_tag(&m.body)).max().unwrap_or(0);
-        let over = changed > budget;
-        let close = if failed || over { undo } else { keep };
-        let closed = run_collect(upstream, &mut answers, Message { tag: b'Q', body: nul(close) }).await?;
-        let ready = closed.iter().rev().find(|m| m.tag == b'Z').cloned().unwrap_or(wire::ready_for_query(b'I'));
-        if over {
-            tracing::warn!(changed, budget, "row budget exceeded; rolled back");
-            let text = format!("capgate: row budget exceeded: the statement changed {changed} rows, more than the token's budget of {budget}; nothing was changed");
-            return Ok(vec![wire::encode(b'E', &error_response("42501", &text).body), wire::encode(ready.tag, &ready.body)]);
-        }
-        let mut out: Vec<Vec<u8>> = answer.into_iter().filter(|m| m.tag != b'Z').map(|m| wire::encode(m.tag, &m.body)).collect();
-        out.push(wire::encode(ready.tag, &ready.body));
-        Ok(out)
-    }
-    .await;
-    if let Ok(mut slot) = intercept.lock() {
-        *slot = None;
-    }
-    result
-}
-
-/// Sends one simple query and collects upstream's answers up to ReadyForQuery.
-async fn run_collect(
-    upstream: &mut tokio::net::tcp::OwnedWriteHalf,
-    answers: &mut mpsc::Receiver<Message>,
-    query: Message,
-) -> Result<Vec<Message>, WireError> {
-    upstream
-        .write_all(&wire::encode(query.tag, &query.body))
-        .await?;
-    let mut collected = Vec::new();
-    while let Some(message) = answers.recv().await {
-        let done = message.tag == b'Z';
-        collected.push(message);
-        if done {
-            return Ok(collected);
-        }
-    }
-    Err(WireError::Malformed(
-        "upstream closed during a row-budget check",
-    ))
+    /// Where the string commits or rolls back a transaction, if it does.
+    ends: Option<Transaction>,
 }
 
 fn nul(sql: &str) -> Vec<u8> {
@@ -477,78 +360,593 @@ fn rows_in_tag(body: &[u8]) -> Option<u64> {
     tag.rsplit(' ').next()?.parse().ok()
 }
 
-struct Session {
+/// The client-facing half of a session, and what it remembers between messages.
+struct Session<'s> {
     row_budget: Option<u64>,
     proxy: Arc<PgProxy>,
     token: String,
     /// Accesses of statements prepared with SQL `PREPARE`, for `EXECUTE`.
     prepared: HashMap<String, Vec<Access>>,
-    batch: Vec<Message>,
+    /// Extended-protocol statements by name ("" is the unnamed one), classified once at Parse
+    /// so each Execute costs a guard decision and no parsing.
+    parsed: HashMap<String, Arc<Parsed>>,
+    /// Portals by name: the statement bound and the transaction epoch it was bound in.
+    portals: HashMap<String, (Arc<Parsed>, u64)>,
+    /// An extended-protocol batch, held until Sync or Flush.
+    batch: Vec<BytesMut>,
     discarding: bool,
+    /// Audit records of writes allowed inside the open transaction block; stored (all at
+    /// once) before its COMMIT is forwarded, or the transaction is rolled back instead.
+    deferred: std::sync::Mutex<Vec<AuditEvent>>,
+    shared: &'s Shared,
+    owe: mpsc::UnboundedSender<Owed>,
+    upstream: WriteHalf<'s>,
 }
 
-impl Session {
-    async fn check_batch(&mut self, batch: &[Message]) -> Result<(), Denial> {
-        for message in batch.iter().filter(|m| m.tag == b'P') {
-            let (_name, rest) = cstr(&message.body).map_err(protocol_denial)?;
-            let (sql, _) = cstr(rest).map_err(protocol_denial)?;
-            let sql = sql.to_owned();
-            let checked = self.check(&sql).await?;
-            if checked.writes && self.row_budget.is_some() {
-                return Err(Denial {
-                    sqlstate: "42501",
-                    message:
-                        "capgate: under a row budget, writes must use the simple query protocol"
-                            .into(),
-                });
+/// One classified extended-protocol statement.
+struct Parsed {
+    text: String,
+    accesses: Vec<Access>,
+    writes: bool,
+    transaction: Option<Transaction>,
+}
+
+/// How a batch's statements and portals change the session's maps once it is forwarded;
+/// nothing changes for a batch that is refused, because upstream never sees it.
+#[derive(Default)]
+struct Staged {
+    parsed: Vec<(String, Option<Arc<Parsed>>)>,
+    portals: Vec<(String, Option<Arc<Parsed>>)>,
+}
+
+impl Session<'_> {
+    /// Client to upstream, until the client leaves; then nothing more is owed to it.
+    async fn serve(&mut self, client: ReadHalf<'_>) -> Result<(), WireError> {
+        let outcome = self.serve_messages(client).await;
+        let (closed, _) = mpsc::unbounded_channel();
+        self.owe = closed;
+        outcome
+    }
+
+    async fn serve_messages(&mut self, mut client: ReadHalf<'_>) -> Result<(), WireError> {
+        let mut framer = wire::Framer::new(self.proxy.config.max_frame_bytes);
+        loop {
+            let frame = match framer.read(&mut client).await {
+                Ok(frame) => frame,
+                Err(WireError::Io(_)) => return Ok(()),
+                Err(e) => {
+                    self.reply(error_response("08P01", &e.to_string()));
+                    return Err(e);
+                }
+            };
+            match frame[0] {
+                b'Q' => self.query(frame).await?,
+                // Extended protocol: a batch is held until Sync or Flush, then checked whole,
+                // so nothing of a batch with a denied message reaches the upstream.
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if !self.discarding {
+                        self.batch.push(frame);
+                    }
+                }
+                b'S' | b'H' => self.sync(frame).await?,
+                b'd' | b'c' | b'f' if self.shared.copy_in.load(Ordering::SeqCst) => {
+                    self.upstream.write_all(&frame).await?
+                }
+                b'F' => {
+                    tracing::warn!("fastpath function call refused");
+                    self.reply(error_response(
+                        "42501",
+                        "capgate: fastpath function calls are not allowed",
+                    ));
+                    self.owe(Owed::Local(Vec::new()), true);
+                }
+                b'X' => {
+                    let _ = self.upstream.write_all(&frame).await;
+                    return Ok(());
+                }
+                other => {
+                    let text = format!("capgate: unexpected message type {:?}", other as char);
+                    self.reply(error_response("08P01", &text));
+                    return Err(WireError::Malformed("unexpected message type"));
+                }
             }
         }
+    }
+
+    /// Queues `bytes` for the client, after everything forwarded before; with `ready`, a
+    /// ReadyForQuery carrying upstream's transaction status follows.
+    fn owe(&self, bytes: Owed, ready: bool) {
+        let _ = self.owe.send(bytes);
+        if ready {
+            let _ = self.owe.send(Owed::Ready);
+        }
+    }
+
+    fn reply(&self, message: Message) {
+        self.owe(Owed::Local(wire::encode(message.tag, &message.body)), false);
+    }
+
+    fn deny(&self, denial: &Denial, ready: bool) {
+        self.reply(error_response(denial.sqlstate, &denial.message));
+        if ready {
+            self.owe(Owed::Local(Vec::new()), true);
+        }
+    }
+
+    /// Sends `bytes` upstream; `answered` when they end with a request upstream answers
+    /// with ReadyForQuery (a Query or a Sync).
+    async fn forward(&mut self, bytes: &[u8], answered: bool) -> Result<(), WireError> {
+        if answered {
+            self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            let _ = self.owe.send(Owed::Upstream);
+        }
+        self.upstream.write_all(bytes).await?;
         Ok(())
     }
 
-    /// Classifies `sql` and asks the guard about every access of every statement in it.
-    async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
-        let proxy = self.proxy.clone();
-        let statements = classify_async(sql, &proxy.config.default_schema, &proxy.limits)
+    async fn query(&mut self, frame: BytesMut) -> Result<(), WireError> {
+        let sql = match cstr(&frame[5..]) {
+            Ok((sql, _)) => sql.to_owned(),
+            Err(e) => {
+                self.deny(&protocol_denial(e), true);
+                return Ok(());
+            }
+        };
+        let checked = match self.check(&sql).await {
+            Ok(checked) => checked,
+            Err(denial) => {
+                self.deny(&denial, true);
+                return Ok(());
+            }
+        };
+        if checked.writes && self.row_budget.is_some() {
+            if checked.statements > 1 {
+                let denial = Denial {
+                    sqlstate: "42501",
+                    message: "capgate: a multi-statement write cannot run under a row budget; send one statement at a time".into(),
+                };
+                self.deny(&denial, true);
+                return Ok(());
+            }
+            let budget = self.row_budget.unwrap_or(0);
+            return self.budgeted(frame, budget).await;
+        }
+        if !self.transaction_ends(checked.ends).await? {
+            self.owe(Owed::Local(Vec::new()), true);
+            return Ok(());
+        }
+        self.forward(&frame, true).await
+    }
+
+    async fn sync(&mut self, frame: BytesMut) -> Result<(), WireError> {
+        let sync = frame[0] == b'S';
+        if self.discarding {
+            if sync {
+                self.discarding = false;
+                self.owe(Owed::Local(Vec::new()), true);
+            }
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let ends = match self.check_batch(&batch).await {
+            Ok((ends, staged)) => {
+                for (name, parsed) in staged.parsed {
+                    match parsed {
+                        Some(parsed) => self.parsed.insert(name, parsed),
+                        None => self.parsed.remove(&name),
+                    };
+                }
+                let epoch = self.shared.epoch.load(Ordering::SeqCst);
+                for (name, parsed) in staged.portals {
+                    match parsed {
+                        Some(parsed) => self.portals.insert(name, (parsed, epoch)),
+                        None => self.portals.remove(&name),
+                    };
+                }
+                ends
+            }
+            Err(denial) => {
+                self.deny(&denial, sync);
+                self.discarding = !sync;
+                return Ok(());
+            }
+        };
+        if !self.transaction_ends(ends).await? {
+            self.owe(Owed::Local(Vec::new()), sync);
+            self.discarding = !sync;
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(batch.iter().map(|f| f.len()).sum::<usize>() + 5);
+        for held in &batch {
+            bytes.extend_from_slice(held);
+        }
+        bytes.extend_from_slice(&frame);
+        self.forward(&bytes, sync).await
+    }
+
+    /// Before a COMMIT goes upstream, the transaction's deferred audit records are stored; if
+    /// they cannot be, the transaction is rolled back instead and the client told why.
+    /// Returns whether the statement may go on.
+    async fn transaction_ends(&mut self, ends: Option<Transaction>) -> Result<bool, WireError> {
+        match ends {
+            Some(Transaction::Commit) => {
+                let events = std::mem::take(&mut *lock(&self.deferred));
+                if events.is_empty() {
+                    return Ok(true);
+                }
+                match self.proxy.ledger.audit_batch(&events).await {
+                    Ok(()) => Ok(true),
+                    Err(failure) => {
+                        tracing::error!(code = failure.code, reason = %failure.reason, writes = events.len(), "audit records unstorable at commit; rolling back");
+                        for event in events {
+                            self.proxy.ledger.record_later(event);
+                        }
+                        let (answers, mut discard) = mpsc::unbounded_channel();
+                        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+                        let _ = self.owe.send(Owed::Intercepted(answers));
+                        self.upstream
+                            .write_all(&wire::encode(b'Q', &nul("ROLLBACK")))
+                            .await?;
+                        discard.close();
+                        self.reply(error_response("42501", &format!(
+                            "capgate: the audit records of this transaction's writes could not be stored ({}: {}); the transaction was rolled back",
+                            failure.code, failure.reason
+                        )));
+                        Ok(false)
+                    }
+                }
+            }
+            Some(Transaction::Rollback) => {
+                self.release_deferred();
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Deferred records of writes that will never commit still belong in the trail.
+    fn release_deferred(&self) {
+        for event in std::mem::take(&mut *lock(&self.deferred)) {
+            self.proxy.ledger.record_later(event);
+        }
+    }
+
+    /// The session is over; an open transaction dies with it upstream.
+    fn end(&self) {
+        self.release_deferred();
+    }
+
+    /// Runs one write inside a transaction (or savepoint) and keeps its effect only if it
+    /// changed at most `budget` rows.
+    async fn budgeted(&mut self, query: BytesMut, budget: u64) -> Result<(), WireError> {
+        let in_transaction = self.shared.status.load(Ordering::SeqCst) == b'T';
+        let (open, keep, undo) = if in_transaction {
+            (
+                "SAVEPOINT capgate_row_budget",
+                "RELEASE SAVEPOINT capgate_row_budget",
+                "ROLLBACK TO SAVEPOINT capgate_row_budget",
+            )
+        } else {
+            ("BEGIN", "COMMIT", "ROLLBACK")
+        };
+        let opened = self
+            .run_intercepted(&wire::encode(b'Q', &nul(open)))
+            .await?;
+        if opened.iter().any(|m| m.tag == b'E') {
+            for message in opened {
+                self.reply(message);
+            }
+            return Ok(());
+        }
+        let answer = self.run_intercepted(&query).await?;
+        let failed = answer.iter().any(|m| m.tag == b'E');
+        let changed = answer
+            .iter()
+            .filter(|m| m.tag == b'C')
+            .filter_map(|m| rows_in_tag(&m.body))
+            .max()
+            .unwrap_or(0);
+        let over = changed > budget;
+        let close = if failed || over { undo } else { keep };
+        let closed = self
+            .run_intercepted(&wire::encode(b'Q', &nul(close)))
+            .await?;
+        let ready = closed
+            .into_iter()
+            .rev()
+            .find(|m| m.tag == b'Z')
+            .unwrap_or(wire::ready_for_query(b'I'));
+        if over {
+            tracing::warn!(changed, budget, "row budget exceeded; rolled back");
+            let text = format!("capgate: row budget exceeded: the statement changed {changed} rows, more than the token's budget of {budget}; nothing was changed");
+            self.reply(error_response("42501", &text));
+        } else {
+            for message in answer.into_iter().filter(|m| m.tag != b'Z') {
+                self.reply(message);
+            }
+        }
+        self.reply(ready);
+        Ok(())
+    }
+
+    /// Sends one request and collects upstream's answers up to ReadyForQuery.
+    async fn run_intercepted(&mut self, request: &[u8]) -> Result<Vec<Message>, WireError> {
+        let (answers, mut collected_answers) = mpsc::unbounded_channel();
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _ = self.owe.send(Owed::Intercepted(answers));
+        self.upstream.write_all(request).await?;
+        let mut collected = Vec::new();
+        while let Some(message) = collected_answers.recv().await {
+            let done = message.tag == b'Z';
+            collected.push(message);
+            if done {
+                return Ok(collected);
+            }
+        }
+        Err(WireError::Malformed(
+            "upstream closed during a row-budget check",
+        ))
+    }
+
+    /// Checks an extended-protocol batch: every Parse is classified and authorized, every
+    /// Execute of a statement parsed earlier is authorized again (the token may have been
+    /// revoked, a freeze begun, a limit reached since). Returns how the batch ends a
+    /// transaction, and the map changes to apply once it is forwarded.
+    async fn check_batch(
+        &mut self,
+        batch: &[BytesMut],
+    ) -> Result<(Option<Transaction>, Staged), Denial> {
+        let mut staged = Staged::default();
+        let mut fresh: Vec<Arc<Parsed>> = Vec::new();
+        let mut bound_here: Vec<String> = Vec::new();
+        let mut ends = None;
+        let control = self.batch_has_control(batch);
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        for frame in batch {
+            let body = &frame[5..];
+            match frame[0] {
+                b'P' => {
+                    let (name, rest) = cstr(body).map_err(protocol_denial)?;
+                    let (sql, _) = cstr(rest).map_err(protocol_denial)?;
+                    if !name.is_empty() && self.statement(&staged, name).is_some() {
+                        return Err(Denial {
+                            sqlstate: "42P05",
+                            message: format!("capgate: prepared statement {name:?} already exists"),
+                        });
+                    }
+                    let parsed = self.parse(sql, control).await?;
+                    if parsed.writes && self.row_budget.is_some() {
+                        return Err(Denial {
+                            sqlstate: "42501",
+                            message: "capgate: under a row budget, writes must use the simple query protocol".into(),
+                        });
+                    }
+                    let parsed = Arc::new(parsed);
+                    fresh.push(parsed.clone());
+                    staged.parsed.push((name.to_owned(), Some(parsed)));
+                }
+                b'B' => {
+                    let (portal, rest) = cstr(body).map_err(protocol_denial)?;
+                    let (statement, _) = cstr(rest).map_err(protocol_denial)?;
+                    let parsed = self.statement(&staged, statement).ok_or_else(|| Denial {
+                        sqlstate: "26000",
+                        message: format!(
+                            "capgate: statement {statement:?} was not prepared through Capgate"
+                        ),
+                    })?;
+                    if !portal.is_empty() && self.portal(&staged, portal, epoch).is_some() {
+                        return Err(Denial {
+                            sqlstate: "42P03",
+                            message: format!("capgate: portal {portal:?} already exists"),
+                        });
+                    }
+                    bound_here.push(portal.to_owned());
+                    staged.portals.push((portal.to_owned(), Some(parsed)));
+                }
+                b'E' => {
+                    let (portal, _) = cstr(body).map_err(protocol_denial)?;
+                    // The unnamed portal must be bound in the same batch: a Bind that failed
+                    // upstream would otherwise leave an older portal running under this name.
+                    let usable = !portal.is_empty() || bound_here.iter().any(|p| p.is_empty());
+                    let parsed = self
+                        .portal(&staged, portal, epoch)
+                        .filter(|_| usable)
+                        .ok_or_else(|| Denial {
+                            sqlstate: "34000",
+                            message: format!("capgate: portal {portal:?} was not bound in this batch or transaction"),
+                        })?;
+                    // Parsed in this batch: authorized moments ago, once is enough.
+                    if !fresh.iter().any(|p| Arc::ptr_eq(p, &parsed)) {
+                        self.authorize_all(&parsed.accesses, &parsed.text, control)
+                            .await?;
+                    }
+                    if parsed.transaction.is_some() {
+                        ends = parsed.transaction;
+                    }
+                }
+                b'C' => {
+                    let (kind, rest) = body.split_first().ok_or(Denial {
+                        sqlstate: "08P01",
+                        message: "capgate: empty Close message".into(),
+                    })?;
+                    let (name, _) = cstr(rest).map_err(protocol_denial)?;
+                    match kind {
+                        b'S' => staged.parsed.push((name.to_owned(), None)),
+                        _ => staged.portals.push((name.to_owned(), None)),
+                    }
+                }
+                _ => {} // Describe changes nothing
+            }
+        }
+        Ok((ends, staged))
+    }
+
+    /// Whether any statement of the batch controls transactions, judged on what is known
+    /// before checking: a Parse of one, or an Execute of one prepared earlier.
+    fn batch_has_control(&self, batch: &[BytesMut]) -> bool {
+        batch.iter().any(|frame| {
+            let body = &frame[5..];
+            match frame[0] {
+                b'P' => cstr(body)
+                    .and_then(|(_, rest)| cstr(rest))
+                    .map(|(sql, _)| looks_like_transaction_control(sql))
+                    .unwrap_or(true),
+                b'B' => cstr(body)
+                    .and_then(|(_, rest)| cstr(rest))
+                    .map(|(statement, _)| {
+                        self.parsed
+                            .get(statement)
+                            .is_some_and(|p| p.transaction.is_some())
+                    })
+                    .unwrap_or(true),
+                b'E' => cstr(body)
+                    .map(|(portal, _)| {
+                        self.portals
+                            .get(portal)
+                            .is_some_and(|(p, _)| p.transaction.is_some())
+                    })
+                    .unwrap_or(true),
+                _ => false,
+            }
+        })
+    }
+
+    fn statement(&self, staged: &Staged, name: &str) -> Option<Arc<Parsed>> {
+        match staged.parsed.iter().rev().find(|(n, _)| n == name) {
+            Some((_, parsed)) => parsed.clone(),
+            None => self.parsed.get(name).cloned(),
+        }
+    }
+
+    fn portal(&self, staged: &Staged, name: &str, epoch: u64) -> Option<Arc<Parsed>> {
+        match staged.portals.iter().rev().find(|(n, _)| n == name) {
+            Some((_, parsed)) => parsed.clone(),
+            // Portals die with their transaction upstream.
+            None => self
+                .portals
+                .get(name)
+                .filter(|(_, bound)| *bound == epoch)
+                .map(|(p, _)| p.clone()),
+        }
+    }
+
+    /// Classifies one Parse and authorizes what it touches.
+    async fn parse(&mut self, sql: &str, control: bool) -> Result<Parsed, Denial> {
+        let statements = self.classify(sql).await?;
+        let mut parsed = Parsed {
+            text: sql.to_owned(),
+            accesses: Vec::new(),
+            writes: false,
+            transaction: None,
+        };
+        for statement in statements {
+            let accesses = self.accesses_of(&statement)?;
+            self.authorize_all(&accesses, &statement.text, control)
+                .await?;
+            parsed.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
+            parsed.transaction = parsed.transaction.or(statement.transaction);
+            if let Some(name) = &statement.prepare {
+                self.prepare(name, &accesses)?;
+            }
+            parsed.accesses.extend(accesses);
+        }
+        Ok(parsed)
+    }
+
+    async fn classify(&self, sql: &str) -> Result<Vec<Statement>, Denial> {
+        classify_async(sql, &self.proxy.config.default_schema, &self.proxy.limits)
             .await
             .map_err(|e| Denial {
                 sqlstate: "42501",
                 message: format!("capgate denied: statement not classified ({e})"),
-            })?;
+            })
+    }
+
+    fn accesses_of(&self, statement: &Statement) -> Result<Vec<Access>, Denial> {
+        match &statement.execute {
+            Some(name) => self.prepared.get(name).cloned().ok_or_else(|| Denial {
+                sqlstate: "42501",
+                message: format!(
+                    "capgate denied: EXECUTE of {name:?}, which was not prepared through Capgate"
+                ),
+            }),
+            None => Ok(statement.accesses.clone()),
+        }
+    }
+
+    /// SQL `PREPARE`: refused for a name already taken, as PostgreSQL would, so the proxy's
+    /// idea of a name never differs from upstream's.
+    fn prepare(&mut self, name: &str, accesses: &[Access]) -> Result<(), Denial> {
+        if self.prepared.contains_key(name) {
+            return Err(Denial {
+                sqlstate: "42P05",
+                message: format!("capgate: prepared statement {name:?} already exists"),
+            });
+        }
+        self.prepared.insert(name.to_owned(), accesses.to_vec());
+        Ok(())
+    }
+
+    /// Classifies a simple Query string and asks the guard about every access of every
+    /// statement in it.
+    async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
+        let statements = self.classify(sql).await?;
+        let control = statements.iter().any(|s| s.transaction.is_some());
         let mut checked = Checked {
             statements: statements.len(),
             writes: false,
+            ends: None,
         };
         for statement in statements {
-            let accesses = match &statement.execute {
-                Some(name) => self.prepared.get(name).cloned().ok_or_else(|| Denial {
-                    sqlstate: "42501",
-                    message: format!("capgate denied: EXECUTE of {name:?}, which was not prepared through Capgate"),
-                })?,
-                None => statement.accesses.clone(),
-            };
-            if accesses.is_empty() {
-                // Touches nothing, but only for a token that is still valid.
-                self.proxy
-                    .guard
-                    .verify_token(&self.token)
-                    .map_err(|(code, reason)| Denial {
-                        sqlstate: "42501",
-                        message: format!("capgate denied: {} ({reason})", code.as_str()),
-                    })?;
-            }
-            for access in &accesses {
-                self.authorize(access, &statement.text).await?;
-                checked.writes |= access.verb != Verb::Read;
+            let accesses = self.accesses_of(&statement)?;
+            self.authorize_all(&accesses, &statement.text, control)
+                .await?;
+            checked.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
+            if matches!(
+                statement.transaction,
+                Some(Transaction::Commit | Transaction::Rollback)
+            ) {
+                checked.ends = statement.transaction;
             }
             if let Some(name) = &statement.prepare {
-                self.prepared.insert(name.clone(), accesses);
+                self.prepare(name, &accesses)?;
             }
         }
         Ok(checked)
     }
 
-    async fn authorize(&self, access: &Access, sql: &str) -> Result<(), Denial> {
+    /// Asks the guard about each access; a statement that touches nothing still needs a
+    /// valid token. `control`: the request also controls transactions, so no write in it
+    /// may have its audit record deferred to a commit.
+    async fn authorize_all(
+        &self,
+        accesses: &[Access],
+        sql: &str,
+        control: bool,
+    ) -> Result<(), Denial> {
+        if accesses.is_empty() {
+            self.proxy
+                .guard
+                .verify_token(&self.token)
+                .map_err(|(code, reason)| Denial {
+                    sqlstate: "42501",
+                    message: format!("capgate denied: {} ({reason})", code.as_str()),
+                })?;
+        }
+        // A write inside an open transaction block becomes durable only at COMMIT, so its
+        // audit record need only be stored by then; the COMMIT is held until it is. Only
+        // when nothing is in flight: otherwise the block may already have ended upstream.
+        let in_block = !control
+            && self.shared.status.load(Ordering::SeqCst) == b'T'
+            && self.shared.in_flight.load(Ordering::SeqCst) == 0;
+        for access in accesses {
+            self.authorize(access, sql, in_block && access.verb == Verb::Write)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn authorize(&self, access: &Access, sql: &str, defer: bool) -> Result<(), Denial> {
         let alias = &self.proxy.config.database;
         let resource = match &access.object {
             Object::Relation { schema, name } => format!("pg://{alias}/{schema}.{name}"),
@@ -561,10 +959,19 @@ impl Session {
             environment: self.proxy.config.environment.clone(),
             attributes: vec![("sql".into(), sql.chars().take(4096).collect())],
         };
+        let deferring = Deferring {
+            inner: self.proxy.ledger.as_ref(),
+            deferred: &self.deferred,
+        };
+        let ledger: &dyn Ledger = if defer {
+            &deferring
+        } else {
+            self.proxy.ledger.as_ref()
+        };
         match self
             .proxy
             .guard
-            .authorize_with(&self.token, &request, (), self.proxy.ledger.as_ref())
+            .authorize_with(&self.token, &request, (), ledger)
             .await
         {
             Ok(_) => Ok(()),
@@ -589,6 +996,76 @@ impl Session {
                 },
             }),
         }
+    }
+}
+
+/// A cheap, conservative look at a statement before it is classified: anything that might
+/// be transaction control says yes (the classifier decides what it really is).
+fn looks_like_transaction_control(sql: &str) -> bool {
+    const WORDS: [&str; 9] = [
+        "begin",
+        "start",
+        "commit",
+        "end",
+        "rollback",
+        "abort",
+        "savepoint",
+        "release",
+        "prepare",
+    ];
+    let lower = sql.to_ascii_lowercase();
+    WORDS.iter().any(|w| lower.contains(w))
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The session's ledger while a write's audit record waits for its transaction's COMMIT;
+/// everything else goes straight to the adapter's ledger.
+struct Deferring<'a> {
+    inner: &'a dyn Ledger,
+    deferred: &'a std::sync::Mutex<Vec<AuditEvent>>,
+}
+
+#[async_trait::async_trait]
+impl Ledger for Deferring<'_> {
+    async fn request_approval(
+        &self,
+        token: &str,
+        operation: &crate::containment::Operation,
+    ) -> Result<String, LedgerDenial> {
+        self.inner.request_approval(token, operation).await
+    }
+
+    async fn consume_approval(
+        &self,
+        token: &str,
+        approval_id: &str,
+        digest: &str,
+    ) -> Result<(), LedgerDenial> {
+        self.inner
+            .consume_approval(token, approval_id, digest)
+            .await
+    }
+
+    async fn count(&self, token: &str, verb: Verb) -> Result<(), LedgerDenial> {
+        self.inner.count(token, verb).await
+    }
+
+    async fn count_use(&self, token: &str) -> Result<(), LedgerDenial> {
+        self.inner.count_use(token).await
+    }
+
+    async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial> {
+        lock(self.deferred).push(event);
+        Ok(())
+    }
+
+    fn record_later(&self, event: AuditEvent) {
+        self.inner.record_later(event);
     }
 }
 

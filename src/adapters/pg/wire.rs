@@ -47,6 +47,75 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     Ok(Message { tag, body })
 }
 
+/// Frames typed messages out of a byte stream. Reads go through `read_buf`, which is
+/// cancel-safe, so a relay may wait on a socket and another event at once without losing a
+/// half-read frame; frames are handed out whole (tag, length word and body) so passing one
+/// on costs a copy into the outgoing buffer and nothing more.
+pub struct Framer {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Framer {
+    pub fn new(max: usize) -> Self {
+        Framer {
+            buf: BytesMut::with_capacity(16 * 1024),
+            max,
+        }
+    }
+
+    /// The next complete frame already buffered, if any.
+    pub fn next_frame(&mut self) -> Result<Option<BytesMut>, WireError> {
+        let Some(header) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let len = usize::try_from(len).map_err(|_| WireError::Malformed("negative length"))?;
+        if len < 4 {
+            return Err(WireError::Malformed("length below 4"));
+        }
+        if len - 4 > self.max {
+            return Err(WireError::TooLarge { len, max: self.max });
+        }
+        if self.buf.len() < len + 1 {
+            self.buf.reserve(len + 1 - self.buf.len());
+            return Ok(None);
+        }
+        Ok(Some(self.buf.split_to(len + 1)))
+    }
+
+    /// Reads more bytes; `Ok(0)` is the end of the stream.
+    pub async fn fill<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        reader.read_buf(&mut self.buf).await
+    }
+
+    /// The next frame, reading as much as it takes.
+    pub async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<BytesMut, WireError> {
+        loop {
+            if let Some(frame) = self.next_frame()? {
+                return Ok(frame);
+            }
+            if self.fill(reader).await? == 0 {
+                return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+/// A whole frame as a [`Message`] (tag and body).
+pub fn message_of(frame: &[u8]) -> Message {
+    Message {
+        tag: frame.first().copied().unwrap_or(0),
+        body: frame.get(5..).unwrap_or_default().to_vec(),
+    }
+}
+
 /// Reads the untyped startup-phase packet: (code, body).
 pub async fn read_startup<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -188,6 +257,29 @@ mod tests {
         assert!(parse_parameters(b"user\0\0").is_err());
         assert!(cstr(b"select 1").is_err());
         assert_eq!(cstr(b"select 1\0rest").expect("ok").0, "select 1");
+    }
+
+    #[tokio::test]
+    async fn the_framer_hands_out_whole_frames_and_refuses_bad_lengths() {
+        let mut stream: &[u8] = b"Q\0\0\0\x0dselect 1\0S\0\0\0\x04";
+        let mut framer = Framer::new(1024);
+        let first = framer.read(&mut stream).await.expect("frame");
+        assert_eq!(message_of(&first).body, b"select 1\0");
+        assert_eq!(framer.read(&mut stream).await.expect("frame")[0], b'S');
+        assert!(matches!(
+            framer.read(&mut stream).await,
+            Err(WireError::Io(_))
+        ));
+        let mut big: &[u8] = &[b'Q', 0, 0, 8, 0];
+        assert!(matches!(
+            Framer::new(1024).read(&mut big).await,
+            Err(WireError::TooLarge { .. })
+        ));
+        let mut short: &[u8] = &[b'Q', 0, 0, 0, 3];
+        assert!(matches!(
+            Framer::new(1024).read(&mut short).await,
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[tokio::test]
