@@ -9,6 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
+/// The proxies allocate per message and per decision on every core; glibc's allocator spent
+/// about 15% of the PostgreSQL proxy's time under pgbench, mimalloc a fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use capgate::client::Client;
 use capgate::config::BrokerConfig;
 use capgate::guard::{Guard, GuardConfig, Request};

@@ -3,12 +3,11 @@
 //! before forwarding (any failure is a deny). Other decisions go through a local spool file
 //! shipped in batches off the request path, so nothing is lost while the broker is down.
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientError};
 use crate::containment::audit::AuditEvent;
@@ -151,93 +150,202 @@ impl Ledger for BrokerLedger {
     }
 }
 
-/// Decisions recorded asynchronously: appended to a local JSON-lines spool at once, shipped
-/// to the broker in batches, and removed from the spool only once the broker stored them.
+/// Decisions recorded asynchronously. Sessions drop them in a shared queue without waking
+/// anyone (a wake-up per decision cost a context switch per statement); a writer thread
+/// appends the queue to a local JSON-lines spool every [`WRITE_EVERY`] and syncs it to disk
+/// at most every [`SYNC_EVERY`]; a task ships the spool to the broker in batches and has
+/// the writer drop what the broker stored.
 #[derive(Clone)]
 pub struct AuditSpool {
-    sender: mpsc::UnboundedSender<AuditEvent>,
+    queue: Arc<Mutex<Vec<SpoolCommand>>>,
+}
+
+/// How long a decision may wait in memory before it is written to the spool.
+const WRITE_EVERY: Duration = Duration::from_millis(50);
+
+/// How long a spooled record may sit in the page cache before it is synced: the bound on
+/// what a crash of the whole machine could lose of read decisions (writes are recorded at
+/// the broker before they take effect, never only here).
+const SYNC_EVERY: Duration = Duration::from_millis(200);
+
+enum SpoolCommand {
+    Record(AuditEvent),
+    /// Drop the first `bytes` of the spool: the broker has stored them. Answered once done,
+    /// so the shipper never reads (and sends) those records again.
+    Trim(usize, tokio::sync::oneshot::Sender<()>),
 }
 
 impl AuditSpool {
     pub fn start(path: PathBuf, client: Client, adapter_key: Option<String>) -> Self {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run_spool(path, client, adapter_key, receiver));
-        AuditSpool { sender }
+        let spool = AuditSpool {
+            queue: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (writer_path, queue) = (path.clone(), spool.queue.clone());
+        let spawned = std::thread::Builder::new()
+            .name("capgate-audit-spool".into())
+            .spawn(move || write_spool(&writer_path, &queue));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the audit spool writer");
+        }
+        if let Some(key) = adapter_key {
+            tokio::spawn(ship_spool(path, client, key, spool.clone()));
+        }
+        spool
     }
 
     pub fn record(&self, event: AuditEvent) {
-        if self.sender.send(event).is_err() {
-            tracing::error!("audit spool stopped; decision not recorded");
+        self.push(SpoolCommand::Record(event));
+    }
+
+    fn push(&self, command: SpoolCommand) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(command);
+    }
+}
+
+fn write_spool(path: &Path, queue: &Mutex<Vec<SpoolCommand>>) {
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    };
+    let mut file = match open(path) {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.display(), "cannot open audit spool");
+            return;
+        }
+    };
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    let mut lines = Vec::new();
+    loop {
+        std::thread::sleep(WRITE_EVERY);
+        let commands =
+            std::mem::take(&mut *queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        // Everything queued goes in the same write.
+        for command in commands {
+            match command {
+                SpoolCommand::Record(event) => match serde_json::to_vec(&event) {
+                    Ok(line) => {
+                        lines.extend_from_slice(&line);
+                        lines.push(b'\n');
+                    }
+                    Err(e) => tracing::error!(error = %e, "audit record not serialisable"),
+                },
+                SpoolCommand::Trim(bytes, done) => {
+                    if let Err(e) = flush(&mut file, &mut lines).and_then(|()| trim(path, bytes)) {
+                        tracing::error!(error = %e, "cannot trim audit spool; records may be sent twice");
+                    }
+                    let _ = done.send(());
+                    match open(path) {
+                        Ok(reopened) => file = reopened,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot reopen audit spool");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if !lines.is_empty() {
+            if let Err(e) = flush(&mut file, &mut lines) {
+                tracing::error!(error = %e, path = %path.display(), "cannot write audit spool");
+            }
+            unsynced = true;
+        }
+        if unsynced && last_sync.elapsed() >= SYNC_EVERY {
+            if let Err(e) = file.sync_data() {
+                tracing::error!(error = %e, "cannot sync audit spool");
+            }
+            unsynced = false;
+            last_sync = Instant::now();
         }
     }
 }
 
-async fn run_spool(
+fn flush(file: &mut std::fs::File, lines: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Write;
+    let result = file.write_all(lines);
+    lines.clear();
+    result
+}
+
+/// Rewrites the spool without its first `bytes`, atomically (a new file renamed over it).
+fn trim(path: &Path, bytes: usize) -> std::io::Result<()> {
+    let text = std::fs::read(path)?;
+    let rest = text.get(bytes..).unwrap_or_default();
+    let fresh = path.with_extension("trim");
+    std::fs::write(&fresh, rest)?;
+    std::fs::File::open(&fresh)?.sync_all()?;
+    std::fs::rename(&fresh, path)
+}
+
+async fn ship_spool(
     path: PathBuf,
     client: Client,
-    adapter_key: Option<String>,
-    mut receiver: mpsc::UnboundedReceiver<AuditEvent>,
+    key: String,
+    spool: AuditSpool,
 ) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     loop {
-        tokio::select! {
-            event = receiver.recv() => {
-                let Some(event) = event else { return };
-                // Everything already queued goes in the same write and the same fsync.
-                let mut batch = vec![event];
-                while let Ok(more) = receiver.try_recv() {
-                    batch.push(more);
-                }
-                if let Err(e) = append_lines(&path, &batch).await {
-                    tracing::error!(error = %e, path = %path.display(), "cannot write audit spool");
-                }
-            }
-            _ = ticker.tick() => {
-                if let Some(key) = &adapter_key {
-                    ship(&path, &client, key).await;
-                }
+        ticker.tick().await;
+        let shipped = ship(&path, &client, &key).await;
+        if shipped > 0 {
+            let (done, trimmed) = tokio::sync::oneshot::channel();
+            spool.push(SpoolCommand::Trim(shipped, done));
+            if trimmed.await.is_err() {
+                tracing::error!("audit spool writer stopped");
+                return;
             }
         }
     }
 }
 
-async fn append_lines(path: &PathBuf, events: &[AuditEvent]) -> std::io::Result<()> {
-    let mut line = Vec::new();
-    for event in events {
-        line.extend(serde_json::to_vec(event).map_err(std::io::Error::other)?);
-        line.push(b'\n');
-    }
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await?;
-    file.write_all(&line).await?;
-    file.sync_data().await
-}
+/// Batches stay under the broker's body limit for `POST /v1/audit` (4 MiB) and its 500
+/// records per call.
+const SHIP_BATCH_RECORDS: usize = 500;
+const SHIP_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
-async fn ship(path: &PathBuf, client: &Client, key: &str) {
+/// Ships what the spool holds; returns how many of its leading bytes the broker stored.
+async fn ship(path: &Path, client: &Client, key: &str) -> usize {
     let Ok(text) = tokio::fs::read_to_string(path).await else {
-        return; // nothing spooled yet
+        return 0; // nothing spooled yet
     };
-    let events: Vec<AuditEvent> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    if events.is_empty() {
-        return;
-    }
-    for batch in events.chunks(500) {
-        if let Err(e) = client.append_audit(key, batch).await {
-            tracing::warn!(error = %e, spooled = events.len(), "broker unreachable; audit records stay spooled");
-            return;
+    // Ships whole batches in order and remembers how far the broker has stored them, so a
+    // failure part-way leaves exactly the unstored tail spooled.
+    let mut shipped = 0usize;
+    let mut batch: Vec<AuditEvent> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut offset = 0usize;
+    let mut lines = text.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        offset += line.len();
+        if !line.ends_with('\n') {
+            break; // a record still being written
+        }
+        match serde_json::from_str::<AuditEvent>(line) {
+            Ok(event) => {
+                batch.push(event);
+                batch_bytes += line.len();
+            }
+            Err(e) => tracing::error!(error = %e, "unreadable audit spool line skipped"),
+        }
+        let last = lines.peek().is_none_or(|next| !next.ends_with('\n'));
+        if batch.len() >= SHIP_BATCH_RECORDS || batch_bytes >= SHIP_BATCH_BYTES || last {
+            if !batch.is_empty() {
+                if let Err(e) = client.append_audit(key, &batch).await {
+                    tracing::warn!(error = %e, "broker unreachable; audit records stay spooled");
+                    break;
+                }
+            }
+            shipped = offset;
+            batch.clear();
+            batch_bytes = 0;
         }
     }
-    // Only what was read is shipped; anything appended since stays for the next round.
-    if let Ok(now) = tokio::fs::read_to_string(path).await {
-        let rest = now.get(text.len()..).unwrap_or("");
-        if let Err(e) = tokio::fs::write(path, rest).await {
-            tracing::error!(error = %e, "cannot trim audit spool; records may be sent twice");
-        }
-    }
+    shipped
 }

@@ -43,6 +43,9 @@ pub use tokens::{AuthorizationDetail, TokenResponse};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Adapters ship decisions in batches of up to 500 records of about 1 KiB each (a record
+/// keeps the token, for replay), so the audit route alone takes bigger bodies.
+pub const MAX_AUDIT_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// How often the broker refreshes its own revocation view and key ring from disk and store.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(250);
 /// Adapters and the dry run deny once their revocation view is older than this.
@@ -279,7 +282,11 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
             "/v1/approvals/{id}/consume",
             post(approvals::consume),
         ),
-        (Method::POST, "/v1/audit", post(audit::append)),
+        (
+            Method::POST,
+            "/v1/audit",
+            post(audit::append).layer(DefaultBodyLimit::max(MAX_AUDIT_BODY_BYTES)),
+        ),
         (Method::GET, "/v1/audit", get(audit::read)),
     ]
 }

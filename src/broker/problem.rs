@@ -108,7 +108,7 @@ impl<S: Send + Sync> FromRequest<S> for Body {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "body_too_large",
-                        "request body exceeds 64 KiB",
+                        "request body exceeds the size limit of this endpoint",
                     )
                 } else {
                     ApiError::bad_request("body_unreadable", "request body could not be read")
