@@ -915,3 +915,231 @@ async fn the_proxy_authenticates_upstream_with_scram_and_md5() {
         );
     }
 }
+
+/// Audit records of the decisions in the broker's trail whose SQL mentions `needle`.
+async fn audited(broker: &Broker, needle: &str) -> usize {
+    let (_, page) = broker.get_as("/v1/audit?since=0", OPERATOR_KEY).await;
+    page.to_string().matches(needle).count()
+}
+
+/// A write inside a transaction block is audited when the block commits: the COMMIT waits
+/// for the records, and if the broker cannot store them the transaction is rolled back, so
+/// no write becomes durable unrecorded.
+#[tokio::test]
+async fn transaction_writes_are_recorded_before_commit_or_rolled_back() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = token_of(
+        &broker
+            .issue(
+                DEPLOY_BOT_KEY,
+                &["pg://staging/:write", "pg://staging/:read"],
+                None,
+            )
+            .await,
+    );
+    let client = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    let marker = format!("committed_{}", &capgate::token::random_id()[..8]);
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {t} SET v = '{marker}' WHERE id = 1"))
+        .await
+        .expect("update");
+    client.batch_execute("COMMIT").await.expect("commit");
+    assert!(
+        audited(&broker, &marker).await >= 1,
+        "the committed write is in the audit trail by the time COMMIT returns"
+    );
+
+    // Broker gone mid-transaction: the write runs, but its COMMIT cannot be recorded.
+    let lost = format!("unrecorded_{}", &capgate::token::random_id()[..8]);
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {t} SET v = '{lost}' WHERE id = 2"))
+        .await
+        .expect("update inside the block");
+    let _dir = broker.kill();
+    let error = client
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("a commit whose writes cannot be recorded");
+    assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error:?}");
+    assert!(format!("{error:?}").contains("rolled back"), "{error:?}");
+    let still = direct()
+        .await
+        .query_one(&format!("SELECT v FROM {t} WHERE id = 2"), &[])
+        .await
+        .expect("direct read");
+    assert_eq!(
+        still.get::<_, String>(0),
+        "b",
+        "the unrecorded write was undone"
+    );
+    // The session is usable and no longer inside a transaction.
+    let status = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("session usable after the rollback");
+    assert_eq!(status.get::<_, i32>(0), 1);
+}
+
+/// Bind/Execute of a statement parsed earlier costs no parsing, but every execution is still
+/// a guard decision: a revoked token stops a prepared statement at its next Execute.
+#[tokio::test]
+async fn every_execution_of_a_prepared_statement_is_authorized() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let read = token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    );
+    let client = connect_when_ready(proxy.port, "reporting-bot", &read).await;
+    let statement = client
+        .prepare(&format!("SELECT v FROM {t} WHERE id = $1"))
+        .await
+        .expect("prepare");
+    for id in 1..=3i32 {
+        client
+            .query_one(&statement, &[&id])
+            .await
+            .expect("execution of a prepared read");
+    }
+    let id = capgate::token::inspect(&read, None)
+        .expect("inspect")
+        .revocation_ids[0]
+        .clone();
+    broker.revoke("token", &id).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match client.query_one(&statement, &[&1i32]).await {
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "prepared statement outlived its token"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => {
+                assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error:?}");
+                break;
+            }
+        }
+    }
+}
+
+/// A pipelining client gets answers in the order it asked, even when the proxy answers one
+/// itself: a denial never overtakes the upstream answer to a request sent before it.
+#[tokio::test]
+async fn a_denial_is_answered_in_order_behind_pipelined_requests() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let read = token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    );
+    let client = connect_when_ready(proxy.port, "reporting-bot", &read).await;
+    // tokio-postgres pipelines concurrent requests on one connection.
+    let slow = client.simple_query("SELECT pg_sleep(0.3), 'first'");
+    let delete = format!("DELETE FROM {t} WHERE id = 1");
+    let denied = client.simple_query(&delete);
+    let count = format!("SELECT count(*) FROM {t}");
+    let after = client.simple_query(&count);
+    let (slow, denied, after) = tokio::join!(slow, denied, after);
+    let first_row = |messages: Vec<tokio_postgres::SimpleQueryMessage>, column: usize| {
+        messages
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(column).map(str::to_owned),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    let slow = slow.expect("the first request is answered by upstream");
+    assert_eq!(first_row(slow, 1), "first");
+    let denied = denied.expect_err("the delete is denied");
+    assert_eq!(sqlstate(&denied).as_deref(), Some("42501"), "{denied:?}");
+    assert_eq!(first_row(after.expect("the third request"), 0), "3");
+    assert_eq!(rows(&t).await, 3);
+}
+
+/// The proxy's record of what a statement name means must never differ from upstream's: a
+/// name already prepared cannot be prepared again (PostgreSQL would refuse and keep the old
+/// statement, which the proxy would then be judging by the new text).
+#[tokio::test]
+async fn statement_names_cannot_be_reused_to_swap_what_runs() {
+    use capgate::adapters::pg::wire::{encode, read_message};
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = token_of(
+        &broker
+            .issue(
+                DEPLOY_BOT_KEY,
+                &["pg://staging/:write", "pg://staging/:read"],
+                None,
+            )
+            .await,
+    );
+    let _ready = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    let mut stream = raw_session(proxy.port, "deploy-bot", &write).await;
+    let parse = |name: &str, sql: &str| {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        encode(b'P', &body)
+    };
+    let sync = encode(b'S', &[]);
+    let mut first = parse("s1", &format!("SELECT v FROM {t}"));
+    first.extend_from_slice(&sync);
+    stream.write_all(&first).await.expect("write");
+    let mut tags = Vec::new();
+    loop {
+        let m = read_message(&mut stream, 1 << 20).await.expect("reply");
+        tags.push(m.tag);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags, vec![b'1', b'Z'], "first Parse accepted");
+    let mut second = parse("s1", "SELECT 1");
+    second.extend_from_slice(&sync);
+    stream.write_all(&second).await.expect("write");
+    let reply = read_message(&mut stream, 1 << 20).await.expect("reply");
+    assert_eq!(reply.tag, b'E');
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains("already exists"),
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(
+        read_message(&mut stream, 1 << 20).await.expect("ready").tag,
+        b'Z'
+    );
+    // SQL PREPARE follows the same rule.
+    let mut prepare = encode(
+        b'Q',
+        format!("PREPARE p1 AS SELECT v FROM {t}\0").as_bytes(),
+    );
+    prepare.extend_from_slice(&encode(b'Q', b"PREPARE p1 AS SELECT 1\0"));
+    stream.write_all(&prepare).await.expect("write");
+    let mut errors = Vec::new();
+    let mut ready = 0;
+    while ready < 2 {
+        let m = read_message(&mut stream, 1 << 20).await.expect("reply");
+        match m.tag {
+            b'E' => errors.push(String::from_utf8_lossy(&m.body).into_owned()),
+            b'Z' => ready += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("already exists"), "{errors:?}");
+}

@@ -224,8 +224,11 @@ fn write_spool(path: &Path, queue: &Mutex<Vec<SpoolCommand>>) {
     let mut lines = Vec::new();
     loop {
         std::thread::sleep(WRITE_EVERY);
-        let commands =
-            std::mem::take(&mut *queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let commands = std::mem::take(
+            &mut *queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
         // Everything queued goes in the same write.
         for command in commands {
             match command {
@@ -284,12 +287,7 @@ fn trim(path: &Path, bytes: usize) -> std::io::Result<()> {
     std::fs::rename(&fresh, path)
 }
 
-async fn ship_spool(
-    path: PathBuf,
-    client: Client,
-    key: String,
-    spool: AuditSpool,
-) {
+async fn ship_spool(path: PathBuf, client: Client, key: String, spool: AuditSpool) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     loop {
         ticker.tick().await;
