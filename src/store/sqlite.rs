@@ -423,30 +423,29 @@ fn append_chained(
     events: Vec<AuditEvent>,
 ) -> Result<Vec<AuditRecord>, StoreError> {
     let tx = conn.transaction().map_err(unavailable)?;
+    // Cached statements: preparing them anew cost a tenth of an append.
     let last: Option<String> = tx
-        .query_row(
-            "SELECT json FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| row.get(0),
-        )
-        .optional()
+        .prepare_cached("SELECT json FROM audit ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)).optional())
         .map_err(unavailable)?;
     let mut previous: Option<AuditRecord> = last.map(|j| from_json(&j)).transpose()?;
     let mut records = Vec::with_capacity(events.len());
+    let mut insert = tx
+        .prepare_cached("INSERT INTO audit (seq, json) VALUES (?1, ?2)")
+        .map_err(unavailable)?;
     for event in events {
         let record = next_record(
             previous.as_ref().map(|r| (r.seq, r.hash.as_str())),
             event,
             unix_seconds_now(),
         );
-        tx.execute(
-            "INSERT INTO audit (seq, json) VALUES (?1, ?2)",
-            params![record.seq as i64, to_json(&record)?],
-        )
-        .map_err(unavailable)?;
+        insert
+            .execute(params![record.seq as i64, to_json(&record)?])
+            .map_err(unavailable)?;
         previous = Some(record.clone());
         records.push(record);
     }
+    drop(insert);
     tx.commit().map_err(unavailable)?;
     Ok(records)
 }
