@@ -1143,3 +1143,66 @@ async fn statement_names_cannot_be_reused_to_swap_what_runs() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].contains("already exists"), "{errors:?}");
 }
+
+/// Decisions made while the broker is down wait in the adapter's spool and reach the audit
+/// trail once it is back, each exactly once.
+#[tokio::test]
+async fn decisions_made_while_the_broker_is_down_reach_the_trail_once_it_is_back() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let read = token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    );
+    let client = connect_when_ready(proxy.port, "reporting-bot", &read).await;
+    let marker = format!("spooled_{}", &capgate::token::random_id()[..8]);
+    let port = broker.port;
+    let dir = broker.kill();
+    // Within the staleness bound reads are still allowed; their records cannot be shipped.
+    // Enough of them (about 1 KiB each) that one shipment is bigger than a usual API body.
+    const READS: usize = 150;
+    for _ in 0..READS {
+        client
+            .simple_query(&format!("SELECT v FROM {t} WHERE v <> '{marker}'"))
+            .await
+            .expect("read while the broker is briefly down");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await; // at least one failed shipment
+    let broker = Broker::restart(dir, port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = broker.get_as("/v1/audit?since=0", OPERATOR_KEY).await;
+        let shipped = page["records"]
+            .as_array()
+            .map(|records| {
+                records
+                    .iter()
+                    .filter(|r| r["event"].to_string().contains(&marker))
+                    .count()
+            })
+            .unwrap_or(0);
+        if shipped >= READS {
+            // A little longer: a duplicate would show up in the next shipment.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let (_, page) = broker.get_as("/v1/audit?since=0", OPERATOR_KEY).await;
+            let total = page["records"]
+                .as_array()
+                .map(|records| {
+                    records
+                        .iter()
+                        .filter(|r| r["event"].to_string().contains(&marker))
+                        .count()
+                })
+                .unwrap_or(0);
+            assert_eq!(total, READS, "each spooled decision is stored exactly once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spooled decisions never reached the trail ({shipped} of {READS})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

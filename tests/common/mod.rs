@@ -205,6 +205,23 @@ impl Broker {
         broker
     }
 
+    /// Starts a killed broker again from its own directory and configuration, on its old
+    /// port, as a supervisor would: adapters configured with its address find it again.
+    pub async fn restart(dir: tempfile::TempDir, port: u16) -> Broker {
+        let config = dir.path().join("capgate.toml");
+        let log = dir.path().join(format!("broker-{port}-restarted.log"));
+        let child = spawn_serve(&config, &log);
+        let broker = Broker {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: Some(child),
+            log,
+        };
+        broker.wait_healthy().await;
+        broker
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("capgate.toml")
     }
