@@ -192,24 +192,19 @@ impl Broker {
                 std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy key");
             }
         }
-        let log = dir.path().join(format!("broker-{port}.log"));
-        let child = spawn_serve(&config, &log);
-        let broker = Broker {
-            url: format!("http://127.0.0.1:{port}"),
-            port,
-            dir,
-            child: Some(child),
-            log,
-        };
-        broker.wait_healthy().await;
-        broker
+        Self::launch(dir, port, "broker").await
     }
 
     /// Starts a killed broker again from its own directory and configuration, on its old
     /// port, as a supervisor would: adapters configured with its address find it again.
     pub async fn restart(dir: tempfile::TempDir, port: u16) -> Broker {
+        Self::launch(dir, port, "restarted").await
+    }
+
+    /// Runs `capgate serve` on the configuration in `dir` and waits until it is healthy.
+    async fn launch(dir: tempfile::TempDir, port: u16, log_name: &str) -> Broker {
         let config = dir.path().join("capgate.toml");
-        let log = dir.path().join(format!("broker-{port}-restarted.log"));
+        let log = dir.path().join(format!("{log_name}-{port}.log"));
         let child = spawn_serve(&config, &log);
         let broker = Broker {
             url: format!("http://127.0.0.1:{port}"),
