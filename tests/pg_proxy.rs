@@ -603,6 +603,32 @@ async fn psql_works_through_the_proxy() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "3");
+    // Exploring the schema is reading: psql's describe commands work with a read token.
+    for describe in [
+        "\\dt".to_owned(),
+        format!("\\d {t}"),
+        "\\l".to_owned(),
+        "\\dn".to_owned(),
+        "\\df".to_owned(),
+        "\\du".to_owned(),
+    ] {
+        let out = psql(&describe);
+        assert!(
+            out.status.success(),
+            "{describe}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let described = psql(&format!("\\d {t}"));
+    assert!(String::from_utf8_lossy(&described.stdout).contains("id"));
+    // A function not known to be pure is a write, and the denial says which one.
+    let impure = psql("SELECT txid_current()");
+    assert!(!impure.status.success());
+    assert!(
+        String::from_utf8_lossy(&impure.stderr).contains("calls txid_current"),
+        "{}",
+        String::from_utf8_lossy(&impure.stderr)
+    );
     let denied = psql(&format!("DROP TABLE {t}"));
     assert!(!denied.status.success());
     assert!(

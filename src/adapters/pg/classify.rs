@@ -42,6 +42,9 @@ pub struct Statement {
     pub execute: Option<String>,
     /// BEGIN, COMMIT, ROLLBACK and the like: where a transaction's writes become durable.
     pub transaction: Option<Transaction>,
+    /// Functions called that are not known to be side-effect free (each makes the statement
+    /// a `write` on the database): named in a denial, so the agent knows why.
+    pub impure_functions: Vec<String>,
 }
 
 /// Transaction control, as far as auditing cares.
@@ -117,7 +120,9 @@ const HARMLESS_SETTINGS: [&str; 10] = [
 ];
 
 /// Functions known to have no side effects; any other makes the statement at least `write`.
-const PURE_FUNCTIONS: [&str; 84] = [
+/// The catalog and introspection functions at the end are what psql's `\d` family and
+/// drivers' metadata queries call: reading the schema must not need a write grant.
+const PURE_FUNCTIONS: &[&str] = &[
     "pg_sleep",
     "pg_backend_pid",
     "count",
@@ -202,6 +207,48 @@ const PURE_FUNCTIONS: [&str; 84] = [
     "coalesce",
     "nullif",
     "random",
+    "array_position",
+    "array_to_string",
+    "array_upper",
+    "array_lower",
+    "string_to_array",
+    "current_schemas",
+    "quote_ident",
+    "quote_literal",
+    "format_type",
+    "obj_description",
+    "col_description",
+    "shobj_description",
+    "pg_encoding_to_char",
+    "pg_table_is_visible",
+    "pg_type_is_visible",
+    "pg_function_is_visible",
+    "pg_collation_is_visible",
+    "pg_get_userbyid",
+    "pg_get_expr",
+    "pg_get_constraintdef",
+    "pg_get_indexdef",
+    "pg_get_viewdef",
+    "pg_get_triggerdef",
+    "pg_get_ruledef",
+    "pg_get_functiondef",
+    "pg_get_function_arguments",
+    "pg_get_function_identity_arguments",
+    "pg_get_function_result",
+    "pg_get_partkeydef",
+    "pg_get_statisticsobjdef_columns",
+    "pg_get_serial_sequence",
+    "pg_relation_is_publishable",
+    "pg_relation_size",
+    "pg_table_size",
+    "pg_indexes_size",
+    "pg_total_relation_size",
+    "pg_database_size",
+    "pg_size_pretty",
+    "has_table_privilege",
+    "has_schema_privilege",
+    "has_database_privilege",
+    "pg_is_in_recovery",
 ];
 
 /// Functions that act on the server, sessions, files or other databases: `admin`.
@@ -399,6 +446,7 @@ struct Walk<'a> {
     explain_only: bool,
     prepare: Option<String>,
     execute: Option<String>,
+    impure_functions: Vec<String>,
 }
 
 fn classify_statement(text: String, tree: &Value, default_schema: &str) -> Statement {
@@ -411,6 +459,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         explain_only: false,
         prepare: None,
         execute: None,
+        impure_functions: Vec::new(),
     };
     // Iterative: the tree can be deep.
     let mut stack: Vec<&Value> = vec![tree];
@@ -484,6 +533,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         prepare: walk.prepare,
         execute: walk.execute,
         transaction: None,
+        impure_functions: walk.impure_functions,
     }
 }
 
@@ -755,6 +805,7 @@ impl Walk<'_> {
             self.add(Verb::Admin, Object::Database);
         } else if !(builtin && PURE_FUNCTIONS.contains(&function)) {
             self.add(Verb::Write, Object::Database);
+            self.impure_functions.push(name.join("."));
         }
     }
 

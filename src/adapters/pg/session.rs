@@ -842,7 +842,8 @@ impl Session<'_> {
         for statement in statements {
             let accesses = self.accesses_of(&statement)?;
             self.authorize_all(&accesses, &statement.text, control)
-                .await?;
+                .await
+                .map_err(|denial| explained(denial, &statement))?;
             parsed.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             parsed.transaction = parsed.transaction.or(statement.transaction);
             if let Some(name) = &statement.prepare {
@@ -900,7 +901,8 @@ impl Session<'_> {
         for statement in statements {
             let accesses = self.accesses_of(&statement)?;
             self.authorize_all(&accesses, &statement.text, control)
-                .await?;
+                .await
+                .map_err(|denial| explained(denial, &statement))?;
             checked.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             if matches!(
                 statement.transaction,
@@ -1015,6 +1017,17 @@ fn looks_like_transaction_control(sql: &str) -> bool {
     ];
     let lower = sql.to_ascii_lowercase();
     WORDS.iter().any(|w| lower.contains(w))
+}
+
+/// A denial that names the functions which made the statement a write, when there are any.
+fn explained(mut denial: Denial, statement: &Statement) -> Denial {
+    if !statement.impure_functions.is_empty() {
+        denial.message.push_str(&format!(
+            "; the statement is a write on the database because it calls {}, not known to be free of side effects",
+            statement.impure_functions.join(", ")
+        ));
+    }
+    denial
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
