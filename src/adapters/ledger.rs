@@ -111,18 +111,7 @@ impl Ledger for BrokerLedger {
     }
 
     async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial> {
-        let Some(key) = &self.adapter_key else {
-            return Err(LedgerDenial {
-                code: "audit_unavailable",
-                reason: "this adapter has no audit key configured, so it cannot record writes"
-                    .into(),
-            });
-        };
-        self.client
-            .append_audit(key, std::slice::from_ref(&event))
-            .await
-            .map(|_| ())
-            .map_err(denial)
+        self.audit_batch(std::slice::from_ref(&event)).await
     }
 
     async fn audit_batch(&self, events: &[AuditEvent]) -> Result<(), LedgerDenial> {

@@ -249,7 +249,8 @@ async fn relay(
             delivered = &mut to_client => delivered,
         }
     };
-    session.end();
+    // The session is over; an open transaction dies with it upstream.
+    session.release_deferred();
     outcome
 }
 
@@ -438,7 +439,7 @@ impl Session<'_> {
                         "42501",
                         "capgate: fastpath function calls are not allowed",
                     ));
-                    self.owe(Owed::Local(Vec::new()), true);
+                    self.ready();
                 }
                 b'X' => {
                     let _ = self.upstream.write_all(&frame).await;
@@ -453,23 +454,22 @@ impl Session<'_> {
         }
     }
 
-    /// Queues `bytes` for the client, after everything forwarded before; with `ready`, a
-    /// ReadyForQuery carrying upstream's transaction status follows.
-    fn owe(&self, bytes: Owed, ready: bool) {
-        let _ = self.owe.send(bytes);
-        if ready {
-            let _ = self.owe.send(Owed::Ready);
-        }
+    /// Queues a reply of the proxy's own, after everything forwarded before it.
+    fn reply(&self, message: Message) {
+        let _ = self
+            .owe
+            .send(Owed::Local(wire::encode(message.tag, &message.body)));
     }
 
-    fn reply(&self, message: Message) {
-        self.owe(Owed::Local(wire::encode(message.tag, &message.body)), false);
+    /// Queues a ReadyForQuery carrying upstream's transaction status at that point.
+    fn ready(&self) {
+        let _ = self.owe.send(Owed::Ready);
     }
 
     fn deny(&self, denial: &Denial, ready: bool) {
         self.reply(error_response(denial.sqlstate, &denial.message));
         if ready {
-            self.owe(Owed::Local(Vec::new()), true);
+            self.ready();
         }
     }
 
@@ -512,7 +512,7 @@ impl Session<'_> {
             return self.budgeted(frame, budget).await;
         }
         if !self.transaction_ends(checked.ends).await? {
-            self.owe(Owed::Local(Vec::new()), true);
+            self.ready();
             return Ok(());
         }
         self.forward(&frame, true).await
@@ -523,7 +523,7 @@ impl Session<'_> {
         if self.discarding {
             if sync {
                 self.discarding = false;
-                self.owe(Owed::Local(Vec::new()), true);
+                self.ready();
             }
             return Ok(());
         }
@@ -552,7 +552,9 @@ impl Session<'_> {
             }
         };
         if !self.transaction_ends(ends).await? {
-            self.owe(Owed::Local(Vec::new()), sync);
+            if sync {
+                self.ready();
+            }
             self.discarding = !sync;
             return Ok(());
         }
@@ -609,11 +611,6 @@ impl Session<'_> {
         for event in std::mem::take(&mut *lock(&self.deferred)) {
             self.proxy.ledger.record_later(event);
         }
-    }
-
-    /// The session is over; an open transaction dies with it upstream.
-    fn end(&self) {
-        self.release_deferred();
     }
 
     /// Runs one write inside a transaction (or savepoint) and keeps its effect only if it
