@@ -203,7 +203,7 @@ pub struct BrokerConfig {
     #[serde(default = "BrokerConfig::default_policies")]
     pub policies: PathBuf,
     /// Adapter policies used by the dry-run endpoint (the same files adapters load).
-    #[serde(default = "BrokerConfig::default_adapter_policies")]
+    #[serde(default = "crate::adapters::runtime::default_adapter_policies")]
     pub adapter_policies: PathBuf,
     #[serde(default)]
     pub tokens: TokenSettings,
@@ -236,9 +236,6 @@ impl BrokerConfig {
     }
     fn default_policies() -> PathBuf {
         PathBuf::from("policies")
-    }
-    fn default_adapter_policies() -> PathBuf {
-        PathBuf::from("policies/adapters")
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -353,7 +350,7 @@ impl Default for BrokerConfig {
             listen: Self::default_listen(),
             data_dir: Self::default_data_dir(),
             policies: Self::default_policies(),
-            adapter_policies: Self::default_adapter_policies(),
+            adapter_policies: crate::adapters::runtime::default_adapter_policies(),
             tokens: TokenSettings::default(),
             datalog: RunLimits::default(),
             environments: Vec::new(),

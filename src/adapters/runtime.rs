@@ -59,3 +59,13 @@ impl AdapterRuntime {
         })
     }
 }
+
+/// Where adapter policies are, unless the configuration (broker's or adapter's) says otherwise.
+pub(crate) fn default_adapter_policies() -> std::path::PathBuf {
+    std::path::PathBuf::from("policies/adapters")
+}
+
+/// How old an adapter's revocation view may grow before it denies everything.
+pub(crate) fn default_max_staleness() -> std::time::Duration {
+    crate::broker::DEFAULT_MAX_STALENESS
+}

@@ -97,10 +97,10 @@ pub struct ProxyConfig {
     pub name: String,
     #[serde(default)]
     pub mode: Mode,
-    #[serde(default = "ProxyConfig::default_policies")]
+    #[serde(default = "super::runtime::default_adapter_policies")]
     pub adapter_policies: PathBuf,
     #[serde(
-        default = "ProxyConfig::default_staleness",
+        default = "super::runtime::default_max_staleness",
         deserialize_with = "duration"
     )]
     pub max_staleness: Duration,
@@ -123,12 +123,6 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     fn default_name() -> String {
         "http-proxy".into()
-    }
-    fn default_policies() -> PathBuf {
-        PathBuf::from("policies/adapters")
-    }
-    fn default_staleness() -> Duration {
-        Duration::from_secs(5)
     }
     fn default_max_token_bytes() -> usize {
         16 * 1024

@@ -70,10 +70,10 @@ pub struct PgProxyConfig {
     pub database: String,
     #[serde(default = "PgProxyConfig::default_name")]
     pub name: String,
-    #[serde(default = "PgProxyConfig::default_policies")]
+    #[serde(default = "super::runtime::default_adapter_policies")]
     pub adapter_policies: PathBuf,
     #[serde(
-        default = "PgProxyConfig::default_staleness",
+        default = "super::runtime::default_max_staleness",
         deserialize_with = "duration"
     )]
     pub max_staleness: Duration,
@@ -95,12 +95,6 @@ pub struct PgProxyConfig {
 impl PgProxyConfig {
     fn default_name() -> String {
         "pg-proxy".into()
-    }
-    fn default_policies() -> PathBuf {
-        PathBuf::from("policies/adapters")
-    }
-    fn default_staleness() -> Duration {
-        Duration::from_secs(5)
     }
     fn default_schema() -> String {
         "public".into()
