@@ -837,18 +837,29 @@ impl Session<'_> {
             transaction: None,
         };
         for statement in statements {
-            let accesses = self.accesses_of(&statement)?;
-            self.authorize_all(&accesses, &statement.text, control)
-                .await
-                .map_err(|denial| explained(denial, &statement))?;
+            let accesses = self.check_statement(&statement, control).await?;
             parsed.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             parsed.transaction = parsed.transaction.or(statement.transaction);
-            if let Some(name) = &statement.prepare {
-                self.prepare(name, &accesses)?;
-            }
             parsed.accesses.extend(accesses);
         }
         Ok(parsed)
+    }
+
+    /// Authorizes what one classified statement touches (an EXECUTE: what its PREPARE
+    /// recorded) and records a PREPARE; returns the accesses.
+    async fn check_statement(
+        &mut self,
+        statement: &Statement,
+        control: bool,
+    ) -> Result<Vec<Access>, Denial> {
+        let accesses = self.accesses_of(statement)?;
+        self.authorize_all(&accesses, &statement.text, control)
+            .await
+            .map_err(|denial| explained(denial, statement))?;
+        if let Some(name) = &statement.prepare {
+            self.prepare(name, &accesses)?;
+        }
+        Ok(accesses)
     }
 
     async fn classify(&self, sql: &str) -> Result<Vec<Statement>, Denial> {
@@ -896,19 +907,13 @@ impl Session<'_> {
             ends: None,
         };
         for statement in statements {
-            let accesses = self.accesses_of(&statement)?;
-            self.authorize_all(&accesses, &statement.text, control)
-                .await
-                .map_err(|denial| explained(denial, &statement))?;
+            let accesses = self.check_statement(&statement, control).await?;
             checked.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             if matches!(
                 statement.transaction,
                 Some(Transaction::Commit | Transaction::Rollback)
             ) {
                 checked.ends = statement.transaction;
-            }
-            if let Some(name) = &statement.prepare {
-                self.prepare(name, &accesses)?;
             }
         }
         Ok(checked)
