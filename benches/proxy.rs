@@ -111,6 +111,27 @@ async fn throughput(
     done.load(Ordering::Relaxed) as f64 / window.as_secs_f64()
 }
 
+/// A TCP relay that checks nothing: what one more hop costs on this machine, and so the
+/// ceiling for any proxy's throughput here.
+async fn relay(upstream: SocketAddr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -208,6 +229,9 @@ async fn main() {
     let window = Duration::from_secs(3);
     let direct_rps = throughput(&client, &direct_url, &token, 16, window).await;
     let proxy_rps = throughput(&client, &proxy_url, &token, 16, window).await;
+    let relayed = relay(upstream).await;
+    let relay_url = format!("http://{relayed}/v2/volumes/vol_1");
+    let relay_rps = throughput(&client, &relay_url, &token, 16, window).await;
     let slow_direct_rps = throughput(
         &client,
         &format!("http://{slow_upstream}/v2/volumes/vol_1"),
@@ -242,6 +266,7 @@ async fn main() {
         ms(p99) / ms(d99)
     );
     println!("throughput, no-op upstream: direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", direct_rps, proxy_rps, 100.0 * proxy_rps / direct_rps);
+    println!("  a byte relay checking nothing: {:.0} req/s, {:.0}% of direct (the ceiling here); the proxy does {:.0}% of it", relay_rps, 100.0 * relay_rps / direct_rps, 100.0 * proxy_rps / relay_rps);
     println!("throughput, 1 ms upstream:  direct {:.0} req/s, proxy {:.0} req/s: {:.0}% of direct (goal >= 80%)", slow_direct_rps, slow_proxy_rps, 100.0 * slow_proxy_rps / slow_direct_rps);
     println!(
         "(the load generator, proxy and upstream share {} cores)",
