@@ -17,3 +17,6 @@ pub mod revocation;
 pub mod scope;
 pub mod store;
 pub mod token;
+
+#[cfg(test)]
+mod testing;

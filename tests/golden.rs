@@ -3,6 +3,8 @@
 //! the adapter policy that changes a decision fails here, so it is always a conscious one.
 //! Regenerate (and review the diff) with: cargo test --test golden -- --ignored
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -273,13 +275,7 @@ fn mutated_tokens_are_never_allowed() {
         .decide_at(&original, &request, at(NOW), Instant::now())
         .is_allow());
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/ ";
-    let mut state: u64 = 0xDEAD_BEEF_CAFE_F00D;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = common::xorshift(0xDEAD_BEEF_CAFE_F00D);
     let mut codes: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for i in 0..3000 {
         let mut bytes = original.clone().into_bytes();

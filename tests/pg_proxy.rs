@@ -649,13 +649,7 @@ async fn malformed_traffic_never_crashes_the_proxy() {
     let token = write_token(&broker).await;
     connect_when_ready(proxy.port, "deploy-bot", &token).await;
     let t = table().await;
-    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     // Raw garbage at the startup phase.
     for _ in 0..300 {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))

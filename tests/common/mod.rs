@@ -34,6 +34,18 @@ pub fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures/jwt").join(name)
 }
 
+/// A small deterministic generator (xorshift64) for fuzz-style tests: the same seed gives the
+/// same inputs on every run, so a failure can be replayed.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -164,13 +164,7 @@ mod fuzz {
     #[test]
     fn random_paths_canonicalise_safely() {
         let alphabet = b"/.%2fFeE5cC0aA;\\\x00\n vx_-~";
-        let mut state: u64 = 0x1234_5678_9ABC_DEF1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x1234_5678_9ABC_DEF1);
         for _ in 0..20_000 {
             let len = (next() % 24) as usize;
             let raw: String = std::iter::once('/')

@@ -339,13 +339,7 @@ fn fuzzed_statements_never_panic() {
         "COPY t FROM STDIN",
         "SELECT f(1) FROM t FOR UPDATE",
     ];
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::testing::xorshift(0x9E37_79B9_7F4A_7C15);
     let alphabet = b" ();'\"$-/*\\abcdefghijklmnopqrstuvwxyz0123456789,=<>";
     for i in 0..3000 {
         let seed = seeds[(next() % seeds.len() as u64) as usize];
