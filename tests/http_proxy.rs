@@ -454,3 +454,254 @@ fn the_example_proxy_config_loads() {
     capgate::adapters::http::routes::RouteTable::new(&config.routes).expect("routes");
     assert!(config.adapter_policies.join("default.dl").exists());
 }
+
+/// Sends `method path` with the token as bearer, extra headers and an optional body
+/// (content type, bytes); returns the status and the problem (or `null`).
+async fn send_with(
+    proxy: &ProxyProcess,
+    method: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Option<(Option<&str>, Vec<u8>)>,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .request(
+            method.parse().expect("method"),
+            format!("{}{path}", proxy.url),
+        )
+        .bearer_auth(token);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some((content_type, bytes)) = body {
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request = request.body(bytes);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// Headers that upstream frameworks and proxies take as the real path, method, host or
+/// scheme. More members than docs/http-proxy.md names, some invented, so the test shows the
+/// family rule rather than a list: every one is refused, naming the header, and nothing
+/// reaches the upstream.
+#[tokio::test]
+async fn routing_headers_are_refused_and_never_reach_the_upstream() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let rows = [
+        ("X-Original-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Rewrite-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Override-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Original-URI", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Original-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Request-URI", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Request-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Real-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Rewrite-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Prefix", "/v2/backups", "header_rejected"),
+        ("X-Forwarded-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Uri", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Url", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Envoy-Original-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Envoy-Original-Url", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Envoy-Internal", "true", "header_rejected"),
+        ("X-Script-Name", "/v2/backups", "header_rejected"),
+        ("X_Original_URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Host", "admin.internal", "header_rejected"),
+        ("X-Forwarded-Server", "admin.internal", "header_rejected"),
+        ("X-Host", "admin.internal", "header_rejected"),
+        ("X-Original-Host", "admin.internal", "header_rejected"),
+        ("X-Real-Host", "admin.internal", "header_rejected"),
+        ("X-Forwarded-Proto", "https", "header_rejected"),
+        ("X-Forwarded-Scheme", "https", "header_rejected"),
+        ("X-Forwarded-Port", "8443", "header_rejected"),
+        ("X-Forwarded-Ssl", "on", "header_rejected"),
+        ("X-Url-Scheme", "https", "header_rejected"),
+        ("Front-End-Https", "on", "header_rejected"),
+        ("Forwarded", "host=admin.internal;proto=https", "header_rejected"),
+        ("X-Accel-Redirect", "/internal/backups", "header_rejected"),
+        ("X-Middleware-Subrequest", "middleware", "header_rejected"),
+        ("Destination", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Invented-Rewrite-Target", "/v2/backups/bk_1", "header_rejected"),
+        ("X-HTTP-Method-Override", "DELETE", "method_override_rejected"),
+        ("X-HTTP-Method", "DELETE", "method_override_rejected"),
+        ("X-Method-Override", "DELETE", "method_override_rejected"),
+        ("X-Original-Method", "DELETE", "method_override_rejected"),
+        ("X-Forwarded-Method", "DELETE", "method_override_rejected"),
+        ("X_HTTP_Method_Override", "DELETE", "method_override_rejected"),
+    ];
+    for (name, value, code) in rows {
+        let (status, problem) =
+            send_with(&proxy, "GET", "/v2/volumes/vol_1", &token, &[(name, value)], None).await;
+        assert_eq!(status, 400, "{name}: {problem}");
+        assert_eq!(problem["code"], code, "{name}: {problem}");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(&name.to_ascii_lowercase()),
+            "{name}: the refusal names the header: {detail}"
+        );
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing reached the upstream: {:?}",
+        upstream.seen()
+    );
+}
+
+/// The proxy forwards only the request headers on its allowlist (end-to-end content,
+/// caching, conditional and accept headers, plus what the upstream's config adds); others
+/// are dropped. With `routing_headers = "strip"` a routing header is removed instead of
+/// refused, and still never forwarded.
+#[tokio::test]
+async fn only_allowlisted_headers_reach_the_upstream() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy_configured(
+        &broker.url,
+        up_port,
+        "prod",
+        &[],
+        "forward_headers = [\"x-railway-team\"]",
+    )
+    .await;
+    let stripping = start_proxy_configured(
+        &broker.url,
+        up_port,
+        "prod",
+        &[],
+        "routing_headers = \"strip\"",
+    )
+    .await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    wait_allowed(&stripping, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let sent = [
+        ("accept", "application/json"),
+        ("accept-language", "en"),
+        ("if-none-match", "\"v1\""),
+        ("cache-control", "no-cache"),
+        ("user-agent", "agent/1.0"),
+        ("idempotency-key", "k-1"),
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("x-railway-team", "team_1"),
+        ("x-unlisted-extension", "1"),
+        ("x-api-version", "2"),
+        ("origin", "http://evil.example"),
+        ("cookie", "theme=dark"),
+    ];
+    let (status, problem) =
+        send_with(&proxy, "GET", "/v2/volumes/vol_1", &token, &sent, None).await;
+    assert_eq!(status, 200, "{problem}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let names: Vec<&str> = seen[0].headers.iter().map(|(k, _)| k.as_str()).collect();
+    for forwarded in [
+        "accept",
+        "accept-language",
+        "if-none-match",
+        "cache-control",
+        "user-agent",
+        "idempotency-key",
+        "traceparent",
+        "x-railway-team",
+    ] {
+        assert!(names.contains(&forwarded), "{forwarded} forwarded: {names:?}");
+    }
+    for dropped in ["x-unlisted-extension", "x-api-version", "origin", "cookie"] {
+        assert!(!names.contains(&dropped), "{dropped} dropped: {names:?}");
+    }
+
+    upstream.clear();
+    let (status, problem) = send_with(
+        &stripping,
+        "GET",
+        "/v2/volumes/vol_1",
+        &token,
+        &[
+            ("x-original-url", "/v2/backups/bk_1"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-http-method-override", "DELETE"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "stripped, not refused: {problem}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].path, "/v2/volumes/vol_1");
+    for (name, _) in &seen[0].headers {
+        assert!(
+            !["x-original-url", "x-forwarded-host", "x-http-method-override"]
+                .contains(&name.as_str()),
+            "{name} never forwarded"
+        );
+    }
+}
+
+/// Response headers that make a fronting nginx, Apache or lighttpd serve an internal
+/// location or file (`X-Accel-Redirect`, `X-Sendfile`, …) never reach the agent's side.
+#[tokio::test]
+async fn upstream_internal_redirect_headers_never_reach_the_agent() {
+    let broker = Broker::start().await;
+    let app = axum::Router::new().fallback(|| async {
+        axum::response::Response::builder()
+            .header("x-accel-redirect", "/internal/backups/bk_1")
+            .header("x-accel-buffering", "no")
+            .header("x-sendfile", "/etc/shadow")
+            .header("x-lighttpd-send-file", "/etc/shadow")
+            .header("x-reproxy-url", "http://10.0.0.1/admin")
+            .header("x-request-id", "r-1")
+            .body(Body::from("ok"))
+            .expect("response")
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up_port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/v2/volumes/vol_1", proxy.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let headers = response.headers();
+    for name in [
+        "x-accel-redirect",
+        "x-accel-buffering",
+        "x-sendfile",
+        "x-lighttpd-send-file",
+        "x-reproxy-url",
+    ] {
+        assert!(!headers.contains_key(name), "{name} stripped: {headers:?}");
+    }
+    assert_eq!(headers["x-request-id"], "r-1", "other headers pass");
+}
