@@ -705,3 +705,162 @@ async fn upstream_internal_redirect_headers_never_reach_the_agent() {
     }
     assert_eq!(headers["x-request-id"], "r-1", "other headers pass");
 }
+
+/// `_method` and its relatives, however spelled, in the query or in a body an upstream
+/// framework would read parameters from. Each is refused with `method_override_rejected`
+/// and nothing reaches the upstream; look-alike parameters that are no override still pass.
+#[tokio::test]
+async fn method_overrides_are_refused_however_they_are_spelled() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/:write",
+                    "http://railway/volumes/:read",
+                ],
+                None,
+            )
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let queries = [
+        "_method=DELETE",
+        "%5Fmethod=DELETE",
+        "%5fmethod=DELETE",
+        "_%6Dethod=DELETE",
+        "%255Fmethod=DELETE",
+        "_METHOD=DELETE",
+        "_Method=delete",
+        "a=1;_method=DELETE",
+        "a=1&_method=DELETE",
+        "a=1%26_method=DELETE",
+        "_method=DELETE&_method=GET",
+        "%20_method=DELETE",
+        "+_method=DELETE",
+        ".method=DELETE",
+        "_method[]=DELETE",
+        "_method%5B%5D=DELETE",
+        "_HttpMethod=DELETE",
+        "x-http-method-override=DELETE",
+        "X-HTTP-Method=DELETE",
+        "x_method_override=DELETE",
+        "method=DELETE",
+        "http_method=PUT",
+    ];
+    for query in queries {
+        let path = format!("/v2/volumes/vol_1?{query}");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, problem) = raw_problem(proxy.port, &request).await;
+        assert_eq!(status, 400, "?{query}: {problem}");
+        assert_eq!(problem["code"], "method_override_rejected", "?{query}");
+    }
+    let form = Some("application/x-www-form-urlencoded");
+    let bodies: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+        ("form", form, b"name=x&_method=DELETE".to_vec()),
+        ("encoded form key", form, b"name=x&%5Fmethod=DELETE".to_vec()),
+        ("form with ; separator", form, b"name=x;_method=DELETE".to_vec()),
+        (
+            "form with charset",
+            Some("Application/X-WWW-Form-URLEncoded; charset=utf-8"),
+            b"_METHOD=delete".to_vec(),
+        ),
+        (
+            "json",
+            Some("application/json"),
+            br#"{"name":"x","_method":"DELETE"}"#.to_vec(),
+        ),
+        (
+            "json escapes",
+            Some("application/vnd.api+json"),
+            br#"{"\u005fmethod":"DELETE"}"#.to_vec(),
+        ),
+        (
+            "multipart",
+            Some("multipart/form-data; boundary=XyZ"),
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n"
+                .to_vec(),
+        ),
+    ];
+    for (label, content_type, body) in bodies {
+        let (status, problem) = send_with(
+            &proxy,
+            "POST",
+            "/v2/volumes/vol_1/data",
+            &token,
+            &[],
+            Some((content_type, body)),
+        )
+        .await;
+        assert_eq!(status, 400, "{label}: {problem}");
+        assert_eq!(problem["code"], "method_override_rejected", "{label}");
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing reached the upstream: {:?}",
+        upstream.seen()
+    );
+
+    // Parameters that merely look alike are no override and still pass.
+    for query in ["payment_method=card", "method=flickr.photos.search", "sort=method"] {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            &format!("/v2/volumes/vol_1?{query}"),
+            &token,
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "?{query}: {problem}");
+    }
+    // A body without a content type is forwarded as what the proxy took it for (bytes), so
+    // no framework parses it as a form with an override in it.
+    upstream.clear();
+    let (status, problem) = send_with(
+        &proxy,
+        "POST",
+        "/v2/volumes/vol_1/data",
+        &token,
+        &[],
+        Some((None, b"_method=DELETE".to_vec())),
+    )
+    .await;
+    assert_eq!(status, 200, "{problem}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "POST");
+    assert!(
+        seen[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v == "application/octet-stream"),
+        "{:?}",
+        seen[0].headers
+    );
+}
+
+/// Sends bytes exactly as written and returns the status and the problem body.
+async fn raw_problem(port: u16, request: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
