@@ -864,3 +864,176 @@ async fn raw_problem(port: u16, request: &str) -> (u16, serde_json::Value) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
     (status, serde_json::from_str(body).unwrap_or_default())
 }
+
+/// The agent's token anywhere but the token header: in the query (plain, percent-encoded,
+/// unpadded, in the standard base64 alphabet), a cookie, any other header, or a body. Each
+/// is refused with `token_misplaced`, naming where it was, and the upstream never sees it,
+/// not even in a body too large to be checked before forwarding.
+#[tokio::test]
+async fn the_token_never_reaches_the_upstream_outside_its_header() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/:write",
+                    "http://railway/volumes/:read",
+                ],
+                None,
+            )
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let unpadded = token.trim_end_matches('=').to_owned();
+    let standard = unpadded.replace('-', "+").replace('_', "/");
+    let all_encoded: String = token.bytes().map(|b| format!("%{b:02X}")).collect();
+    let form_encoded: String = url_encode(&standard);
+    let queries = [
+        format!("access_token={token}"),
+        format!("a=1;t={unpadded}"),
+        format!("t={all_encoded}"),
+        format!("t={form_encoded}"),
+        token.clone(),
+    ];
+    for query in &queries {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            &format!("/v2/volumes/vol_1?{query}"),
+            &token,
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "query: {problem}");
+        assert_eq!(problem["code"], "token_misplaced");
+        assert!(
+            problem["detail"].as_str().unwrap_or_default().contains("query"),
+            "{problem}"
+        );
+    }
+    let bearer_copy = format!("Bearer {unpadded}");
+    let cookie = format!("theme=dark; capgate={token}");
+    let headers: Vec<(&str, &str, &str)> = vec![
+        ("cookie", cookie.as_str(), "cookie"),
+        ("x-api-key", token.as_str(), "x-api-key"),
+        ("x-upstream-authorization", bearer_copy.as_str(), "x-upstream-authorization"),
+        ("accept", token.as_str(), "accept"),
+        ("if-none-match", standard.as_str(), "if-none-match"),
+    ];
+    for (name, value, named) in headers {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            "/v2/volumes/vol_1",
+            &token,
+            &[(name, value)],
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{name}: {problem}");
+        assert_eq!(problem["code"], "token_misplaced", "{name}");
+        assert!(
+            problem["detail"].as_str().unwrap_or_default().contains(named),
+            "{name}: {problem}"
+        );
+    }
+    let small_bodies: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+        (
+            "json",
+            Some("application/json"),
+            format!(r#"{{"note":"{token}"}}"#).into_bytes(),
+        ),
+        (
+            "graphql document",
+            Some("application/json"),
+            format!(r#"{{"query":"mutation {{ login(token: \"{unpadded}\") }}"}}"#).into_bytes(),
+        ),
+        (
+            "form",
+            Some("application/x-www-form-urlencoded"),
+            format!("note={form_encoded}").into_bytes(),
+        ),
+        ("bytes", Some("application/octet-stream"), token.clone().into_bytes()),
+        ("no content type", None, format!("x {standard} y").into_bytes()),
+    ];
+    for (label, content_type, body) in small_bodies {
+        let (status, problem) = send_with(
+            &proxy,
+            "POST",
+            "/v2/volumes/vol_1/data",
+            &token,
+            &[],
+            Some((content_type, body)),
+        )
+        .await;
+        assert_eq!(status, 400, "{label}: {problem}");
+        assert_eq!(problem["code"], "token_misplaced", "{label}");
+        assert!(
+            problem["detail"].as_str().unwrap_or_default().contains("body"),
+            "{label}: {problem}"
+        );
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing reached the upstream: {:?}",
+        upstream.seen()
+    );
+
+    // A body too large to hold before forwarding is checked as it streams: the request is
+    // cut before the bytes that hold the token, so the upstream never receives them.
+    let mut large = vec![b'a'; 3 << 20];
+    large.extend_from_slice(token.as_bytes());
+    large.extend_from_slice(&[b'z'; 1 << 20]);
+    let (status, problem) = send_with(
+        &proxy,
+        "POST",
+        "/v2/volumes/vol_1/data",
+        &token,
+        &[],
+        Some((Some("application/octet-stream"), large)),
+    )
+    .await;
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "token_misplaced");
+    let needle = &token.as_bytes()[..32];
+    for seen in upstream.seen() {
+        assert!(
+            seen.body.is_empty() && seen.body_len == 0,
+            "the upstream got no whole body: {} bytes",
+            seen.body_len
+        );
+        assert!(seen.headers.iter().all(|(_, v)| !v.contains(&token[..32])));
+        assert!(!seen.body.windows(32).any(|w| w == needle));
+    }
+
+    // Without the token anywhere else, the same requests pass.
+    upstream.clear();
+    let (status, problem) = send_with(
+        &proxy,
+        "POST",
+        "/v2/volumes/vol_1/data",
+        &token,
+        &[("cookie", "theme=dark")],
+        Some((Some("application/json"), br#"{"note":"hello"}"#.to_vec())),
+    )
+    .await;
+    assert_eq!(status, 200, "{problem}");
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+/// Percent-encodes everything but unreserved characters, as a form encoder would.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
