@@ -516,8 +516,16 @@ async fn routing_headers_are_refused_and_never_reach_the_upstream() {
         ("X-Forwarded-Path", "/v2/backups/bk_1", "header_rejected"),
         ("X-Forwarded-Uri", "/v2/backups/bk_1", "header_rejected"),
         ("X-Forwarded-Url", "/v2/backups/bk_1", "header_rejected"),
-        ("X-Envoy-Original-Path", "/v2/backups/bk_1", "header_rejected"),
-        ("X-Envoy-Original-Url", "/v2/backups/bk_1", "header_rejected"),
+        (
+            "X-Envoy-Original-Path",
+            "/v2/backups/bk_1",
+            "header_rejected",
+        ),
+        (
+            "X-Envoy-Original-Url",
+            "/v2/backups/bk_1",
+            "header_rejected",
+        ),
         ("X-Envoy-Internal", "true", "header_rejected"),
         ("X-Script-Name", "/v2/backups", "header_rejected"),
         ("X_Original_URL", "/v2/backups/bk_1", "header_rejected"),
@@ -532,21 +540,44 @@ async fn routing_headers_are_refused_and_never_reach_the_upstream() {
         ("X-Forwarded-Ssl", "on", "header_rejected"),
         ("X-Url-Scheme", "https", "header_rejected"),
         ("Front-End-Https", "on", "header_rejected"),
-        ("Forwarded", "host=admin.internal;proto=https", "header_rejected"),
+        (
+            "Forwarded",
+            "host=admin.internal;proto=https",
+            "header_rejected",
+        ),
         ("X-Accel-Redirect", "/internal/backups", "header_rejected"),
         ("X-Middleware-Subrequest", "middleware", "header_rejected"),
         ("Destination", "/v2/backups/bk_1", "header_rejected"),
-        ("X-Invented-Rewrite-Target", "/v2/backups/bk_1", "header_rejected"),
-        ("X-HTTP-Method-Override", "DELETE", "method_override_rejected"),
+        (
+            "X-Invented-Rewrite-Target",
+            "/v2/backups/bk_1",
+            "header_rejected",
+        ),
+        (
+            "X-HTTP-Method-Override",
+            "DELETE",
+            "method_override_rejected",
+        ),
         ("X-HTTP-Method", "DELETE", "method_override_rejected"),
         ("X-Method-Override", "DELETE", "method_override_rejected"),
         ("X-Original-Method", "DELETE", "method_override_rejected"),
         ("X-Forwarded-Method", "DELETE", "method_override_rejected"),
-        ("X_HTTP_Method_Override", "DELETE", "method_override_rejected"),
+        (
+            "X_HTTP_Method_Override",
+            "DELETE",
+            "method_override_rejected",
+        ),
     ];
     for (name, value, code) in rows {
-        let (status, problem) =
-            send_with(&proxy, "GET", "/v2/volumes/vol_1", &token, &[(name, value)], None).await;
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            "/v2/volumes/vol_1",
+            &token,
+            &[(name, value)],
+            None,
+        )
+        .await;
         assert_eq!(status, 400, "{name}: {problem}");
         assert_eq!(problem["code"], code, "{name}: {problem}");
         let detail = problem["detail"].as_str().unwrap_or_default();
@@ -601,7 +632,10 @@ async fn only_allowlisted_headers_reach_the_upstream() {
         ("cache-control", "no-cache"),
         ("user-agent", "agent/1.0"),
         ("idempotency-key", "k-1"),
-        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
         ("x-railway-team", "team_1"),
         ("x-unlisted-extension", "1"),
         ("x-api-version", "2"),
@@ -624,7 +658,10 @@ async fn only_allowlisted_headers_reach_the_upstream() {
         "traceparent",
         "x-railway-team",
     ] {
-        assert!(names.contains(&forwarded), "{forwarded} forwarded: {names:?}");
+        assert!(
+            names.contains(&forwarded),
+            "{forwarded} forwarded: {names:?}"
+        );
     }
     for dropped in ["x-unlisted-extension", "x-api-version", "origin", "cookie"] {
         assert!(!names.contains(&dropped), "{dropped} dropped: {names:?}");
@@ -651,8 +688,12 @@ async fn only_allowlisted_headers_reach_the_upstream() {
     assert_eq!(seen[0].path, "/v2/volumes/vol_1");
     for (name, _) in &seen[0].headers {
         assert!(
-            !["x-original-url", "x-forwarded-host", "x-http-method-override"]
-                .contains(&name.as_str()),
+            ![
+                "x-original-url",
+                "x-forwarded-host",
+                "x-http-method-override"
+            ]
+            .contains(&name.as_str()),
             "{name} never forwarded"
         );
     }
@@ -808,7 +849,11 @@ async fn method_overrides_are_refused_however_they_are_spelled() {
     );
 
     // Parameters that merely look alike are no override and still pass.
-    for query in ["payment_method=card", "method=flickr.photos.search", "sort=method"] {
+    for query in [
+        "payment_method=card",
+        "method=flickr.photos.search",
+        "sort=method",
+    ] {
         let (status, problem) = send_with(
             &proxy,
             "GET",
@@ -912,7 +957,10 @@ async fn the_token_never_reaches_the_upstream_outside_its_header() {
         assert_eq!(status, 400, "query: {problem}");
         assert_eq!(problem["code"], "token_misplaced");
         assert!(
-            problem["detail"].as_str().unwrap_or_default().contains("query"),
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("query"),
             "{problem}"
         );
     }
@@ -921,7 +969,11 @@ async fn the_token_never_reaches_the_upstream_outside_its_header() {
     let headers: Vec<(&str, &str, &str)> = vec![
         ("cookie", cookie.as_str(), "cookie"),
         ("x-api-key", token.as_str(), "x-api-key"),
-        ("x-upstream-authorization", bearer_copy.as_str(), "x-upstream-authorization"),
+        (
+            "x-upstream-authorization",
+            bearer_copy.as_str(),
+            "x-upstream-authorization",
+        ),
         ("accept", token.as_str(), "accept"),
         ("if-none-match", standard.as_str(), "if-none-match"),
     ];
@@ -938,7 +990,10 @@ async fn the_token_never_reaches_the_upstream_outside_its_header() {
         assert_eq!(status, 400, "{name}: {problem}");
         assert_eq!(problem["code"], "token_misplaced", "{name}");
         assert!(
-            problem["detail"].as_str().unwrap_or_default().contains(named),
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(named),
             "{name}: {problem}"
         );
     }
@@ -958,8 +1013,16 @@ async fn the_token_never_reaches_the_upstream_outside_its_header() {
             Some("application/x-www-form-urlencoded"),
             format!("note={form_encoded}").into_bytes(),
         ),
-        ("bytes", Some("application/octet-stream"), token.clone().into_bytes()),
-        ("no content type", None, format!("x {standard} y").into_bytes()),
+        (
+            "bytes",
+            Some("application/octet-stream"),
+            token.clone().into_bytes(),
+        ),
+        (
+            "no content type",
+            None,
+            format!("x {standard} y").into_bytes(),
+        ),
     ];
     for (label, content_type, body) in small_bodies {
         let (status, problem) = send_with(
@@ -974,7 +1037,10 @@ async fn the_token_never_reaches_the_upstream_outside_its_header() {
         assert_eq!(status, 400, "{label}: {problem}");
         assert_eq!(problem["code"], "token_misplaced", "{label}");
         assert!(
-            problem["detail"].as_str().unwrap_or_default().contains("body"),
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("body"),
             "{label}: {problem}"
         );
     }
@@ -1000,8 +1066,16 @@ async fn the_token_never_reaches_the_upstream_outside_its_header() {
     .await;
     assert_eq!(status, 400, "{problem}");
     assert_eq!(problem["code"], "token_misplaced");
+    // The upstream got the head and the start of the body; it records the request once it
+    // notices the body was cut.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.seen().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let needle = &token.as_bytes()[..32];
-    for seen in upstream.seen() {
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "the cut request: {seen:?}");
+    for seen in seen {
         assert!(
             seen.body.is_empty() && seen.body_len == 0,
             "the upstream got no whole body: {} bytes",

@@ -317,15 +317,47 @@ async fn the_layer_refuses_routing_instructions_and_misplaced_tokens() {
     let cookie = format!("session={token}");
     let in_query = format!("/items/1?access_token={token}");
     let rows: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
-        ("/items/1".into(), vec![("x-original-url", "/items/2")], "header_rejected"),
-        ("/items/1".into(), vec![("x-forwarded-prefix", "/admin")], "header_rejected"),
-        ("/items/1".into(), vec![("x-http-method-override", "DELETE")], "method_override_rejected"),
-        ("/items/1?_method=DELETE".into(), vec![], "method_override_rejected"),
-        ("/items/1?%5Fmethod=DELETE".into(), vec![], "method_override_rejected"),
-        ("/items/1?a=1;_METHOD=delete".into(), vec![], "method_override_rejected"),
+        (
+            "/items/1".into(),
+            vec![("x-original-url", "/items/2")],
+            "header_rejected",
+        ),
+        (
+            "/items/1".into(),
+            vec![("x-forwarded-prefix", "/admin")],
+            "header_rejected",
+        ),
+        (
+            "/items/1".into(),
+            vec![("x-http-method-override", "DELETE")],
+            "method_override_rejected",
+        ),
+        (
+            "/items/1?_method=DELETE".into(),
+            vec![],
+            "method_override_rejected",
+        ),
+        (
+            "/items/1?%5Fmethod=DELETE".into(),
+            vec![],
+            "method_override_rejected",
+        ),
+        (
+            "/items/1?a=1;_METHOD=delete".into(),
+            vec![],
+            "method_override_rejected",
+        ),
         (in_query, vec![], "token_misplaced"),
-        ("/items/1".into(), vec![("cookie", cookie.as_str())], "token_misplaced"),
-        ("/items/1".into(), vec![("x-api-key", token.as_str())], "token_misplaced"),
+        (
+            "/items/1".into(),
+            vec![("cookie", cookie.as_str())],
+            "token_misplaced",
+        ),
+        (
+            "/items/1".into(),
+            vec![("x-api-key", token.as_str())],
+            "token_misplaced",
+        ),
     ];
     for (uri, headers, code) in rows {
         let mut request = Request::builder()
@@ -342,7 +374,11 @@ async fn the_layer_refuses_routing_instructions_and_misplaced_tokens() {
         let status = response.status();
         let body = to_bytes(response.into_body(), 1 << 20).await.expect("body");
         let problem: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {headers:?}: {problem}");
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{uri} {headers:?}: {problem}"
+        );
         assert_eq!(problem["code"], code, "{uri} {headers:?}");
     }
     // The same request without the extras is served.

@@ -242,10 +242,14 @@ pub async fn raw(port: u16, request: &str) -> u16 {
 pub async fn wait_allowed(proxy: &ProxyProcess, path: &str, token: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if call(proxy, "GET", path, Some(token)).await.0 == 200 {
+        let last = call(proxy, "GET", path, Some(token)).await;
+        if last.0 == 200 {
             return;
         }
-        assert!(Instant::now() < deadline, "proxy never allowed {path}");
+        assert!(
+            Instant::now() < deadline,
+            "proxy never allowed {path}: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
