@@ -316,7 +316,8 @@ async fn the_layer_refuses_routing_instructions_and_misplaced_tokens() {
     let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
     let cookie = format!("session={token}");
     let in_query = format!("/items/1?access_token={token}");
-    let rows: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    type Row<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let rows: Vec<Row> = vec![
         (
             "/items/1".into(),
             vec![("x-original-url", "/items/2")],
