@@ -186,6 +186,8 @@ async fn main() {
             credential_prefix: "Bearer ".into(),
             credential_env: None,
             credential_file: Some(credential),
+            forward_headers: Vec::new(),
+            routing_headers: Default::default(),
         },
         routes: vec![RouteConfig {
             method: "GET".into(),

@@ -777,3 +777,78 @@ async fn writes_are_denied_when_their_audit_record_cannot_be_stored() {
         "reads are spooled, not blocked"
     );
 }
+
+/// An approval belongs to the session (and token lineage) that asked for it. Another
+/// session of the same agent can neither collect it nor mark it used: 403
+/// `approval_other_session`. The session that asked still can, also with an attenuated
+/// copy of its token, and the approved operation then goes through once.
+#[tokio::test]
+async fn an_approval_is_bound_to_the_session_that_asked() {
+    let s = setup("", &DELETE_SCOPES).await;
+    let other = token_of(&s.broker.issue(OPS_KEY, &DELETE_SCOPES, None).await);
+    let (status, body, id) = send(&s.proxy, "DELETE", "/v2/volumes/vol_1", &s.token).await;
+    assert_eq!(status, 403, "{body}");
+    let id = id.expect("approval id header");
+    let (status, approved) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/approve"), OPERATOR_KEY)
+        .await;
+    assert_eq!(status, 200, "{approved}");
+    let digest = approved["digest"].as_str().expect("digest").to_owned();
+
+    // The other session: no collecting, no consuming.
+    let (status, problem) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/grant"), &other)
+        .await;
+    assert_eq!(
+        (status, problem["code"].clone()),
+        (403, json!("approval_other_session")),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("another session"),
+        "{problem}"
+    );
+    let (status, problem) = s
+        .broker
+        .post_json(
+            &format!("/v1/approvals/{id}/consume"),
+            Some(&other),
+            json!({ "digest": digest }),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].clone()),
+        (403, json!("approval_other_session")),
+        "{problem}"
+    );
+    // The other session's own delete is still only an approval request of its own.
+    let (status, body, other_id) = send(&s.proxy, "DELETE", "/v2/volumes/vol_1", &other).await;
+    assert_eq!(status, 403, "{body}");
+    assert_ne!(other_id.as_deref(), Some(id.as_str()));
+    assert!(s.upstream.seen().is_empty());
+
+    // The session that asked collects it with an attenuated copy of its token (same
+    // lineage) and runs the operation once.
+    let narrowed = capgate::token::attenuate(
+        &s.token,
+        &capgate::token::Attenuation {
+            resource: Some("http://railway/volumes/vol_1".parse().expect("pattern")),
+            ..Default::default()
+        },
+    )
+    .expect("attenuate");
+    let (status, grant) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/grant"), &narrowed)
+        .await;
+    assert_eq!(status, 200, "{grant}");
+    let approved_token = grant["token"].as_str().expect("token").to_owned();
+    let (status, body, _) = send(&s.proxy, "DELETE", "/v2/volumes/vol_1", &approved_token).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.upstream.seen().len(), 1);
+}

@@ -454,3 +454,660 @@ fn the_example_proxy_config_loads() {
     capgate::adapters::http::routes::RouteTable::new(&config.routes).expect("routes");
     assert!(config.adapter_policies.join("default.dl").exists());
 }
+
+/// Sends `method path` with the token as bearer, extra headers and an optional body
+/// (content type, bytes); returns the status and the problem (or `null`).
+async fn send_with(
+    proxy: &ProxyProcess,
+    method: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Option<(Option<&str>, Vec<u8>)>,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .request(
+            method.parse().expect("method"),
+            format!("{}{path}", proxy.url),
+        )
+        .bearer_auth(token);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some((content_type, bytes)) = body {
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request = request.body(bytes);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// Headers that upstream frameworks and proxies take as the real path, method, host or
+/// scheme. More members than docs/http-proxy.md names, some invented, so the test shows the
+/// family rule rather than a list: every one is refused, naming the header, and nothing
+/// reaches the upstream.
+#[tokio::test]
+async fn routing_headers_are_refused_and_never_reach_the_upstream() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let rows = [
+        ("X-Original-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Rewrite-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Override-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Original-URI", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Original-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Request-URI", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Request-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Real-URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Rewrite-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Prefix", "/v2/backups", "header_rejected"),
+        ("X-Forwarded-Path", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Uri", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Url", "/v2/backups/bk_1", "header_rejected"),
+        (
+            "X-Envoy-Original-Path",
+            "/v2/backups/bk_1",
+            "header_rejected",
+        ),
+        (
+            "X-Envoy-Original-Url",
+            "/v2/backups/bk_1",
+            "header_rejected",
+        ),
+        ("X-Envoy-Internal", "true", "header_rejected"),
+        ("X-Script-Name", "/v2/backups", "header_rejected"),
+        ("X_Original_URL", "/v2/backups/bk_1", "header_rejected"),
+        ("X-Forwarded-Host", "admin.internal", "header_rejected"),
+        ("X-Forwarded-Server", "admin.internal", "header_rejected"),
+        ("X-Host", "admin.internal", "header_rejected"),
+        ("X-Original-Host", "admin.internal", "header_rejected"),
+        ("X-Real-Host", "admin.internal", "header_rejected"),
+        ("X-Forwarded-Proto", "https", "header_rejected"),
+        ("X-Forwarded-Scheme", "https", "header_rejected"),
+        ("X-Forwarded-Port", "8443", "header_rejected"),
+        ("X-Forwarded-Ssl", "on", "header_rejected"),
+        ("X-Url-Scheme", "https", "header_rejected"),
+        ("Front-End-Https", "on", "header_rejected"),
+        (
+            "Forwarded",
+            "host=admin.internal;proto=https",
+            "header_rejected",
+        ),
+        ("X-Accel-Redirect", "/internal/backups", "header_rejected"),
+        ("X-Middleware-Subrequest", "middleware", "header_rejected"),
+        ("Destination", "/v2/backups/bk_1", "header_rejected"),
+        (
+            "X-Invented-Rewrite-Target",
+            "/v2/backups/bk_1",
+            "header_rejected",
+        ),
+        (
+            "X-HTTP-Method-Override",
+            "DELETE",
+            "method_override_rejected",
+        ),
+        ("X-HTTP-Method", "DELETE", "method_override_rejected"),
+        ("X-Method-Override", "DELETE", "method_override_rejected"),
+        ("X-Original-Method", "DELETE", "method_override_rejected"),
+        ("X-Forwarded-Method", "DELETE", "method_override_rejected"),
+        (
+            "X_HTTP_Method_Override",
+            "DELETE",
+            "method_override_rejected",
+        ),
+    ];
+    for (name, value, code) in rows {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            "/v2/volumes/vol_1",
+            &token,
+            &[(name, value)],
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{name}: {problem}");
+        assert_eq!(problem["code"], code, "{name}: {problem}");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(&name.to_ascii_lowercase()),
+            "{name}: the refusal names the header: {detail}"
+        );
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing reached the upstream: {:?}",
+        upstream.seen()
+    );
+}
+
+/// The proxy forwards only the request headers on its allowlist (end-to-end content,
+/// caching, conditional and accept headers, plus what the upstream's config adds); others
+/// are dropped. With `routing_headers = "strip"` a routing header is removed instead of
+/// refused, and still never forwarded.
+#[tokio::test]
+async fn only_allowlisted_headers_reach_the_upstream() {
+    let broker = Broker::start().await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy_configured(
+        &broker.url,
+        up_port,
+        "prod",
+        &[],
+        "forward_headers = [\"x-railway-team\"]",
+    )
+    .await;
+    let stripping = start_proxy_configured(
+        &broker.url,
+        up_port,
+        "prod",
+        &[],
+        "routing_headers = \"strip\"",
+    )
+    .await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    wait_allowed(&stripping, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let sent = [
+        ("accept", "application/json"),
+        ("accept-language", "en"),
+        ("if-none-match", "\"v1\""),
+        ("cache-control", "no-cache"),
+        ("user-agent", "agent/1.0"),
+        ("idempotency-key", "k-1"),
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("x-railway-team", "team_1"),
+        ("x-unlisted-extension", "1"),
+        ("x-api-version", "2"),
+        ("origin", "http://evil.example"),
+        ("cookie", "theme=dark"),
+    ];
+    let (status, problem) =
+        send_with(&proxy, "GET", "/v2/volumes/vol_1", &token, &sent, None).await;
+    assert_eq!(status, 200, "{problem}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let names: Vec<&str> = seen[0].headers.iter().map(|(k, _)| k.as_str()).collect();
+    for forwarded in [
+        "accept",
+        "accept-language",
+        "if-none-match",
+        "cache-control",
+        "user-agent",
+        "idempotency-key",
+        "traceparent",
+        "x-railway-team",
+    ] {
+        assert!(
+            names.contains(&forwarded),
+            "{forwarded} forwarded: {names:?}"
+        );
+    }
+    for dropped in ["x-unlisted-extension", "x-api-version", "origin", "cookie"] {
+        assert!(!names.contains(&dropped), "{dropped} dropped: {names:?}");
+    }
+
+    upstream.clear();
+    let (status, problem) = send_with(
+        &stripping,
+        "GET",
+        "/v2/volumes/vol_1",
+        &token,
+        &[
+            ("x-original-url", "/v2/backups/bk_1"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-http-method-override", "DELETE"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "stripped, not refused: {problem}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].path, "/v2/volumes/vol_1");
+    for (name, _) in &seen[0].headers {
+        assert!(
+            ![
+                "x-original-url",
+                "x-forwarded-host",
+                "x-http-method-override"
+            ]
+            .contains(&name.as_str()),
+            "{name} never forwarded"
+        );
+    }
+}
+
+/// Response headers that make a fronting nginx, Apache or lighttpd serve an internal
+/// location or file (`X-Accel-Redirect`, `X-Sendfile`, …) never reach the agent's side.
+#[tokio::test]
+async fn upstream_internal_redirect_headers_never_reach_the_agent() {
+    let broker = Broker::start().await;
+    let app = axum::Router::new().fallback(|| async {
+        axum::response::Response::builder()
+            .header("x-accel-redirect", "/internal/backups/bk_1")
+            .header("x-accel-buffering", "no")
+            .header("x-sendfile", "/etc/shadow")
+            .header("x-lighttpd-send-file", "/etc/shadow")
+            .header("x-reproxy-url", "http://10.0.0.1/admin")
+            .header("x-request-id", "r-1")
+            .body(Body::from("ok"))
+            .expect("response")
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up_port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["http://railway/volumes/:read"], None)
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/v2/volumes/vol_1", proxy.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let headers = response.headers();
+    for name in [
+        "x-accel-redirect",
+        "x-accel-buffering",
+        "x-sendfile",
+        "x-lighttpd-send-file",
+        "x-reproxy-url",
+    ] {
+        assert!(!headers.contains_key(name), "{name} stripped: {headers:?}");
+    }
+    assert_eq!(headers["x-request-id"], "r-1", "other headers pass");
+}
+
+/// `_method` and its relatives, however spelled, in the query or in a body an upstream
+/// framework would read parameters from. Each is refused with `method_override_rejected`
+/// and nothing reaches the upstream; look-alike parameters that are no override still pass.
+#[tokio::test]
+async fn method_overrides_are_refused_however_they_are_spelled() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/:write",
+                    "http://railway/volumes/:read",
+                ],
+                None,
+            )
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let queries = [
+        "_method=DELETE",
+        "%5Fmethod=DELETE",
+        "%5fmethod=DELETE",
+        "_%6Dethod=DELETE",
+        "%255Fmethod=DELETE",
+        "_METHOD=DELETE",
+        "_Method=delete",
+        "a=1;_method=DELETE",
+        "a=1&_method=DELETE",
+        "a=1%26_method=DELETE",
+        "_method=DELETE&_method=GET",
+        "%20_method=DELETE",
+        "+_method=DELETE",
+        ".method=DELETE",
+        "_method[]=DELETE",
+        "_method%5B%5D=DELETE",
+        "_HttpMethod=DELETE",
+        "x-http-method-override=DELETE",
+        "X-HTTP-Method=DELETE",
+        "x_method_override=DELETE",
+        "method=DELETE",
+        "http_method=PUT",
+    ];
+    for query in queries {
+        let path = format!("/v2/volumes/vol_1?{query}");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, problem) = raw_problem(proxy.port, &request).await;
+        assert_eq!(status, 400, "?{query}: {problem}");
+        assert_eq!(problem["code"], "method_override_rejected", "?{query}");
+    }
+    let form = Some("application/x-www-form-urlencoded");
+    let bodies: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+        ("form", form, b"name=x&_method=DELETE".to_vec()),
+        ("encoded form key", form, b"name=x&%5Fmethod=DELETE".to_vec()),
+        ("form with ; separator", form, b"name=x;_method=DELETE".to_vec()),
+        (
+            "form with charset",
+            Some("Application/X-WWW-Form-URLEncoded; charset=utf-8"),
+            b"_METHOD=delete".to_vec(),
+        ),
+        (
+            "json",
+            Some("application/json"),
+            br#"{"name":"x","_method":"DELETE"}"#.to_vec(),
+        ),
+        (
+            "json escapes",
+            Some("application/vnd.api+json"),
+            br#"{"\u005fmethod":"DELETE"}"#.to_vec(),
+        ),
+        (
+            "multipart",
+            Some("multipart/form-data; boundary=XyZ"),
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n"
+                .to_vec(),
+        ),
+    ];
+    for (label, content_type, body) in bodies {
+        let (status, problem) = send_with(
+            &proxy,
+            "POST",
+            "/v2/volumes/vol_1/data",
+            &token,
+            &[],
+            Some((content_type, body)),
+        )
+        .await;
+        assert_eq!(status, 400, "{label}: {problem}");
+        assert_eq!(problem["code"], "method_override_rejected", "{label}");
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing reached the upstream: {:?}",
+        upstream.seen()
+    );
+
+    // Parameters that merely look alike are no override and still pass.
+    for query in [
+        "payment_method=card",
+        "method=flickr.photos.search",
+        "sort=method",
+    ] {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            &format!("/v2/volumes/vol_1?{query}"),
+            &token,
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "?{query}: {problem}");
+    }
+    // A body without a content type is forwarded as what the proxy took it for (bytes), so
+    // no framework parses it as a form with an override in it.
+    upstream.clear();
+    let (status, problem) = send_with(
+        &proxy,
+        "POST",
+        "/v2/volumes/vol_1/data",
+        &token,
+        &[],
+        Some((None, b"_method=DELETE".to_vec())),
+    )
+    .await;
+    assert_eq!(status, 200, "{problem}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "POST");
+    assert!(
+        seen[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v == "application/octet-stream"),
+        "{:?}",
+        seen[0].headers
+    );
+}
+
+/// Sends bytes exactly as written and returns the status and the problem body.
+async fn raw_problem(port: u16, request: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// The agent's token anywhere but the token header: in the query (plain, percent-encoded,
+/// unpadded, in the standard base64 alphabet), a cookie, any other header, or a body. Each
+/// is refused with `token_misplaced`, naming where it was, and the upstream never sees it,
+/// not even in a body too large to be checked before forwarding.
+#[tokio::test]
+async fn the_token_never_reaches_the_upstream_outside_its_header() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let (upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let token = token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "http://railway/volumes/:write",
+                    "http://railway/volumes/:read",
+                ],
+                None,
+            )
+            .await,
+    );
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
+    upstream.clear();
+    let unpadded = token.trim_end_matches('=').to_owned();
+    let standard = unpadded.replace('-', "+").replace('_', "/");
+    let all_encoded: String = token.bytes().map(|b| format!("%{b:02X}")).collect();
+    let form_encoded: String = url_encode(&standard);
+    let queries = [
+        format!("access_token={token}"),
+        format!("a=1;t={unpadded}"),
+        format!("t={all_encoded}"),
+        format!("t={form_encoded}"),
+        token.clone(),
+    ];
+    for query in &queries {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            &format!("/v2/volumes/vol_1?{query}"),
+            &token,
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "query: {problem}");
+        assert_eq!(problem["code"], "token_misplaced");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("query"),
+            "{problem}"
+        );
+    }
+    let bearer_copy = format!("Bearer {unpadded}");
+    let cookie = format!("theme=dark; capgate={token}");
+    let headers: Vec<(&str, &str, &str)> = vec![
+        ("cookie", cookie.as_str(), "cookie"),
+        ("x-api-key", token.as_str(), "x-api-key"),
+        (
+            "x-upstream-authorization",
+            bearer_copy.as_str(),
+            "x-upstream-authorization",
+        ),
+        ("accept", token.as_str(), "accept"),
+        ("if-none-match", standard.as_str(), "if-none-match"),
+    ];
+    for (name, value, named) in headers {
+        let (status, problem) = send_with(
+            &proxy,
+            "GET",
+            "/v2/volumes/vol_1",
+            &token,
+            &[(name, value)],
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{name}: {problem}");
+        assert_eq!(problem["code"], "token_misplaced", "{name}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(named),
+            "{name}: {problem}"
+        );
+    }
+    let small_bodies: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+        (
+            "json",
+            Some("application/json"),
+            format!(r#"{{"note":"{token}"}}"#).into_bytes(),
+        ),
+        (
+            "graphql document",
+            Some("application/json"),
+            format!(r#"{{"query":"mutation {{ login(token: \"{unpadded}\") }}"}}"#).into_bytes(),
+        ),
+        (
+            "form",
+            Some("application/x-www-form-urlencoded"),
+            format!("note={form_encoded}").into_bytes(),
+        ),
+        (
+            "bytes",
+            Some("application/octet-stream"),
+            token.clone().into_bytes(),
+        ),
+        (
+            "no content type",
+            None,
+            format!("x {standard} y").into_bytes(),
+        ),
+    ];
+    for (label, content_type, body) in small_bodies {
+        let (status, problem) = send_with(
+            &proxy,
+            "POST",
+            "/v2/volumes/vol_1/data",
+            &token,
+            &[],
+            Some((content_type, body)),
+        )
+        .await;
+        assert_eq!(status, 400, "{label}: {problem}");
+        assert_eq!(problem["code"], "token_misplaced", "{label}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("body"),
+            "{label}: {problem}"
+        );
+    }
+    assert!(
+        upstream.seen().is_empty(),
+        "nothing reached the upstream: {:?}",
+        upstream.seen()
+    );
+
+    // A body too large to hold before forwarding is checked as it streams: the request is
+    // cut before the bytes that hold the token, so the upstream never receives them.
+    let mut large = vec![b'a'; 3 << 20];
+    large.extend_from_slice(token.as_bytes());
+    large.extend_from_slice(&[b'z'; 1 << 20]);
+    let (status, problem) = send_with(
+        &proxy,
+        "POST",
+        "/v2/volumes/vol_1/data",
+        &token,
+        &[],
+        Some((Some("application/octet-stream"), large)),
+    )
+    .await;
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "token_misplaced");
+    // The upstream got the head and the start of the body; it records the request once it
+    // notices the body was cut.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.seen().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let needle = &token.as_bytes()[..32];
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "the cut request: {seen:?}");
+    for seen in seen {
+        assert!(
+            seen.body.is_empty() && seen.body_len == 0,
+            "the upstream got no whole body: {} bytes",
+            seen.body_len
+        );
+        assert!(seen.headers.iter().all(|(_, v)| !v.contains(&token[..32])));
+        assert!(!seen.body.windows(32).any(|w| w == needle));
+    }
+
+    // Without the token anywhere else, the same requests pass.
+    upstream.clear();
+    let (status, problem) = send_with(
+        &proxy,
+        "POST",
+        "/v2/volumes/vol_1/data",
+        &token,
+        &[("cookie", "theme=dark")],
+        Some((Some("application/json"), br#"{"note":"hello"}"#.to_vec())),
+    )
+    .await;
+    assert_eq!(status, 200, "{problem}");
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+/// Percent-encodes everything but unreserved characters, as a form encoder would.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}

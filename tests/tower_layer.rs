@@ -305,3 +305,84 @@ async fn hitting_a_datalog_run_limit_is_its_own_deny_reason() {
         .decide_at(&token, &request, SystemTime::now(), Instant::now())
         .is_allow());
 }
+
+/// The in-process layer refuses what the proxy refuses before the service runs: routing
+/// and method-override headers, `_method` however encoded, and the token anywhere but its
+/// header. The inner service never sees any of these requests.
+#[tokio::test]
+async fn the_layer_refuses_routing_instructions_and_misplaced_tokens() {
+    let fixture = fixture();
+    let mut router = app(fixture.guard.clone(), Mode::Enforce);
+    let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
+    let cookie = format!("session={token}");
+    let in_query = format!("/items/1?access_token={token}");
+    type Row<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let rows: Vec<Row> = vec![
+        (
+            "/items/1".into(),
+            vec![("x-original-url", "/items/2")],
+            "header_rejected",
+        ),
+        (
+            "/items/1".into(),
+            vec![("x-forwarded-prefix", "/admin")],
+            "header_rejected",
+        ),
+        (
+            "/items/1".into(),
+            vec![("x-http-method-override", "DELETE")],
+            "method_override_rejected",
+        ),
+        (
+            "/items/1?_method=DELETE".into(),
+            vec![],
+            "method_override_rejected",
+        ),
+        (
+            "/items/1?%5Fmethod=DELETE".into(),
+            vec![],
+            "method_override_rejected",
+        ),
+        (
+            "/items/1?a=1;_METHOD=delete".into(),
+            vec![],
+            "method_override_rejected",
+        ),
+        (in_query, vec![], "token_misplaced"),
+        (
+            "/items/1".into(),
+            vec![("cookie", cookie.as_str())],
+            "token_misplaced",
+        ),
+        (
+            "/items/1".into(),
+            vec![("x-api-key", token.as_str())],
+            "token_misplaced",
+        ),
+    ];
+    for (uri, headers, code) in rows {
+        let mut request = Request::builder()
+            .method("GET")
+            .uri(uri.as_str())
+            .header("authorization", format!("Bearer {token}"));
+        for (name, value) in &headers {
+            request = request.header(*name, *value);
+        }
+        let response = router
+            .call(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let body = to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{uri} {headers:?}: {problem}"
+        );
+        assert_eq!(problem["code"], code, "{uri} {headers:?}");
+    }
+    // The same request without the extras is served.
+    let (status, body) = send(&mut router, "GET", "/items/1?verbose=1", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -47,7 +47,7 @@ fn denial(e: ClientError) -> LedgerDenial {
 
 /// Broker codes this adapter passes on; anything else is reported generically.
 fn static_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 13] = [
         "use_budget_exhausted",
         "rate_limited",
         "approval_used",
@@ -57,6 +57,8 @@ fn static_code(code: &str) -> &'static str {
         "approval_digest_mismatch",
         "approval_not_approved",
         "approval_not_found",
+        "approval_other_session",
+        "approval_unbound",
         "recovery_point",
         "audit_unavailable",
     ];

@@ -6,6 +6,7 @@ pub mod http;
 pub mod ledger;
 pub mod pg;
 pub mod runtime;
+pub mod screen;
 pub mod sync;
 pub mod tower;
 

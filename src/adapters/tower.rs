@@ -1,7 +1,9 @@
 //! `capgate::adapters::tower`: the guard as a tower `Layer`, for existing axum/hyper services.
 //! A mapper turns each request into (resource, verb, attributes); requests it cannot map are
-//! denied. On allow the token is stripped and the decision is put into the request's
-//! extensions as [`GuardedRequest`] for handlers that want the agent's name.
+//! denied. Requests carrying routing instructions, method overrides or the token outside its
+//! header are refused first, as at the proxy ([`super::screen`]). On allow the token is
+//! stripped and the decision is put into the request's extensions as [`GuardedRequest`] for
+//! handlers that want the agent's name.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +17,7 @@ use axum::response::Response;
 use tower::Layer;
 use tower_service::Service;
 
+use super::screen::{self, RoutingHeaders, TokenSpellings};
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
 use crate::guard::{Guard, Ledger, Request as GuardRequest};
 
@@ -35,6 +38,7 @@ pub struct GuardLayer {
     mode: Mode,
     /// Without a ledger, allows that carry obligations (approval, counting, audit) are denied.
     ledger: Option<Arc<dyn Ledger>>,
+    routing: RoutingHeaders,
 }
 
 impl GuardLayer {
@@ -47,7 +51,15 @@ impl GuardLayer {
             mapper: Arc::new(mapper),
             mode: Mode::Enforce,
             ledger: None,
+            routing: RoutingHeaders::Refuse,
         }
+    }
+
+    /// Strips routing headers (`X-Forwarded-Proto` from a TLS terminator…) instead of
+    /// refusing the request.
+    pub fn with_routing_headers(mut self, routing: RoutingHeaders) -> Self {
+        self.routing = routing;
+        self
     }
 
     /// Lets the layer fulfil approvals, velocity counts and audit records through `ledger`
@@ -122,6 +134,22 @@ where
                         mode,
                     ));
                 }
+            };
+            let spellings = TokenSpellings::new(&token);
+            if let Err(refusal) = screen::screen_head(&mut parts, layer.routing, spellings.as_ref())
+            {
+                return Ok(refusal.response(mode));
+            }
+            let body = match screen::screen_body(
+                &parts.method,
+                &mut parts.headers,
+                body,
+                spellings.as_ref(),
+            )
+            .await
+            {
+                Ok(screened) => screened.body,
+                Err(refusal) => return Ok(refusal.response(mode)),
             };
             strip_token_headers(&mut parts.headers);
             let request = Request::from_parts(parts, body);

@@ -15,7 +15,9 @@ use serde_json::json;
 
 use super::problem::{bearer, parse_json, require_json, ApiError, Body};
 use super::BrokerState;
-use crate::containment::approval::{Approval, ApprovalAction, ApprovalStatus};
+use crate::containment::approval::{
+    Approval, ApprovalAction, ApprovalError, ApprovalStatus, Requester,
+};
 use crate::containment::audit::AuditKind;
 use crate::containment::{destroys_recovery_point, Operation};
 use crate::identity::{AuthError, Operator};
@@ -66,8 +68,32 @@ fn update_error(e: UpdateError) -> ApiError {
             "approval_not_found",
             format!("no approval {id}"),
         ),
-        UpdateError::Rejected(e) => ApiError::new(StatusCode::CONFLICT, e.code(), e.to_string()),
+        UpdateError::Rejected(e) => approval_error(&e),
     }
+}
+
+fn approval_error(e: &ApprovalError) -> ApiError {
+    let status = if e.is_forbidden() {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::CONFLICT
+    };
+    ApiError::new(status, e.code(), e.to_string())
+}
+
+/// The session and token lineage (authority block) of a verified agent token.
+fn requester(verified: &VerifiedToken) -> Result<Requester, ApiError> {
+    let lineage = verified.revocation_ids.first().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_malformed",
+            "token has no authority block",
+        )
+    })?;
+    Ok(Requester {
+        session: verified.session.clone(),
+        lineage,
+    })
 }
 
 async fn record(
@@ -116,12 +142,14 @@ pub async fn create(
             ));
         }
     }
+    let asked_by = requester(&verified)?;
     let now = unix_seconds_now();
     let approval = Approval {
         id: random_id(),
         status: ApprovalStatus::Pending,
         agent: verified.agent.clone(),
-        session: verified.session.clone(),
+        session: asked_by.session,
+        lineage: Some(asked_by.lineage),
         digest: operation.digest(),
         operation,
         created_at: now,
@@ -148,7 +176,7 @@ pub async fn list(
     Ok(Json(state.store.approvals().await?))
 }
 
-/// Operators see any approval; an agent sees only its own.
+/// Operators see any approval; an agent sees only its own, from the session that asked.
 pub async fn show(
     State(state): State<Arc<BrokerState>>,
     Path(id): Path<String>,
@@ -170,6 +198,9 @@ pub async fn show(
                 format!("no approval {id}"),
             ));
         }
+        approval
+            .check_requester(&requester(&verified)?)
+            .map_err(|e| approval_error(&e))?;
     }
     Ok(Json(approval))
 }
@@ -241,7 +272,9 @@ pub async fn cancel(
 }
 
 /// The agent collects its approval: its own token plus a third-party block, signed by the
-/// broker's approval key, stating the digest and a short expiry.
+/// broker's approval key, stating the digest and a short expiry. Only the session and token
+/// lineage that requested the approval may collect it; another session of the same agent
+/// gets 403 `approval_other_session`.
 pub async fn grant(
     State(state): State<Arc<BrokerState>>,
     Path(id): Path<String>,
@@ -260,6 +293,9 @@ pub async fn grant(
                 format!("no approval {id}"),
             )
         })?;
+    approval
+        .check_requester(&requester(&verified)?)
+        .map_err(|e| approval_error(&e))?;
     if approval.status != ApprovalStatus::Approved {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -302,7 +338,8 @@ pub async fn grant(
     Ok(Json(GrantResponse { token, approval }))
 }
 
-/// Marks the approval used. Only its own agent's token can, and only once.
+/// Marks the approval used. Only a token of the session and lineage that asked can, and
+/// only once (both checked in the same atomic transition).
 pub async fn consume(
     State(state): State<Arc<BrokerState>>,
     Path(id): Path<String>,
@@ -325,6 +362,7 @@ pub async fn consume(
         &id,
         &ApprovalAction::Consume {
             digest: request.digest,
+            requester: requester(&verified)?,
         },
         unix_seconds_now(),
     )

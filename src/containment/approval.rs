@@ -23,6 +23,11 @@ pub struct Approval {
     pub status: ApprovalStatus,
     pub agent: String,
     pub session: String,
+    /// The revocation id of the requesting token's authority block: the token and every
+    /// attenuated copy of it. Absent on approvals stored before approvals were bound to
+    /// their requester; those can no longer be collected or used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<String>,
     /// What the approver sees and approves: adapter, resource, verb, method/path/body or SQL.
     pub operation: Operation,
     pub digest: String,
@@ -42,10 +47,28 @@ pub struct Approval {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApprovalAction {
-    Approve { operator: String, ttl_seconds: u64 },
-    Deny { operator: String },
-    Cancel { operator: String },
-    Consume { digest: String },
+    Approve {
+        operator: String,
+        ttl_seconds: u64,
+    },
+    Deny {
+        operator: String,
+    },
+    Cancel {
+        operator: String,
+    },
+    Consume {
+        digest: String,
+        requester: Requester,
+    },
+}
+
+/// Who is collecting or using an approval: the session and token lineage of the token
+/// presented. Only the requester of an approval may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub session: String,
+    pub lineage: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +87,10 @@ pub enum ApprovalError {
     TooEarly(u64),
     #[error("approval was already used")]
     AlreadyUsed,
+    #[error("approval was requested by another session; only the session (and token lineage) that asked can collect or use it")]
+    OtherSession,
+    #[error("approval was stored before approvals were bound to their session; request a new one")]
+    Unbound,
 }
 
 impl ApprovalError {
@@ -77,11 +104,31 @@ impl ApprovalError {
             ApprovalError::NotApproved(_) => "approval_not_approved",
             ApprovalError::TooEarly(_) => "approval_delayed",
             ApprovalError::AlreadyUsed => "approval_used",
+            ApprovalError::OtherSession => "approval_other_session",
+            ApprovalError::Unbound => "approval_unbound",
         }
+    }
+
+    /// Whether the caller is the wrong party (403) rather than the approval in the wrong
+    /// state (409).
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, ApprovalError::OtherSession | ApprovalError::Unbound)
     }
 }
 
 impl Approval {
+    /// Refuses anyone but the session and token lineage that requested the approval, so
+    /// another session of the same agent cannot collect it or run the operation.
+    pub fn check_requester(&self, requester: &Requester) -> Result<(), ApprovalError> {
+        let Some(lineage) = &self.lineage else {
+            return Err(ApprovalError::Unbound);
+        };
+        if *lineage != requester.lineage || self.session != requester.session {
+            return Err(ApprovalError::OtherSession);
+        }
+        Ok(())
+    }
+
     /// Applies one action at `now` (seconds since the epoch), returning the next state.
     pub fn apply(&self, action: &ApprovalAction, now: u64) -> Result<Approval, ApprovalError> {
         let mut next = self.clone();
@@ -116,7 +163,8 @@ impl Approval {
                 }
                 other => return Err(ApprovalError::NotPending(other)),
             },
-            ApprovalAction::Consume { digest } => {
+            ApprovalAction::Consume { digest, requester } => {
+                self.check_requester(requester)?;
                 match self.status {
                     ApprovalStatus::Approved => {}
                     ApprovalStatus::Used => return Err(ApprovalError::AlreadyUsed),
@@ -169,6 +217,7 @@ mod tests {
             status: ApprovalStatus::Pending,
             agent: "bot".into(),
             session: "s".into(),
+            lineage: Some("l".into()),
             digest: operation.digest(),
             operation,
             created_at: 100,
@@ -180,6 +229,20 @@ mod tests {
             delay_seconds: delay,
             used_at: None,
             version: 0,
+        }
+    }
+
+    fn consume(digest: &str) -> ApprovalAction {
+        ApprovalAction::Consume {
+            digest: digest.into(),
+            requester: requester(),
+        }
+    }
+
+    fn requester() -> Requester {
+        Requester {
+            session: "s".into(),
+            lineage: "l".into(),
         }
     }
 
@@ -211,33 +274,16 @@ mod tests {
             .expect("approve");
         let digest = approved.digest.clone();
         assert_eq!(
-            approved.apply(
-                &ApprovalAction::Consume {
-                    digest: "0".repeat(64)
-                },
-                120
-            ),
+            approved.apply(&consume(&"0".repeat(64)), 120),
             Err(ApprovalError::DigestMismatch)
         );
         assert_eq!(
-            approved.apply(
-                &ApprovalAction::Consume {
-                    digest: digest.clone()
-                },
-                410
-            ),
+            approved.apply(&consume(&digest), 410),
             Err(ApprovalError::Expired)
         );
-        let used = approved
-            .apply(
-                &ApprovalAction::Consume {
-                    digest: digest.clone(),
-                },
-                120,
-            )
-            .expect("use");
+        let used = approved.apply(&consume(&digest), 120).expect("use");
         assert_eq!(
-            used.apply(&ApprovalAction::Consume { digest }, 121),
+            used.apply(&consume(&digest), 121),
             Err(ApprovalError::AlreadyUsed)
         );
     }
@@ -249,12 +295,7 @@ mod tests {
             .expect("approve");
         let digest = approved.digest.clone();
         assert_eq!(
-            approved.apply(
-                &ApprovalAction::Consume {
-                    digest: digest.clone()
-                },
-                150
-            ),
+            approved.apply(&consume(&digest), 150),
             Err(ApprovalError::TooEarly(170))
         );
         let cancelled = approved
@@ -267,7 +308,7 @@ mod tests {
             .expect("cancel");
         assert_eq!(
             cancelled
-                .apply(&ApprovalAction::Consume { digest }, 180)
+                .apply(&consume(&digest), 180)
                 .map_err(|e| e.code()),
             Err("approval_cancelled")
         );
@@ -290,6 +331,47 @@ mod tests {
         assert_eq!(
             pending(1, 0).apply(&approve("bob"), 800),
             Err(ApprovalError::Expired)
+        );
+    }
+
+    #[test]
+    fn only_the_requesting_session_and_lineage_may_use_an_approval() {
+        let approved = pending(1, 0)
+            .apply(&approve("alice"), 110)
+            .expect("approve");
+        let digest = approved.digest.clone();
+        for (session, lineage) in [("other", "l"), ("s", "other"), ("other", "other")] {
+            let action = ApprovalAction::Consume {
+                digest: digest.clone(),
+                requester: Requester {
+                    session: session.into(),
+                    lineage: lineage.into(),
+                },
+            };
+            assert_eq!(
+                approved.apply(&action, 120),
+                Err(ApprovalError::OtherSession),
+                "{session}/{lineage}"
+            );
+        }
+        let mut unbound = approved.clone();
+        unbound.lineage = None;
+        assert_eq!(
+            unbound.apply(&consume(&digest), 120).map_err(|e| e.code()),
+            Err("approval_unbound")
+        );
+        assert!(approved.apply(&consume(&digest), 120).is_ok());
+    }
+
+    #[test]
+    fn approvals_stored_before_binding_still_load_and_are_refused() {
+        let mut stored = serde_json::to_value(pending(1, 0)).expect("json");
+        stored.as_object_mut().map(|o| o.remove("lineage"));
+        let old: Approval = serde_json::from_value(stored).expect("old approval loads");
+        assert_eq!(old.lineage, None);
+        assert_eq!(
+            old.check_requester(&requester()),
+            Err(ApprovalError::Unbound)
         );
     }
 }

@@ -22,6 +22,8 @@ pub struct Seen {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
+    /// The body as received, when it arrived whole (empty when it did not).
+    pub body: Vec<u8>,
 }
 
 #[derive(Clone, Default)]
@@ -37,7 +39,7 @@ impl Upstream {
             let seen = seen.clone();
             async move {
                 let (parts, body) = request.into_parts();
-                let body = to_bytes(body, 64 << 20).await.map(|b| b.len()).unwrap_or(0);
+                let body = to_bytes(body, 64 << 20).await.unwrap_or_default();
                 seen.lock().expect("lock").push(Seen {
                     method: parts.method.to_string(),
                     path: parts.uri.to_string(),
@@ -46,7 +48,8 @@ impl Upstream {
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
                         .collect(),
-                    body_len: body,
+                    body_len: body.len(),
+                    body: body.to_vec(),
                 });
                 format!("upstream saw {} {}", parts.method, parts.uri)
             }
@@ -93,6 +96,17 @@ pub async fn start_proxy_with_env(
     environment: &str,
     env: &[(&str, &str)],
 ) -> ProxyProcess {
+    start_proxy_configured(broker_url, upstream_port, environment, env, "").await
+}
+
+/// As `start_proxy_with_env`, with extra TOML lines for the `[upstream]` table.
+pub async fn start_proxy_configured(
+    broker_url: &str,
+    upstream_port: u16,
+    environment: &str,
+    env: &[(&str, &str)],
+    upstream_extra: &str,
+) -> ProxyProcess {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = format!(
@@ -110,6 +124,7 @@ audit_spool = "{spool}"
 url = "http://127.0.0.1:{upstream_port}"
 credential_env = "CAPGATE_TEST_UPSTREAM_TOKEN"
 credential_prefix = "Bearer "
+{upstream_extra}
 
 [[routes]]
 method = "GET"
@@ -227,10 +242,14 @@ pub async fn raw(port: u16, request: &str) -> u16 {
 pub async fn wait_allowed(proxy: &ProxyProcess, path: &str, token: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if call(proxy, "GET", path, Some(token)).await.0 == 200 {
+        let last = call(proxy, "GET", path, Some(token)).await;
+        if last.0 == 200 {
             return;
         }
-        assert!(Instant::now() < deadline, "proxy never allowed {path}");
+        assert!(
+            Instant::now() < deadline,
+            "proxy never allowed {path}: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use sha2::Digest;
 
+use super::screen::{self, headers, RoutingHeaders, TokenSpellings, Tripwire};
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
 use super::{DECISION_HEADER, MODE_HEADER};
 use crate::config::{duration, RunLimits};
@@ -57,6 +58,8 @@ pub enum ProxyError {
     Sync(#[from] crate::client::ClientError),
     #[error(transparent)]
     Runtime(#[from] super::runtime::RuntimeError),
+    #[error("upstream: {0}")]
+    Headers(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +79,14 @@ pub struct UpstreamConfig {
     /// …or from this file (relative to the config file).
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
+    /// Request headers this upstream gets besides the default allowlist
+    /// ([`screen::headers::DEFAULT_FORWARDED`]); every other request header is dropped.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// Headers of a routing family (`X-Original-URL`, `X-Forwarded-Host`, …): `refuse` (400,
+    /// the default) or `strip`. Never forwarded either way.
+    #[serde(default)]
+    pub routing_headers: RoutingHeaders,
 }
 
 impl UpstreamConfig {
@@ -163,6 +174,7 @@ pub struct Proxy {
     guard: Arc<Guard>,
     upstream: Uri,
     credential: (HeaderName, HeaderValue),
+    forwarded: headers::ForwardedHeaders,
     client: HyperClient<HttpConnector, Body>,
     ledger: Arc<dyn Ledger>,
 }
@@ -170,12 +182,6 @@ pub struct Proxy {
 /// Largest body hashed into an approval digest.
 const MAX_APPROVAL_BODY: usize = 1 << 20;
 
-/// Request headers that change how an upstream interprets the method; refused outright.
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
 /// Hop-by-hop and forwarding headers never passed through (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 12] = [
     "connection",
@@ -214,6 +220,8 @@ impl Proxy {
             ));
         }
         let credential = load_credential(&config.upstream)?;
+        let forwarded = headers::ForwardedHeaders::new(&config.upstream.forward_headers)
+            .map_err(ProxyError::Headers)?;
         let guard = Guard::new(
             GuardConfig {
                 adapter: config.name.clone(),
@@ -234,6 +242,7 @@ impl Proxy {
             guard: Arc::new(guard),
             upstream,
             credential,
+            forwarded,
             client,
             ledger,
         })
@@ -287,72 +296,8 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
             "use an origin-form request target",
         );
     }
-    let headers = request.headers();
-    if METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "method_override_rejected",
-            "method override headers are not accepted",
-        );
-    }
-    let query = request.uri().query().map(str::to_owned);
-    if query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv.split('=').next() == Some("_method"))
-    }) {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "method_override_rejected",
-            "_method overrides are not accepted",
-        );
-    }
-    let canonical = match path::canonicalize(request.uri().path()) {
-        Ok(canonical) => canonical,
-        Err(e) => return reject(StatusCode::BAD_REQUEST, "path_rejected", &e.to_string()),
-    };
-    let Some(route) = proxy.routes.find(request.method(), &canonical.segments) else {
-        tracing::warn!(adapter = %proxy.config.name, method = %request.method(), path = %canonical.encoded, mode = mode.as_str(), "no route: deny");
-        return reject(
-            StatusCode::FORBIDDEN,
-            "no_route",
-            "no route allows this method and path",
-        );
-    };
-    let mode = route.mode.unwrap_or(mode);
-    let mut attributes = vec![
-        ("method".into(), request.method().to_string()),
-        ("route".into(), route.label.clone()),
-        ("path".into(), canonical.encoded.clone()),
-    ];
-    if let Some(query) = &query {
-        attributes.push(("query".into(), query.clone()));
-    }
-    // An approval is bound to the exact operation, body included: buffer (bounded) and hash
-    // it for verbs that need one. Everything else streams.
-    let request = if proxy.guard.containment().needs_approval(route.verb) {
-        let (parts, body) = request.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, MAX_APPROVAL_BODY).await else {
-            return reject(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "bodies of operations that need approval are limited to 1 MiB",
-            );
-        };
-        attributes.push((
-            "body_sha256".into(),
-            hex::encode(sha2::Sha256::digest(&bytes)),
-        ));
-        Request::from_parts(parts, Body::from(bytes))
-    } else {
-        request
-    };
-    let guard_request = GuardRequest {
-        resource: route.resource.clone(),
-        verb: route.verb,
-        environment: proxy.config.environment.clone(),
-        attributes,
-    };
-    let token = match extract_token(request.headers()) {
+    let (mut parts, body) = request.into_parts();
+    let token = match extract_token(&parts.headers) {
         TokenHeader::Present(token) => token,
         TokenHeader::Missing => String::new(),
         TokenHeader::Conflicting => {
@@ -365,9 +310,77 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
             )
         }
     };
+    let spellings = TokenSpellings::new(&token);
+    if let Err(refusal) = screen::screen_head(
+        &mut parts,
+        proxy.config.upstream.routing_headers,
+        spellings.as_ref(),
+    ) {
+        return refusal.response(mode);
+    }
+    let query = parts.uri.query().map(str::to_owned);
+    let canonical = match path::canonicalize(parts.uri.path()) {
+        Ok(canonical) => canonical,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, "path_rejected", &e.to_string()),
+    };
+    let Some(route) = proxy.routes.find(&parts.method, &canonical.segments) else {
+        tracing::warn!(adapter = %proxy.config.name, method = %parts.method, path = %canonical.encoded, mode = mode.as_str(), "no route: deny");
+        return reject(
+            StatusCode::FORBIDDEN,
+            "no_route",
+            "no route allows this method and path",
+        );
+    };
+    let mode = route.mode.unwrap_or(mode);
+    let mut attributes = vec![
+        ("method".into(), parts.method.to_string()),
+        ("route".into(), route.label.clone()),
+        ("path".into(), canonical.encoded.clone()),
+    ];
+    if let Some(query) = &query {
+        attributes.push(("query".into(), query.clone()));
+    }
+    // An approval is bound to the exact operation, body included: buffer (bounded) and hash
+    // it for verbs that need one. Every body is screened (method overrides, the token); what
+    // is not buffered streams.
+    let body = if proxy.guard.containment().needs_approval(route.verb) {
+        let Ok(bytes) = axum::body::to_bytes(body, MAX_APPROVAL_BODY).await else {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "bodies of operations that need approval are limited to 1 MiB",
+            );
+        };
+        attributes.push((
+            "body_sha256".into(),
+            hex::encode(sha2::Sha256::digest(&bytes)),
+        ));
+        Body::from(bytes)
+    } else {
+        body
+    };
+    let screened = match screen::screen_body(
+        &parts.method,
+        &mut parts.headers,
+        body,
+        spellings.as_ref(),
+    )
+    .await
+    {
+        Ok(screened) => screened,
+        Err(refusal) => return refusal.response(mode),
+    };
+    let request = Request::from_parts(parts, screened.body);
+    let guard_request = GuardRequest {
+        resource: route.resource.clone(),
+        verb: route.verb,
+        environment: proxy.config.environment.clone(),
+        attributes,
+    };
     let target = Target {
         canonical: canonical.encoded,
         query,
+        tripwire: screened.tripwire,
     };
     let authorized = match mode {
         Mode::Enforce => {
@@ -402,9 +415,12 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
 struct Target {
     canonical: String,
     query: Option<String>,
+    /// Says why, when the streamed body was cut on its way.
+    tripwire: Arc<Tripwire>,
 }
 
-/// Sends an authorised request upstream: canonical path, credential injected, token removed.
+/// Sends an authorised request upstream: canonical path, allowlisted headers only, credential
+/// injected, token removed.
 async fn forward(proxy: &Proxy, authorized: Authorized<(Request, Target)>, mode: Mode) -> Response {
     let decision_id = authorized.decision_id().to_owned();
     let (request, target) = authorized.into_inner();
@@ -436,6 +452,7 @@ async fn forward(proxy: &Proxy, authorized: Authorized<(Request, Target)>, mode:
     strip_token_headers(&mut parts.headers);
     remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    proxy.forwarded.retain(&mut parts.headers);
     parts
         .headers
         .insert(proxy.credential.0.clone(), proxy.credential.1.clone());
@@ -445,6 +462,7 @@ async fn forward(proxy: &Proxy, authorized: Authorized<(Request, Target)>, mode:
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
+            headers::strip_response_instructions(&mut parts.headers);
             if let Ok(id) = HeaderValue::from_str(&decision_id) {
                 parts
                     .headers
@@ -456,6 +474,12 @@ async fn forward(proxy: &Proxy, authorized: Authorized<(Request, Target)>, mode:
             );
             Response::from_parts(parts, Body::new(body))
         }
+        // The screen cut the body on its way: answer with its reason.
+        Err(_) if target.tripwire.tripped().is_some() => target
+            .tripwire
+            .tripped()
+            .map(|refusal| refusal.response(mode))
+            .unwrap_or_default(),
         Err(e) => {
             tracing::error!(error = %e, decision_id = %decision_id, "upstream request failed");
             problem(
