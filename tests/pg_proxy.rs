@@ -1158,3 +1158,64 @@ async fn decisions_made_while_the_broker_is_down_reach_the_trail_once_it_is_back
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Schema `s` with table `x.c` and schema `s.x` with table `c` are different tables; a right
+/// on one must never reach the other, so their resource names must differ. Identifiers that
+/// need it are quoted as PostgreSQL quotes them: the right below names `"s.x".c`.
+#[tokio::test]
+async fn a_dotted_identifier_cannot_borrow_another_tables_right() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let proxy = start_pg_proxy(&broker).await;
+    let s = format!("cg9_{}", &capgate::token::random_id()[..10]);
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA {s}; CREATE SCHEMA \"{s}.x\"; \
+             CREATE TABLE {s}.\"x.c\" (v int); CREATE TABLE \"{s}.x\".c (v int);"
+        ))
+        .await
+        .expect("schemas");
+    let right = format!("pg://staging/\"{s}.x\".c:write");
+    let token = token_of(&broker.issue(OPS_KEY, &[right.as_str()], None).await);
+    let client = connect_when_ready(proxy.port, "ops-bot", &token).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        let granted = client
+            .batch_execute(&format!("INSERT INTO \"{s}.x\".c VALUES (1)"))
+            .await;
+        let attack = client
+            .batch_execute(&format!("INSERT INTO {s}.\"x.c\" VALUES (1)"))
+            .await;
+        (granted, attack)
+    })
+    .await
+    .expect("no hang");
+    let count = |table: String| async move {
+        direct()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    let other = count(format!("{s}.\"x.c\"")).await;
+    let named = count(format!("\"{s}.x\".c")).await;
+    let _ = direct()
+        .await
+        .batch_execute(&format!(
+            "DROP SCHEMA {s} CASCADE; DROP SCHEMA \"{s}.x\" CASCADE"
+        ))
+        .await;
+    outcome.0.expect("the write the right names is allowed");
+    let denied = outcome.1.expect_err("the other table's write is denied");
+    assert_eq!(sqlstate(&denied).as_deref(), Some("42501"), "{denied:?}");
+    let message = denied
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains("policy_denied")
+            && message.contains(&format!("write on pg://staging/{s}.\"x.c\":")),
+        "{message}"
+    );
+    assert_eq!((named, other), (1, 0), "only the named table was written");
+}
