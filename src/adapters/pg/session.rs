@@ -17,7 +17,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::classify::{classify_async, Access, Object, Statement, Transaction};
+use super::classify::{classify_async, Access, Statement, Transaction};
 use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
@@ -951,12 +951,7 @@ impl Session<'_> {
     }
 
     async fn authorize(&self, access: &Access, sql: &str, defer: bool) -> Result<(), Denial> {
-        let alias = &self.proxy.config.database;
-        let resource = match &access.object {
-            Object::Relation { schema, name } => format!("pg://{alias}/{schema}.{name}"),
-            Object::Schema(schema) => format!("pg://{alias}/{schema}"),
-            Object::Database => format!("pg://{alias}"),
-        };
+        let resource = super::resource::resource(&self.proxy.config.database, &access.object);
         let request = GuardRequest {
             resource,
             verb: access.verb,
