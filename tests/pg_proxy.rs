@@ -1219,3 +1219,113 @@ async fn a_dotted_identifier_cannot_borrow_another_tables_right() {
     );
     assert_eq!((named, other), (1, 0), "only the named table was written");
 }
+
+/// `psql -c` through the proxy with `token` as `user`: (success, stdout, stderr).
+fn psql_through(port: u16, user: &str, token: &str, sql: &str) -> (bool, String, String) {
+    let out = Command::new("timeout")
+        .args(["20", "psql", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-U",
+            user,
+            "-d",
+            "staging",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Reads that call ordered-set, window and statistical aggregates are reads (with libpq and
+/// tokio-postgres); a function with side effects is not, even one the catalog calls stable,
+/// and neither is a user-defined one, whatever volatility it declares.
+#[tokio::test]
+async fn pure_builtins_are_reads_and_functions_with_effects_are_not() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let f = format!("{t}_f");
+    let s = format!("{t}_s");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE FUNCTION {f}(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'select $1'; \
+             CREATE SEQUENCE {s};"
+        ))
+        .await
+        .expect("function and sequence");
+    let read = read_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "reporting-bot", &read).await;
+    let reads = [
+        format!("SELECT rank() OVER (ORDER BY id), row_number() OVER (), dense_rank() OVER (ORDER BY v) FROM {t}"),
+        format!("SELECT variance(id), stddev(id)::text, var_pop(id)::text, corr(id, id)::text FROM {t}"),
+        format!("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY id), mode() WITHIN GROUP (ORDER BY v) FROM {t}"),
+    ];
+    for sql in &reads {
+        tokio::time::timeout(Duration::from_secs(10), client.simple_query(sql))
+            .await
+            .expect("no hang")
+            .unwrap_or_else(|e| panic!("tokio-postgres: {sql}: {e:?}"));
+        let (ok, _, stderr) = psql_through(proxy.port, "reporting-bot", &read, sql);
+        assert!(ok, "psql: {sql}: {stderr}");
+    }
+    let (ok, stdout, stderr) = psql_through(
+        proxy.port,
+        "reporting-bot",
+        &read,
+        &format!("SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM {t}"),
+    );
+    assert!(ok && stdout.trim() == "2", "{stdout} {stderr}");
+    for (sql, named) in [
+        ("SELECT txid_current()".to_owned(), "txid_current"),
+        (format!("SELECT nextval('{s}')"), "nextval"),
+        ("SELECT pg_advisory_lock(42)".to_owned(), "pg_advisory_lock"),
+        (
+            format!("SELECT query_to_xml('select * from {t}', true, true, '')"),
+            "query_to_xml",
+        ),
+        (format!("SELECT {f}(1)"), f.as_str()),
+    ] {
+        let error = tokio::time::timeout(Duration::from_secs(10), client.simple_query(&sql))
+            .await
+            .expect("no hang")
+            .expect_err(&sql);
+        assert_eq!(
+            sqlstate(&error).as_deref(),
+            Some("42501"),
+            "{sql}: {error:?}"
+        );
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("calls {named}")),
+            "{sql}: {message}"
+        );
+        let (ok, _, stderr) = psql_through(proxy.port, "reporting-bot", &read, &sql);
+        assert!(
+            !ok && stderr.contains(&format!("calls {named}")),
+            "psql: {sql}: {stderr}"
+        );
+    }
+    let last = direct()
+        .await
+        .query_one(&format!("SELECT last_value, is_called FROM {s}"), &[])
+        .await
+        .expect("sequence");
+    assert!(!last.get::<_, bool>(1), "the sequence was never advanced");
+    assert_eq!(rows(&t).await, 3);
+}

@@ -367,3 +367,58 @@ fn fuzzed_statements_never_panic() {
         }
     }
 }
+
+/// Ordered-set, window and statistical aggregates are built-ins without side effects: a
+/// read that calls them is a read.
+#[test]
+fn pure_builtins_from_the_catalog_are_reads() {
+    use Verb::*;
+    for sql in [
+        "SELECT rank() OVER (ORDER BY a), row_number() OVER (), dense_rank() OVER w FROM bookings WINDOW w AS (ORDER BY b)",
+        "SELECT variance(a), stddev(a), stddev_samp(a), var_pop(a), corr(a, b), regr_slope(a, b) FROM bookings",
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY a), mode() WITHIN GROUP (ORDER BY b) FROM bookings",
+        "SELECT ntile(4) OVER (ORDER BY a), lag(a) OVER (ORDER BY a), first_value(a) OVER () FROM bookings",
+        "SELECT pg_catalog.cume_dist() OVER (ORDER BY a), jsonb_path_query_array(j, '$.x') FROM bookings",
+    ] {
+        check(sql, &[(Read, rel("bookings"))]);
+    }
+}
+
+/// Functions with side effects stay writes even where the catalog calls them stable or
+/// immutable; user-defined functions are writes whatever they claim.
+#[test]
+fn impure_and_user_functions_are_at_least_writes() {
+    for (sql, why) in [
+        (
+            "SELECT txid_current()",
+            "assigns a transaction id (stable in the catalog)",
+        ),
+        (
+            "SELECT pg_current_xact_id()",
+            "assigns a transaction id (stable in the catalog)",
+        ),
+        (
+            "SELECT query_to_xml('delete from t returning 1', true, true, '')",
+            "runs SQL given as text",
+        ),
+        (
+            "SELECT table_to_xml('secret', true, true, '')",
+            "reads a table named in a string",
+        ),
+        ("SELECT pg_advisory_lock(1)", "takes a session lock"),
+        ("SELECT nextval('s'), setval('s', 1)", "sequences"),
+        ("SELECT pg_notify('c', 'x')", "notification"),
+        ("SELECT setseed(0.5)", "changes the session's random state"),
+        ("SELECT my_immutable_looking_function(1)", "user-defined"),
+        (
+            "SELECT public.rank() OVER ()",
+            "a built-in name in another schema",
+        ),
+    ] {
+        let verb = worst(sql);
+        assert!(
+            verb >= Some(Verb::Write),
+            "{why}: {sql} classified as {verb:?}"
+        );
+    }
+}
