@@ -105,174 +105,6 @@ pub enum ClassifyError {
     Internal(String),
 }
 
-/// Settings a session may change freely; any other SET/RESET is `admin`.
-const HARMLESS_SETTINGS: [&str; 10] = [
-    "application_name",
-    "statement_timeout",
-    "lock_timeout",
-    "idle_in_transaction_session_timeout",
-    "datestyle",
-    "intervalstyle",
-    "timezone",
-    "extra_float_digits",
-    "client_min_messages",
-    "transaction_isolation",
-];
-
-/// Functions known to have no side effects; any other makes the statement at least `write`.
-/// The catalog and introspection functions at the end are what psql's `\d` family and
-/// drivers' metadata queries call: reading the schema must not need a write grant.
-const PURE_FUNCTIONS: &[&str] = &[
-    "pg_sleep",
-    "pg_backend_pid",
-    "count",
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "array_agg",
-    "string_agg",
-    "bool_and",
-    "bool_or",
-    "every",
-    "json_agg",
-    "jsonb_agg",
-    "lower",
-    "upper",
-    "length",
-    "char_length",
-    "character_length",
-    "octet_length",
-    "substr",
-    "substring",
-    "trim",
-    "btrim",
-    "ltrim",
-    "rtrim",
-    "replace",
-    "concat",
-    "concat_ws",
-    "left",
-    "right",
-    "position",
-    "strpos",
-    "split_part",
-    "format",
-    "md5",
-    "starts_with",
-    "regexp_replace",
-    "regexp_match",
-    "regexp_matches",
-    "to_char",
-    "to_number",
-    "to_date",
-    "abs",
-    "round",
-    "ceil",
-    "ceiling",
-    "floor",
-    "trunc",
-    "mod",
-    "power",
-    "sqrt",
-    "greatest",
-    "least",
-    "now",
-    "current_timestamp",
-    "current_date",
-    "clock_timestamp",
-    "statement_timestamp",
-    "date_trunc",
-    "date_part",
-    "extract",
-    "age",
-    "to_timestamp",
-    "make_interval",
-    "jsonb_build_object",
-    "json_build_object",
-    "to_json",
-    "to_jsonb",
-    "jsonb_array_length",
-    "jsonb_typeof",
-    "array_length",
-    "unnest",
-    "generate_series",
-    "cardinality",
-    "version",
-    "current_database",
-    "current_schema",
-    "current_user",
-    "session_user",
-    "pg_typeof",
-    "coalesce",
-    "nullif",
-    "random",
-    "array_position",
-    "array_to_string",
-    "array_upper",
-    "array_lower",
-    "string_to_array",
-    "current_schemas",
-    "quote_ident",
-    "quote_literal",
-    "format_type",
-    "obj_description",
-    "col_description",
-    "shobj_description",
-    "pg_encoding_to_char",
-    "pg_table_is_visible",
-    "pg_type_is_visible",
-    "pg_function_is_visible",
-    "pg_collation_is_visible",
-    "pg_get_userbyid",
-    "pg_get_expr",
-    "pg_get_constraintdef",
-    "pg_get_indexdef",
-    "pg_get_viewdef",
-    "pg_get_triggerdef",
-    "pg_get_ruledef",
-    "pg_get_functiondef",
-    "pg_get_function_arguments",
-    "pg_get_function_identity_arguments",
-    "pg_get_function_result",
-    "pg_get_partkeydef",
-    "pg_get_statisticsobjdef_columns",
-    "pg_get_serial_sequence",
-    "pg_relation_is_publishable",
-    "pg_relation_size",
-    "pg_table_size",
-    "pg_indexes_size",
-    "pg_total_relation_size",
-    "pg_database_size",
-    "pg_size_pretty",
-    "has_table_privilege",
-    "has_schema_privilege",
-    "has_database_privilege",
-    "pg_is_in_recovery",
-];
-
-/// Functions that act on the server, sessions, files or other databases: `admin`.
-const DANGEROUS_FUNCTIONS: [&str; 18] = [
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_promote",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_file_write",
-    "set_config",
-    "lo_unlink",
-    "lo_import",
-    "lo_export",
-    "lo_create",
-    "lo_put",
-    "dblink",
-    "dblink_exec",
-    "dblink_connect",
-];
-
 /// Nesting of parentheses and brackets, counted without a full lexer: it may over-count
 /// inside string literals, which only fails closed.
 fn nesting_depth(sql: &str) -> usize {
@@ -797,13 +629,9 @@ impl Walk<'_> {
             }
         };
         let builtin = schema.is_none_or(|s| s == "pg_catalog");
-        if builtin
-            && (DANGEROUS_FUNCTIONS.contains(&function)
-                || function.starts_with("dblink")
-                || function.starts_with("lo_"))
-        {
+        if builtin && lexicon::acts_on_the_server(function) {
             self.add(Verb::Admin, Object::Database);
-        } else if !(builtin && PURE_FUNCTIONS.contains(&function)) {
+        } else if !(builtin && lexicon::is_pure(function)) {
             self.add(Verb::Write, Object::Database);
             self.impure_functions.push(name.join("."));
         }
@@ -819,7 +647,7 @@ impl Walk<'_> {
             return;
         }
         // RESET ALL has an empty name; everything not on the short list is admin.
-        if !HARMLESS_SETTINGS.contains(&name.as_str()) {
+        if !lexicon::HARMLESS_SETTINGS.contains(&name.as_str()) {
             self.add(Verb::Admin, Object::Database);
         }
     }
@@ -837,5 +665,6 @@ fn read_write_requested(options: &Value) -> bool {
     })
 }
 
+mod lexicon;
 #[cfg(test)]
 mod tests;
