@@ -1329,3 +1329,120 @@ async fn pure_builtins_are_reads_and_functions_with_effects_are_not() {
     assert!(!last.get::<_, bool>(1), "the sequence was never advanced");
     assert_eq!(rows(&t).await, 3);
 }
+
+/// Whether a relation of that name exists, asked over a direct connection.
+async fn relation_exists(name: &str) -> bool {
+    direct()
+        .await
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .map(|row| row.get::<_, bool>(0))
+        .unwrap_or(true)
+}
+
+/// A statement that runs a prepared statement is judged by its own effect too: wrapping
+/// EXECUTE in CREATE TABLE AS (and that in EXPLAIN ANALYZE, which PostgreSQL runs even in a
+/// read-only session) needs `admin`, however deep, by SQL, extended protocol and psql.
+#[tokio::test]
+async fn a_wrapper_around_execute_is_judged_for_its_own_effect_too() {
+    use capgate::adapters::pg::wire::{encode, read_message};
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    for (agent, token) in [
+        ("reporting-bot", read_token(&broker).await),
+        ("deploy-bot", write_token(&broker).await),
+    ] {
+        let client = connect_when_ready(proxy.port, &agent, &token).await;
+        client
+            .batch_execute(&format!("PREPARE wrapped AS SELECT v FROM {t}"))
+            .await
+            .expect("a prepared read");
+        let made = |n: usize| format!("{t}_made_{n}");
+        let attacks = [
+            format!("CREATE TABLE {} AS EXECUTE wrapped", made(1)),
+            format!(
+                "EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE wrapped",
+                made(2)
+            ),
+            format!(
+                "EXPLAIN (ANALYZE, COSTS OFF) CREATE UNLOGGED TABLE {} AS EXECUTE wrapped",
+                made(3)
+            ),
+            format!(
+                "SELECT 1; EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE wrapped",
+                made(4)
+            ),
+        ];
+        for (n, sql) in attacks.iter().enumerate() {
+            let error = tokio::time::timeout(Duration::from_secs(10), client.simple_query(sql))
+                .await
+                .expect("no hang")
+                .expect_err(sql);
+            let message = error
+                .as_db_error()
+                .map(|e| e.message().to_owned())
+                .unwrap_or_default();
+            assert_eq!(
+                sqlstate(&error).as_deref(),
+                Some("42501"),
+                "{agent}: {sql}: {error:?}"
+            );
+            assert!(
+                message.contains(&format!("admin on pg://staging/public.{}", made(n + 1))),
+                "{agent}: {sql}: {message}"
+            );
+        }
+        // The same through the extended protocol (a Parse of the wrapper) and through libpq.
+        let error = client
+            .prepare(&format!(
+                "EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE wrapped",
+                made(5)
+            ))
+            .await
+            .expect_err("extended wrapper");
+        assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error:?}");
+        let (ok, _, stderr) = psql_through(
+            proxy.port,
+            &agent,
+            &token,
+            &format!(
+                "PREPARE w2 AS SELECT 1; EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE w2",
+                made(6)
+            ),
+        );
+        assert!(!ok && stderr.contains("admin on"), "psql: {stderr}");
+        // A raw session pipelining Parse/Bind/Execute of the wrapper gets one error, one ready.
+        let mut raw = raw_session(proxy.port, &agent, &token).await;
+        let mut batch = encode(b'Q', b"PREPARE w3 AS SELECT 1\0");
+        let mut parse = b"\0".to_vec();
+        parse.extend_from_slice(format!("CREATE TABLE {} AS EXECUTE w3\0", made(7)).as_bytes());
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        batch.extend_from_slice(&encode(b'P', &parse));
+        batch.extend_from_slice(&encode(b'B', b"\0\0\0\0\0\0\0\0"));
+        batch.extend_from_slice(&encode(b'E', b"\0\0\0\0\0"));
+        batch.extend_from_slice(&encode(b'S', b""));
+        raw.write_all(&batch).await.expect("write");
+        let mut tags = Vec::new();
+        while tags.iter().filter(|t| **t == b'Z').count() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(10), read_message(&mut raw, 1 << 20))
+                .await
+                .expect("no hang")
+                .expect("reply");
+            tags.push(m.tag);
+        }
+        assert_eq!(tags, vec![b'C', b'Z', b'E', b'Z'], "{agent}");
+        for n in 1..=7 {
+            assert!(
+                !relation_exists(&made(n)).await,
+                "{agent}: {} was created",
+                made(n)
+            );
+        }
+        client
+            .simple_query("SELECT 1")
+            .await
+            .expect("session usable");
+    }
+    assert_eq!(rows(&t).await, 3);
+}
