@@ -36,15 +36,48 @@ pub struct Statement {
     pub text: String,
     /// Empty: touches nothing (BEGIN, COMMIT, SELECT 1, harmless SET).
     pub accesses: Vec<Access>,
-    /// `PREPARE name AS …`: the accesses are the prepared statement's.
-    pub prepare: Option<String>,
-    /// `EXECUTE name`: the caller looks up what PREPARE recorded.
-    pub execute: Option<String>,
+    /// Every prepared statement this one runs (`EXECUTE name`, however deeply wrapped: in
+    /// CREATE TABLE AS, EXPLAIN ANALYZE…). The caller adds what each of them does, as the
+    /// server will find it when this statement runs; the accesses above are only this
+    /// statement's own.
+    pub executes: Vec<String>,
+    /// EXPLAIN without ANALYZE: what it would execute is planned, not run (its tables read).
+    pub plans_only: bool,
+    /// How running this statement changes the session's prepared statement names.
+    pub names: Option<NameChange>,
     /// BEGIN, COMMIT, ROLLBACK and the like: where a transaction's writes become durable.
     pub transaction: Option<Transaction>,
     /// Functions called that are not known to be side-effect free (each makes the statement
     /// a `write` on the database): named in a denial, so the agent knows why.
     pub impure_functions: Vec<String>,
+}
+
+/// A change to the session's prepared statement names, made when the statement succeeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameChange {
+    /// `PREPARE name AS …`: the statement's accesses are the prepared statement's.
+    Prepare(String),
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(String),
+    /// `DEALLOCATE ALL`, `DISCARD ALL`: every named statement (not the unnamed one).
+    DeallocateAll,
+    /// DO and CALL run code that may prepare or deallocate anything.
+    Doubt,
+}
+
+fn name_change(node: Option<&pg_query::NodeEnum>) -> Option<NameChange> {
+    use pg_query::protobuf::DiscardMode;
+    use pg_query::NodeEnum as N;
+    match node? {
+        N::PrepareStmt(stmt) => Some(NameChange::Prepare(stmt.name.clone())),
+        N::DeallocateStmt(stmt) if stmt.isall => Some(NameChange::DeallocateAll),
+        N::DeallocateStmt(stmt) => Some(NameChange::Deallocate(stmt.name.clone())),
+        N::DiscardStmt(stmt) if stmt.target() == DiscardMode::DiscardAll => {
+            Some(NameChange::DeallocateAll)
+        }
+        N::DoStmt(_) | N::CallStmt(_) => Some(NameChange::Doubt),
+        _ => None,
+    }
 }
 
 /// Transaction control, as far as auditing cares.
@@ -262,8 +295,9 @@ fn classify_here(sql: &str, default_schema: &str) -> Result<Vec<Statement>, Clas
         let tree = serde_json::to_value(raw.stmt.as_deref())
             .map_err(|e| ClassifyError::Internal(e.to_string()))?;
         let mut statement = classify_statement(text, &tree, default_schema);
-        statement.transaction =
-            transaction_control(raw.stmt.as_deref().and_then(|n| n.node.as_ref()));
+        let node = raw.stmt.as_deref().and_then(|n| n.node.as_ref());
+        statement.transaction = transaction_control(node);
+        statement.names = name_change(node);
         statements.push(statement);
     }
     Ok(statements)
@@ -276,8 +310,7 @@ struct Walk<'a> {
     reads: Vec<(String, String)>,
     locking: bool,
     explain_only: bool,
-    prepare: Option<String>,
-    execute: Option<String>,
+    executes: Vec<String>,
     impure_functions: Vec<String>,
 }
 
@@ -289,8 +322,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         reads: Vec::new(),
         locking: false,
         explain_only: false,
-        prepare: None,
-        execute: None,
+        executes: Vec::new(),
         impure_functions: Vec::new(),
     };
     // Iterative: the tree can be deep.
@@ -362,8 +394,9 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
     Statement {
         text,
         accesses,
-        prepare: walk.prepare,
-        execute: walk.execute,
+        executes: walk.executes,
+        plans_only: walk.explain_only,
+        names: None,
         transaction: None,
         impure_functions: walk.impure_functions,
     }
@@ -550,8 +583,10 @@ impl Walk<'_> {
                 self.add(Verb::Admin, Object::Database);
             }
             "TransactionStmt" => {} // BEGIN, COMMIT, ROLLBACK, SAVEPOINT: touch nothing
-            "PrepareStmt" => self.prepare = field(f, "name").as_str().map(str::to_owned),
-            "ExecuteStmt" => self.execute = field(f, "name").as_str().map(str::to_owned),
+            "ExecuteStmt" => match field(f, "name").as_str() {
+                Some(name) => self.executes.push(name.to_owned()),
+                None => self.add(Verb::Admin, Object::Database),
+            },
             "LockStmt" => {
                 for rv in field(f, "relations").as_array().into_iter().flatten() {
                     if let Some(target) = self.relation(&rv["node"]["RangeVar"]) {
@@ -561,7 +596,7 @@ impl Walk<'_> {
             }
             "NotifyStmt" => self.add(Verb::Write, Object::Database),
             // Statements that touch nothing by themselves (their inner queries are walked).
-            "RawStmt" | "DeclareCursorStmt" | "FetchStmt" | "ClosePortalStmt"
+            "RawStmt" | "PrepareStmt" | "DeclareCursorStmt" | "FetchStmt" | "ClosePortalStmt"
             | "DeallocateStmt" | "VariableShowStmt" | "ListenStmt" | "UnlistenStmt"
             | "DiscardStmt" => {}
             "DropdbStmt"

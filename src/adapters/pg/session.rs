@@ -17,7 +17,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::classify::{classify_async, Access, Statement, Transaction};
+use super::classify::{classify_async, Access, NameChange, Object, Statement, Transaction};
 use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
@@ -856,7 +856,7 @@ impl Session<'_> {
         self.authorize_all(&accesses, &statement.text, control)
             .await
             .map_err(|denial| explained(denial, statement))?;
-        if let Some(name) = &statement.prepare {
+        if let Some(NameChange::Prepare(name)) = &statement.names {
             self.prepare(name, &accesses)?;
         }
         Ok(accesses)
@@ -871,16 +871,22 @@ impl Session<'_> {
             })
     }
 
+    /// The statement's own accesses plus those of every prepared statement it runs: a
+    /// wrapper around EXECUTE (CREATE TABLE AS, EXPLAIN ANALYZE) is judged for both.
     fn accesses_of(&self, statement: &Statement) -> Result<Vec<Access>, Denial> {
-        match &statement.execute {
-            Some(name) => self.prepared.get(name).cloned().ok_or_else(|| Denial {
+        let mut accesses = statement.accesses.clone();
+        for name in &statement.executes {
+            let prepared = self.prepared.get(name).ok_or_else(|| Denial {
                 sqlstate: "42501",
                 message: format!(
                     "capgate denied: EXECUTE of {name:?}, which was not prepared through Capgate"
                 ),
-            }),
-            None => Ok(statement.accesses.clone()),
+            })?;
+            accesses.extend(executed(prepared, statement.plans_only));
         }
+        accesses.sort();
+        accesses.dedup();
+        Ok(accesses)
     }
 
     /// SQL `PREPARE`: refused for a name already taken, as PostgreSQL would, so the proxy's
@@ -996,6 +1002,21 @@ impl Session<'_> {
             }),
         }
     }
+}
+
+/// What running (or, under EXPLAIN without ANALYZE, planning) a prepared statement touches.
+fn executed(accesses: &[Access], plans_only: bool) -> Vec<Access> {
+    if !plans_only {
+        return accesses.to_vec();
+    }
+    accesses
+        .iter()
+        .filter(|a| matches!(a.object, Object::Relation { .. }))
+        .map(|a| Access {
+            verb: Verb::Read,
+            object: a.object.clone(),
+        })
+        .collect()
 }
 
 /// A cheap, conservative look at a statement before it is classified: anything that might

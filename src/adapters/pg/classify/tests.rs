@@ -288,10 +288,10 @@ fn statements_are_split_with_their_own_text() {
         &Limits::default(),
     )
     .expect("parse");
-    assert_eq!(prepared[0].prepare.as_deref(), Some("p"));
+    assert_eq!(prepared[0].names, Some(NameChange::Prepare("p".into())));
     assert_eq!(prepared[0].max_verb(), Some(Verb::Write));
     let executed = classify("EXECUTE p(1)", "public", &Limits::default()).expect("parse");
-    assert_eq!(executed[0].execute.as_deref(), Some("p"));
+    assert_eq!(executed[0].executes, vec!["p".to_owned()]);
 }
 
 #[test]
@@ -419,6 +419,52 @@ fn impure_and_user_functions_are_at_least_writes() {
         assert!(
             verb >= Some(Verb::Write),
             "{why}: {sql} classified as {verb:?}"
+        );
+    }
+}
+
+/// A statement that runs a prepared statement carries its own effect and the names it runs,
+/// however deeply the EXECUTE is wrapped.
+#[test]
+fn wrappers_around_execute_keep_their_own_effect() {
+    let limits = Limits::default();
+    for (sql, own) in [
+        ("CREATE TABLE made AS EXECUTE p", Some(Verb::Admin)),
+        (
+            "EXPLAIN ANALYZE CREATE TABLE made AS EXECUTE p",
+            Some(Verb::Admin),
+        ),
+        (
+            "EXPLAIN (ANALYZE, BUFFERS) CREATE UNLOGGED TABLE made AS EXECUTE p(1)",
+            Some(Verb::Admin),
+        ),
+        ("EXPLAIN ANALYZE EXECUTE p", None),
+        ("EXECUTE p", None),
+    ] {
+        let statements = classify(sql, "public", &limits).expect(sql);
+        assert_eq!(statements[0].executes, vec!["p".to_owned()], "{sql}");
+        assert_eq!(statements[0].max_verb(), own, "{sql}");
+        assert!(!statements[0].plans_only, "{sql}");
+    }
+    let planned =
+        classify("EXPLAIN CREATE TABLE made AS EXECUTE p", "public", &limits).expect("parse");
+    assert!(planned[0].plans_only);
+    for (sql, change) in [
+        ("DEALLOCATE p", Some(NameChange::Deallocate("p".into()))),
+        (
+            "DEALLOCATE PREPARE p",
+            Some(NameChange::Deallocate("p".into())),
+        ),
+        ("DEALLOCATE ALL", Some(NameChange::DeallocateAll)),
+        ("DISCARD ALL", Some(NameChange::DeallocateAll)),
+        ("DISCARD PLANS", None),
+        ("DO $$ BEGIN END $$", Some(NameChange::Doubt)),
+        ("CALL p()", Some(NameChange::Doubt)),
+    ] {
+        assert_eq!(
+            classify(sql, "public", &limits).expect(sql)[0].names,
+            change,
+            "{sql}"
         );
     }
 }
