@@ -1446,3 +1446,159 @@ async fn a_wrapper_around_execute_is_judged_for_its_own_effect_too() {
     }
     assert_eq!(rows(&t).await, 3);
 }
+
+/// Raw protocol messages for the tests below.
+mod raw {
+    use capgate::adapters::pg::wire::encode;
+
+    fn strings(parts: &[&str]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for part in parts {
+            body.extend_from_slice(part.as_bytes());
+            body.push(0);
+        }
+        body
+    }
+    pub fn query(sql: &str) -> Vec<u8> {
+        encode(b'Q', &strings(&[sql]))
+    }
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut body = strings(&[name, sql]);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        encode(b'P', &body)
+    }
+    /// Bind of the unnamed portal, no parameters, text results.
+    pub fn bind(statement: &str) -> Vec<u8> {
+        let mut body = strings(&["", statement]);
+        body.extend_from_slice(&[0; 6]);
+        encode(b'B', &body)
+    }
+    pub fn execute() -> Vec<u8> {
+        encode(b'E', b"\0\0\0\0\0")
+    }
+    pub fn close_statement(name: &str) -> Vec<u8> {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(&strings(&[name]));
+        encode(b'C', &body)
+    }
+    pub fn sync() -> Vec<u8> {
+        encode(b'S', b"")
+    }
+    pub fn copy_data(data: &[u8]) -> Vec<u8> {
+        encode(b'd', data)
+    }
+    pub fn copy_done() -> Vec<u8> {
+        encode(b'c', b"")
+    }
+}
+
+/// Sends `messages` and reads until `ready` ReadyForQuery (10 s at most): the tags seen and
+/// the text of every ErrorResponse.
+async fn exchange(
+    stream: &mut tokio::net::TcpStream,
+    messages: &[Vec<u8>],
+    ready: usize,
+) -> (Vec<u8>, Vec<String>) {
+    use capgate::adapters::pg::wire::read_message;
+    stream.write_all(&messages.concat()).await.expect("write");
+    let (mut tags, mut errors) = (Vec::new(), Vec::new());
+    while tags.iter().filter(|t| **t == b'Z').count() < ready {
+        let message = tokio::time::timeout(Duration::from_secs(10), read_message(stream, 1 << 24))
+            .await
+            .unwrap_or_else(|_| panic!("no answer after {tags:?} {errors:?}"))
+            .expect("reply");
+        if message.tag == b'E' {
+            errors.push(String::from_utf8_lossy(&message.body).into_owned());
+        }
+        tags.push(message.tag);
+    }
+    (tags, errors)
+}
+
+/// The proxy's map of statement names follows the server's through DEALLOCATE, DEALLOCATE
+/// ALL, DISCARD ALL and protocol Close, across SQL and protocol names: a name re-prepared
+/// as a write is judged as that write at every Execute (here: refused under a freeze), never
+/// as the read it used to be.
+#[tokio::test]
+async fn a_re_prepared_name_is_judged_as_what_it_now_is() {
+    use raw::*;
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = write_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    let read = format!("SELECT v FROM {t}");
+    let update = |id: u32| format!("UPDATE {t} SET v = 'swapped' WHERE id = {id}");
+    // Each session prepares a read under a name, drops the name one way, and prepares a
+    // write under it again (allowed: the token may write, and nothing is frozen yet).
+    let mut sessions = Vec::new();
+    for (way, id) in [
+        ("DEALLOCATE", 1),
+        ("DEALLOCATE ALL", 2),
+        ("DISCARD ALL", 3),
+        ("Close", 1),
+    ] {
+        let mut session = raw_session(proxy.port, "deploy-bot", &write).await;
+        let name = format!("swap_{id}");
+        let (by_protocol, by_sql) = (id % 2 == 1, id % 2 == 0);
+        let first = if by_protocol {
+            vec![parse(&name, &read), sync()]
+        } else {
+            vec![query(&format!("PREPARE {name} AS {read}"))]
+        };
+        let (_, errors) = exchange(&mut session, &first, 1).await;
+        assert!(errors.is_empty(), "{way}: {errors:?}");
+        let drop = match way {
+            "Close" => vec![close_statement(&name), sync()],
+            "DEALLOCATE" => vec![query(&format!("DEALLOCATE {name}"))],
+            other => vec![query(other)],
+        };
+        let (_, errors) = exchange(&mut session, &drop, 1).await;
+        assert!(errors.is_empty(), "{way}: {errors:?}");
+        let again = if by_sql {
+            vec![parse(&name, &update(id)), sync()]
+        } else {
+            vec![query(&format!("PREPARE {name} AS {}", update(id)))]
+        };
+        let (_, errors) = exchange(&mut session, &again, 1).await;
+        assert!(errors.is_empty(), "{way}: re-prepared: {errors:?}");
+        sessions.push((way, name, by_sql, session));
+    }
+    let frozen = Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["freeze", "on", "--broker", &broker.url])
+        .env("CAPGATE_OPERATOR_KEY", OPERATOR_KEY)
+        .output()
+        .expect("freeze");
+    assert!(frozen.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client
+        .batch_execute(&format!("UPDATE {t} SET v = v WHERE id = 0"))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "freeze never reached the proxy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (way, name, by_sql, mut session) in sessions {
+        let run = if by_sql {
+            vec![query(&format!("EXECUTE {name}"))]
+        } else {
+            vec![bind(&name), execute(), sync()]
+        };
+        let (tags, errors) = exchange(&mut session, &run, 1).await;
+        assert!(
+            errors.len() == 1 && errors[0].contains("frozen") && errors[0].contains("write on"),
+            "{way}: the re-prepared write ran as a read: {tags:?} {errors:?}"
+        );
+    }
+    let swapped = direct()
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM {t} WHERE v = 'swapped'"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1);
+    assert_eq!(swapped, 0, "no re-prepared write ran under the freeze");
+}
