@@ -5,6 +5,7 @@
 //! `default_transaction_read_only=on`, so PostgreSQL itself refuses a misjudged write.
 
 pub mod classify;
+mod names;
 mod resource;
 mod session;
 mod upstream;

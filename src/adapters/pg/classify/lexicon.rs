@@ -24,6 +24,7 @@ pub(super) const HARMLESS_SETTINGS: [&str; 10] = [
 const PURE_FUNCTIONS: &str = include_str!("pure_functions.txt");
 
 /// The PostgreSQL version whose catalog `pure_functions.txt` was generated from.
+#[cfg(test)]
 pub(super) fn catalog_version() -> Option<&'static str> {
     PURE_FUNCTIONS
         .lines()
