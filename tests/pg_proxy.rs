@@ -1602,3 +1602,173 @@ async fn a_re_prepared_name_is_judged_as_what_it_now_is() {
         .unwrap_or(-1);
     assert_eq!(swapped, 0, "no re-prepared write ran under the freeze");
 }
+
+/// COPY follows the protocol as the server does: copy data that arrives after PostgreSQL
+/// rejected a COPY is ignored (the session stays usable), a COPY through the extended
+/// protocol (two Syncs, one ReadyForQuery: tokio-postgres and libpq send both) leaves the
+/// session answering, denied statements included, and a batch that ends any way gets
+/// exactly one ReadyForQuery per Sync.
+#[tokio::test]
+async fn copy_and_sync_edge_cases_leave_the_session_usable() {
+    use raw::*;
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = write_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+
+    // tokio-postgres: copy_in (Parse/Bind/Execute/Sync, CopyData, CopyDone, Sync), then a
+    // denied statement and a read must both be answered.
+    let sink = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.copy_in::<_, bytes::Bytes>(&format!("COPY {t} FROM STDIN")),
+    )
+    .await
+    .expect("no hang")
+    .expect("copy allowed for a write token");
+    let mut sink = Box::pin(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"10\tj\n11\tk\n"))
+        .await
+        .expect("copy data");
+    let copied = tokio::time::timeout(Duration::from_secs(10), sink.as_mut().finish())
+        .await
+        .expect("no hang")
+        .expect("copy done");
+    assert_eq!(copied, 2);
+    let denied = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.batch_execute(&format!("DROP TABLE {t}")),
+    )
+    .await
+    .expect("the denial after an extended COPY is answered")
+    .expect_err("drop denied");
+    assert_eq!(sqlstate(&denied).as_deref(), Some("42501"), "{denied:?}");
+    let after = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.query_one(&format!("SELECT count(*) FROM {t}"), &[]),
+    )
+    .await
+    .expect("no hang")
+    .expect("read after the copy");
+    assert_eq!(after.get::<_, i64>(0), 5);
+
+    // Raw: PostgreSQL rejects a COPY after starting it; the client's late data is ignored.
+    let mut session = raw_session(proxy.port, "deploy-bot", &write).await;
+    let (tags, _) = exchange(&mut session, &[query(&format!("COPY {t} FROM STDIN"))], 0).await;
+    assert!(tags.is_empty());
+    let started = capgate::adapters::pg::wire::read_message(&mut session, 1 << 20)
+        .await
+        .expect("copy in response");
+    assert_eq!(started.tag, b'G');
+    let (tags, errors) = exchange(&mut session, &[copy_data(b"not a number\tx\n")], 1).await;
+    assert_eq!(
+        (tags.as_slice(), errors.len()),
+        (&[b'E', b'Z'][..], 1),
+        "{errors:?}"
+    );
+    let late = [copy_data(b"12\tl\n"), copy_data(b"13\tm\n"), copy_done()];
+    let (tags, errors) =
+        exchange(&mut session, &[&late[..], &[query("SELECT 1")]].concat(), 1).await;
+    assert_eq!(tags, vec![b'T', b'D', b'C', b'Z'], "{errors:?}");
+
+    // Raw, extended: COPY via Parse/Bind/Execute/Sync, data, CopyDone, Sync: one ready.
+    let mut copy = vec![
+        parse("", &format!("COPY {t} FROM STDIN")),
+        bind(""),
+        execute(),
+        sync(),
+    ];
+    let (tags, _) = exchange(&mut session, &copy.split_off(0), 0).await;
+    assert!(tags.is_empty());
+    let mut seen = Vec::new();
+    while seen.last() != Some(&b'G') {
+        let m = tokio::time::timeout(
+            Duration::from_secs(10),
+            capgate::adapters::pg::wire::read_message(&mut session, 1 << 20),
+        )
+        .await
+        .expect("no hang")
+        .expect("copy start");
+        seen.push(m.tag);
+    }
+    assert_eq!(seen, vec![b'1', b'2', b'G']);
+    let (tags, errors) = exchange(
+        &mut session,
+        &[copy_data(b"20\tx\n"), copy_done(), sync()],
+        1,
+    )
+    .await;
+    assert_eq!(tags, vec![b'C', b'Z'], "{errors:?}");
+    // A denied statement next gets its answer, and then a read gets exactly one ready.
+    let (tags, errors) = exchange(&mut session, &[query(&format!("DROP TABLE {t}"))], 1).await;
+    assert_eq!(tags, vec![b'E', b'Z']);
+    assert!(errors[0].contains("capgate"), "{errors:?}");
+    let (tags, _) = exchange(
+        &mut session,
+        &[parse("", "SELECT 1"), bind(""), execute(), sync()],
+        1,
+    )
+    .await;
+    assert_eq!(tags, vec![b'1', b'2', b'D', b'C', b'Z']);
+
+    // A batch forwarded up to a Flush, then a denied Parse and Sync: one ready, then normal.
+    let flush = capgate::adapters::pg::wire::encode(b'H', b"");
+    let (tags, _) = exchange(
+        &mut session,
+        &[parse("", "SELECT 2"), bind(""), execute(), flush],
+        0,
+    )
+    .await;
+    assert!(tags.is_empty());
+    let (tags, errors) = exchange(
+        &mut session,
+        &[parse("", &format!("DELETE FROM {t}")), sync()],
+        1,
+    )
+    .await;
+    assert_eq!(tags.iter().filter(|t| **t == b'Z').count(), 1, "{tags:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let (tags, _) = exchange(&mut session, &[query("SELECT 3")], 1).await;
+    assert_eq!(tags, vec![b'T', b'D', b'C', b'Z']);
+
+    // libpq: psql streams a COPY whose first row PostgreSQL rejects, then carries on.
+    let mut script = format!("COPY {t} FROM STDIN;\nnot a number\tx\n");
+    for i in 0..2000 {
+        script.push_str(&format!("{}\tlate\n", 1000 + i));
+    }
+    script.push_str("\\.\nSELECT 'still' || 'alive';\n");
+    let mut psql = Command::new("timeout")
+        .args([
+            "20",
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.port.to_string(),
+        ])
+        .args(["-U", "deploy-bot", "-d", "staging", "-X", "-A", "-t"])
+        .env("PGPASSWORD", &write)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    {
+        use std::io::Write;
+        let mut stdin = psql.stdin.take().expect("stdin");
+        stdin.write_all(script.as_bytes()).expect("script");
+    }
+    let out = psql.wait_with_output().expect("psql output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("stillalive"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        rows(&t).await,
+        6,
+        "3 + 2 (tokio-postgres) + 1 (extended raw); nothing late"
+    );
+}
