@@ -235,6 +235,7 @@ async fn relay(
         portals: HashMap::new(),
         batch: Vec::new(),
         discarding: false,
+        unsynced: false,
         deferred: std::sync::Mutex::new(Vec::new()),
         shared: &shared,
         owe,
@@ -370,6 +371,8 @@ struct Session<'s> {
     /// An extended-protocol batch, held until Sync or Flush.
     batch: Vec<BytesMut>,
     discarding: bool,
+    /// Messages forwarded up to a Flush wait upstream for a Sync.
+    unsynced: bool,
     /// Audit records of writes allowed inside the open transaction block; stored (all at
     /// once) before its COMMIT is forwarded, or the transaction is rolled back instead.
     deferred: std::sync::Mutex<Vec<AuditEvent>>,
@@ -407,10 +410,23 @@ impl Session<'_> {
                         self.batch.push(frame);
                     }
                 }
-                b'S' | b'H' => self.sync(frame).await?,
-                b'd' | b'c' | b'f' if self.shared.copy_in.load(Ordering::SeqCst) => {
+                // In copy-in mode PostgreSQL ignores Sync and Flush: libpq and tokio-postgres
+                // send a Sync with the COPY's batch and another after CopyDone, and only the
+                // second is answered. Forwarded, owing nothing.
+                b'S' | b'H'
+                    if self.shared.copy_in.load(Ordering::SeqCst)
+                        && self.batch.is_empty()
+                        && !self.discarding =>
+                {
                     self.upstream.write_all(&frame).await?
                 }
+                b'S' | b'H' => self.sync(frame).await?,
+                // Copy messages outside copy-in mode are ignored by PostgreSQL (a client still
+                // streaming after the server rejected its COPY), so they go upstream in order:
+                // within a held batch if there is one, never with a refused one.
+                b'd' | b'c' | b'f' if self.discarding => {}
+                b'd' | b'c' | b'f' if !self.batch.is_empty() => self.batch.push(frame),
+                b'd' | b'c' | b'f' => self.upstream.write_all(&frame).await?,
                 b'F' => {
                     tracing::warn!("fastpath function call refused");
                     self.reply(error_response(
@@ -508,7 +524,7 @@ impl Session<'_> {
         if self.discarding {
             if sync {
                 self.discarding = false;
-                self.ready();
+                self.end_sequence().await?;
             }
             return Ok(());
         }
@@ -516,14 +532,17 @@ impl Session<'_> {
         let (ends, staged) = match self.check_batch(&batch).await {
             Ok(checked) => checked,
             Err(denial) => {
-                self.deny(&denial, sync);
+                self.deny(&denial, false);
                 self.discarding = !sync;
+                if sync {
+                    self.end_sequence().await?;
+                }
                 return Ok(());
             }
         };
         if !self.transaction_ends(ends).await? {
             if sync {
-                self.ready();
+                self.end_sequence().await?;
             }
             self.discarding = !sync;
             return Ok(());
@@ -540,7 +559,21 @@ impl Session<'_> {
             bytes.extend_from_slice(held);
         }
         bytes.extend_from_slice(&frame);
+        self.unsynced = !sync;
         self.forward(&bytes, staged.steps, sync).await
+    }
+
+    /// Answers a Sync the proxy did not forward with its batch: with upstream's own
+    /// ReadyForQuery if messages forwarded before (up to a Flush) still wait for a Sync
+    /// there, else with one of the proxy's. Either way exactly one per Sync.
+    async fn end_sequence(&mut self) -> Result<(), WireError> {
+        if !self.unsynced {
+            self.ready();
+            return Ok(());
+        }
+        self.unsynced = false;
+        self.forward(&wire::encode(b'S', &[]), Vec::new(), true)
+            .await
     }
 
     /// Before a COMMIT goes upstream, the transaction's deferred audit records are stored; if
