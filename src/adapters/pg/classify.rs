@@ -352,6 +352,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         Verb::Read
     };
     let reads = std::mem::take(&mut walk.reads);
+    let mut locked_relations = 0usize;
     for (schema, name) in reads {
         if schema.is_empty() && walk.ctes.contains(&name) {
             continue; // a CTE, not a table; its body was classified where it is defined
@@ -365,6 +366,11 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
             verb: reads_verb,
             object: Object::Relation { schema, name },
         });
+        locked_relations += 1;
+    }
+    if walk.locking && locked_relations == 0 {
+        // FOR UPDATE with no table to pin it on (a CTE): still a request to lock.
+        walk.add(Verb::Write, Object::Database);
     }
     // A relation that is written (or worse) needs no separate read: the stronger verb covers it.
     let stronger: BTreeSet<Object> = walk
@@ -700,6 +706,8 @@ fn read_write_requested(options: &Value) -> bool {
     })
 }
 
+#[cfg(test)]
+mod corpus;
 mod lexicon;
 #[cfg(test)]
 mod tests;
