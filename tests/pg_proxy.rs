@@ -1353,7 +1353,7 @@ async fn a_wrapper_around_execute_is_judged_for_its_own_effect_too() {
         ("reporting-bot", read_token(&broker).await),
         ("deploy-bot", write_token(&broker).await),
     ] {
-        let client = connect_when_ready(proxy.port, &agent, &token).await;
+        let client = connect_when_ready(proxy.port, agent, &token).await;
         client
             .batch_execute(&format!("PREPARE wrapped AS SELECT v FROM {t}"))
             .await
@@ -1404,7 +1404,7 @@ async fn a_wrapper_around_execute_is_judged_for_its_own_effect_too() {
         assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error:?}");
         let (ok, _, stderr) = psql_through(
             proxy.port,
-            &agent,
+            agent,
             &token,
             &format!(
                 "PREPARE w2 AS SELECT 1; EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE w2",
@@ -1413,7 +1413,7 @@ async fn a_wrapper_around_execute_is_judged_for_its_own_effect_too() {
         );
         assert!(!ok && stderr.contains("admin on"), "psql: {stderr}");
         // A raw session pipelining Parse/Bind/Execute of the wrapper gets one error, one ready.
-        let mut raw = raw_session(proxy.port, &agent, &token).await;
+        let mut raw = raw_session(proxy.port, agent, &token).await;
         let mut batch = encode(b'Q', b"PREPARE w3 AS SELECT 1\0");
         let mut parse = b"\0".to_vec();
         parse.extend_from_slice(format!("CREATE TABLE {} AS EXECUTE w3\0", made(7)).as_bytes());
@@ -1564,6 +1564,70 @@ async fn a_re_prepared_name_is_judged_as_what_it_now_is() {
         assert!(errors.is_empty(), "{way}: re-prepared: {errors:?}");
         sessions.push((way, name, by_sql, session));
     }
+    // libpq: with a read token the write cannot even be prepared again; with a write token it
+    // is prepared, the broker is frozen mid-session, and its EXECUTE is refused.
+    let psql_script = |token: &str, script: &str| {
+        let mut psql = Command::new("timeout")
+            .args([
+                "30",
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy.port.to_string(),
+            ])
+            .args(["-d", "staging", "-X", "-A", "-t"])
+            .arg("-U")
+            .arg(if token == write {
+                "deploy-bot"
+            } else {
+                "reporting-bot"
+            })
+            .env("PGPASSWORD", token)
+            .env("CAPGATE_OPERATOR_KEY", OPERATOR_KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        {
+            use std::io::Write;
+            let mut stdin = psql.stdin.take().expect("stdin");
+            stdin.write_all(script.as_bytes()).expect("script");
+        }
+        let out = psql.wait_with_output().expect("psql");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let read_only = read_token(&broker).await;
+    let (stdout, stderr) = psql_script(
+        &read_only,
+        &format!(
+            "PREPARE lp AS {read};\nDEALLOCATE lp;\nPREPARE lp AS DELETE FROM {t} WHERE id = 3;\nEXECUTE lp;\nSELECT 'still' || 'here';\n"
+        ),
+    );
+    assert!(stdout.contains("stillhere"), "{stdout} {stderr}");
+    assert!(
+        stderr.contains("write on") && stderr.contains("was not prepared through Capgate"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = psql_script(
+        &write,
+        &format!(
+            "PREPARE lq AS {read};\nDEALLOCATE lq;\nPREPARE lq AS {};\n\\! {} freeze on --broker {} >/dev/null\n\\! sleep 3\nEXECUTE lq;\nSELECT 'still' || 'here';\n",
+            update(3),
+            env!("CARGO_BIN_EXE_capgate"),
+            broker.url
+        ),
+    );
+    assert!(stdout.contains("stillhere"), "{stdout} {stderr}");
+    assert!(
+        stderr.contains("frozen") && stderr.contains("write on"),
+        "{stderr}"
+    );
+    assert_eq!(rows(&t).await, 3);
     let frozen = Command::new(env!("CARGO_BIN_EXE_capgate"))
         .args(["freeze", "on", "--broker", &broker.url])
         .env("CAPGATE_OPERATOR_KEY", OPERATOR_KEY)
