@@ -1836,3 +1836,52 @@ async fn copy_and_sync_edge_cases_leave_the_session_usable() {
         "3 + 2 (tokio-postgres) + 1 (extended raw); nothing late"
     );
 }
+
+/// libpq's own benchmark client in each query mode (unnamed statements, named prepared
+/// statements) runs reads and writes through the proxy's statement map without a failure,
+/// and every write lands.
+#[tokio::test]
+async fn pgbench_runs_in_every_query_mode() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = write_token(&broker).await;
+    connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let script = dir.path().join("script.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id random(1, 3)\nSELECT v FROM {t} WHERE id = :id;\nUPDATE {t} SET v = v || 'x' WHERE id = :id;\n"
+        ),
+    )
+    .expect("script");
+    for mode in ["simple", "extended", "prepared"] {
+        let out = Command::new("timeout")
+            .args([
+                "60", "pgbench", "-n", "-t", "50", "-c", "2", "-M", mode, "-f",
+            ])
+            .arg(&script)
+            .args(["-h", "127.0.0.1", "-p", &proxy.port.to_string()])
+            .args(["-U", "deploy-bot", "staging"])
+            .env("PGPASSWORD", &write)
+            .output()
+            .expect("pgbench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("processed: 100/100"),
+            "{mode}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let written = direct()
+        .await
+        .query_one(
+            &format!("SELECT sum(length(v))::int8 - count(*) FROM {t}"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1);
+    assert_eq!(written, 300, "every write of every mode landed");
+}
