@@ -1158,3 +1158,730 @@ async fn decisions_made_while_the_broker_is_down_reach_the_trail_once_it_is_back
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Schema `s` with table `x.c` and schema `s.x` with table `c` are different tables; a right
+/// on one must never reach the other, so their resource names must differ. Identifiers that
+/// need it are quoted as PostgreSQL quotes them: the right below names `"s.x".c`.
+#[tokio::test]
+async fn a_dotted_identifier_cannot_borrow_another_tables_right() {
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let proxy = start_pg_proxy(&broker).await;
+    let s = format!("cg9_{}", &capgate::token::random_id()[..10]);
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA {s}; CREATE SCHEMA \"{s}.x\"; \
+             CREATE TABLE {s}.\"x.c\" (v int); CREATE TABLE \"{s}.x\".c (v int);"
+        ))
+        .await
+        .expect("schemas");
+    let right = format!("pg://staging/\"{s}.x\".c:write");
+    let token = token_of(&broker.issue(OPS_KEY, &[right.as_str()], None).await);
+    let client = connect_when_ready(proxy.port, "ops-bot", &token).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        let granted = client
+            .batch_execute(&format!("INSERT INTO \"{s}.x\".c VALUES (1)"))
+            .await;
+        let attack = client
+            .batch_execute(&format!("INSERT INTO {s}.\"x.c\" VALUES (1)"))
+            .await;
+        (granted, attack)
+    })
+    .await
+    .expect("no hang");
+    let count = |table: String| async move {
+        direct()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    let other = count(format!("{s}.\"x.c\"")).await;
+    let named = count(format!("\"{s}.x\".c")).await;
+    let _ = direct()
+        .await
+        .batch_execute(&format!(
+            "DROP SCHEMA {s} CASCADE; DROP SCHEMA \"{s}.x\" CASCADE"
+        ))
+        .await;
+    outcome.0.expect("the write the right names is allowed");
+    let denied = outcome.1.expect_err("the other table's write is denied");
+    assert_eq!(sqlstate(&denied).as_deref(), Some("42501"), "{denied:?}");
+    let message = denied
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains("policy_denied")
+            && message.contains(&format!("write on pg://staging/{s}.\"x.c\":")),
+        "{message}"
+    );
+    assert_eq!((named, other), (1, 0), "only the named table was written");
+}
+
+/// `psql -c` through the proxy with `token` as `user`: (success, stdout, stderr).
+fn psql_through(port: u16, user: &str, token: &str, sql: &str) -> (bool, String, String) {
+    let out = Command::new("timeout")
+        .args(["20", "psql", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-U",
+            user,
+            "-d",
+            "staging",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Reads that call ordered-set, window and statistical aggregates are reads (with libpq and
+/// tokio-postgres); a function with side effects is not, even one the catalog calls stable,
+/// and neither is a user-defined one, whatever volatility it declares.
+#[tokio::test]
+async fn pure_builtins_are_reads_and_functions_with_effects_are_not() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let f = format!("{t}_f");
+    let s = format!("{t}_s");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE FUNCTION {f}(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'select $1'; \
+             CREATE SEQUENCE {s};"
+        ))
+        .await
+        .expect("function and sequence");
+    let read = read_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "reporting-bot", &read).await;
+    let reads = [
+        format!("SELECT rank() OVER (ORDER BY id), row_number() OVER (), dense_rank() OVER (ORDER BY v) FROM {t}"),
+        format!("SELECT variance(id), stddev(id)::text, var_pop(id)::text, corr(id, id)::text FROM {t}"),
+        format!("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY id), mode() WITHIN GROUP (ORDER BY v) FROM {t}"),
+    ];
+    for sql in &reads {
+        tokio::time::timeout(Duration::from_secs(10), client.simple_query(sql))
+            .await
+            .expect("no hang")
+            .unwrap_or_else(|e| panic!("tokio-postgres: {sql}: {e:?}"));
+        let (ok, _, stderr) = psql_through(proxy.port, "reporting-bot", &read, sql);
+        assert!(ok, "psql: {sql}: {stderr}");
+    }
+    let (ok, stdout, stderr) = psql_through(
+        proxy.port,
+        "reporting-bot",
+        &read,
+        &format!("SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY id) FROM {t}"),
+    );
+    assert!(ok && stdout.trim() == "2", "{stdout} {stderr}");
+    for (sql, named) in [
+        ("SELECT txid_current()".to_owned(), "txid_current"),
+        (format!("SELECT nextval('{s}')"), "nextval"),
+        ("SELECT pg_advisory_lock(42)".to_owned(), "pg_advisory_lock"),
+        (
+            format!("SELECT query_to_xml('select * from {t}', true, true, '')"),
+            "query_to_xml",
+        ),
+        (format!("SELECT {f}(1)"), f.as_str()),
+    ] {
+        let error = tokio::time::timeout(Duration::from_secs(10), client.simple_query(&sql))
+            .await
+            .expect("no hang")
+            .expect_err(&sql);
+        assert_eq!(
+            sqlstate(&error).as_deref(),
+            Some("42501"),
+            "{sql}: {error:?}"
+        );
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("calls {named}")),
+            "{sql}: {message}"
+        );
+        let (ok, _, stderr) = psql_through(proxy.port, "reporting-bot", &read, &sql);
+        assert!(
+            !ok && stderr.contains(&format!("calls {named}")),
+            "psql: {sql}: {stderr}"
+        );
+    }
+    let last = direct()
+        .await
+        .query_one(&format!("SELECT last_value, is_called FROM {s}"), &[])
+        .await
+        .expect("sequence");
+    assert!(!last.get::<_, bool>(1), "the sequence was never advanced");
+    assert_eq!(rows(&t).await, 3);
+}
+
+/// Whether a relation of that name exists, asked over a direct connection.
+async fn relation_exists(name: &str) -> bool {
+    direct()
+        .await
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .map(|row| row.get::<_, bool>(0))
+        .unwrap_or(true)
+}
+
+/// A statement that runs a prepared statement is judged by its own effect too: wrapping
+/// EXECUTE in CREATE TABLE AS (and that in EXPLAIN ANALYZE, which PostgreSQL runs even in a
+/// read-only session) needs `admin`, however deep, by SQL, extended protocol and psql.
+#[tokio::test]
+async fn a_wrapper_around_execute_is_judged_for_its_own_effect_too() {
+    use capgate::adapters::pg::wire::{encode, read_message};
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    for (agent, token) in [
+        ("reporting-bot", read_token(&broker).await),
+        ("deploy-bot", write_token(&broker).await),
+    ] {
+        let client = connect_when_ready(proxy.port, agent, &token).await;
+        client
+            .batch_execute(&format!("PREPARE wrapped AS SELECT v FROM {t}"))
+            .await
+            .expect("a prepared read");
+        let made = |n: usize| format!("{t}_made_{n}");
+        let attacks = [
+            format!("CREATE TABLE {} AS EXECUTE wrapped", made(1)),
+            format!(
+                "EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE wrapped",
+                made(2)
+            ),
+            format!(
+                "EXPLAIN (ANALYZE, COSTS OFF) CREATE UNLOGGED TABLE {} AS EXECUTE wrapped",
+                made(3)
+            ),
+            format!(
+                "SELECT 1; EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE wrapped",
+                made(4)
+            ),
+        ];
+        for (n, sql) in attacks.iter().enumerate() {
+            let error = tokio::time::timeout(Duration::from_secs(10), client.simple_query(sql))
+                .await
+                .expect("no hang")
+                .expect_err(sql);
+            let message = error
+                .as_db_error()
+                .map(|e| e.message().to_owned())
+                .unwrap_or_default();
+            assert_eq!(
+                sqlstate(&error).as_deref(),
+                Some("42501"),
+                "{agent}: {sql}: {error:?}"
+            );
+            assert!(
+                message.contains(&format!("admin on pg://staging/public.{}", made(n + 1))),
+                "{agent}: {sql}: {message}"
+            );
+        }
+        // The same through the extended protocol (a Parse of the wrapper) and through libpq.
+        let error = client
+            .prepare(&format!(
+                "EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE wrapped",
+                made(5)
+            ))
+            .await
+            .expect_err("extended wrapper");
+        assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error:?}");
+        let (ok, _, stderr) = psql_through(
+            proxy.port,
+            agent,
+            &token,
+            &format!(
+                "PREPARE w2 AS SELECT 1; EXPLAIN ANALYZE CREATE TABLE {} AS EXECUTE w2",
+                made(6)
+            ),
+        );
+        assert!(!ok && stderr.contains("admin on"), "psql: {stderr}");
+        // A raw session pipelining Parse/Bind/Execute of the wrapper gets one error, one ready.
+        let mut raw = raw_session(proxy.port, agent, &token).await;
+        let mut batch = encode(b'Q', b"PREPARE w3 AS SELECT 1\0");
+        let mut parse = b"\0".to_vec();
+        parse.extend_from_slice(format!("CREATE TABLE {} AS EXECUTE w3\0", made(7)).as_bytes());
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        batch.extend_from_slice(&encode(b'P', &parse));
+        batch.extend_from_slice(&encode(b'B', b"\0\0\0\0\0\0\0\0"));
+        batch.extend_from_slice(&encode(b'E', b"\0\0\0\0\0"));
+        batch.extend_from_slice(&encode(b'S', b""));
+        raw.write_all(&batch).await.expect("write");
+        let mut tags = Vec::new();
+        while tags.iter().filter(|t| **t == b'Z').count() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(10), read_message(&mut raw, 1 << 20))
+                .await
+                .expect("no hang")
+                .expect("reply");
+            tags.push(m.tag);
+        }
+        assert_eq!(tags, vec![b'C', b'Z', b'E', b'Z'], "{agent}");
+        for n in 1..=7 {
+            assert!(
+                !relation_exists(&made(n)).await,
+                "{agent}: {} was created",
+                made(n)
+            );
+        }
+        client
+            .simple_query("SELECT 1")
+            .await
+            .expect("session usable");
+    }
+    assert_eq!(rows(&t).await, 3);
+}
+
+/// Raw protocol messages for the tests below.
+mod raw {
+    use capgate::adapters::pg::wire::encode;
+
+    fn strings(parts: &[&str]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for part in parts {
+            body.extend_from_slice(part.as_bytes());
+            body.push(0);
+        }
+        body
+    }
+    pub fn query(sql: &str) -> Vec<u8> {
+        encode(b'Q', &strings(&[sql]))
+    }
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut body = strings(&[name, sql]);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        encode(b'P', &body)
+    }
+    /// Bind of the unnamed portal, no parameters, text results.
+    pub fn bind(statement: &str) -> Vec<u8> {
+        let mut body = strings(&["", statement]);
+        body.extend_from_slice(&[0; 6]);
+        encode(b'B', &body)
+    }
+    pub fn execute() -> Vec<u8> {
+        encode(b'E', b"\0\0\0\0\0")
+    }
+    pub fn close_statement(name: &str) -> Vec<u8> {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(&strings(&[name]));
+        encode(b'C', &body)
+    }
+    pub fn sync() -> Vec<u8> {
+        encode(b'S', b"")
+    }
+    pub fn copy_data(data: &[u8]) -> Vec<u8> {
+        encode(b'd', data)
+    }
+    pub fn copy_done() -> Vec<u8> {
+        encode(b'c', b"")
+    }
+}
+
+/// Sends `messages` and reads until `ready` ReadyForQuery (10 s at most): the tags seen and
+/// the text of every ErrorResponse.
+async fn exchange(
+    stream: &mut tokio::net::TcpStream,
+    messages: &[Vec<u8>],
+    ready: usize,
+) -> (Vec<u8>, Vec<String>) {
+    use capgate::adapters::pg::wire::read_message;
+    stream.write_all(&messages.concat()).await.expect("write");
+    let (mut tags, mut errors) = (Vec::new(), Vec::new());
+    while tags.iter().filter(|t| **t == b'Z').count() < ready {
+        let message = tokio::time::timeout(Duration::from_secs(10), read_message(stream, 1 << 24))
+            .await
+            .unwrap_or_else(|_| panic!("no answer after {tags:?} {errors:?}"))
+            .expect("reply");
+        if message.tag == b'E' {
+            errors.push(String::from_utf8_lossy(&message.body).into_owned());
+        }
+        tags.push(message.tag);
+    }
+    (tags, errors)
+}
+
+/// The proxy's map of statement names follows the server's through DEALLOCATE, DEALLOCATE
+/// ALL, DISCARD ALL and protocol Close, across SQL and protocol names: a name re-prepared
+/// as a write is judged as that write at every Execute (here: refused under a freeze), never
+/// as the read it used to be.
+#[tokio::test]
+async fn a_re_prepared_name_is_judged_as_what_it_now_is() {
+    use raw::*;
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = write_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    let read = format!("SELECT v FROM {t}");
+    let update = |id: u32| format!("UPDATE {t} SET v = 'swapped' WHERE id = {id}");
+    // Each session prepares a read under a name, drops the name one way, and prepares a
+    // write under it again (allowed: the token may write, and nothing is frozen yet).
+    let mut sessions = Vec::new();
+    for (way, id) in [
+        ("DEALLOCATE", 1),
+        ("DEALLOCATE ALL", 2),
+        ("DISCARD ALL", 3),
+        ("Close", 1),
+    ] {
+        let mut session = raw_session(proxy.port, "deploy-bot", &write).await;
+        let name = format!("swap_{id}");
+        let (by_protocol, by_sql) = (id % 2 == 1, id % 2 == 0);
+        let first = if by_protocol {
+            vec![parse(&name, &read), sync()]
+        } else {
+            vec![query(&format!("PREPARE {name} AS {read}"))]
+        };
+        let (_, errors) = exchange(&mut session, &first, 1).await;
+        assert!(errors.is_empty(), "{way}: {errors:?}");
+        let drop = match way {
+            "Close" => vec![close_statement(&name), sync()],
+            "DEALLOCATE" => vec![query(&format!("DEALLOCATE {name}"))],
+            other => vec![query(other)],
+        };
+        let (_, errors) = exchange(&mut session, &drop, 1).await;
+        assert!(errors.is_empty(), "{way}: {errors:?}");
+        let again = if by_sql {
+            vec![parse(&name, &update(id)), sync()]
+        } else {
+            vec![query(&format!("PREPARE {name} AS {}", update(id)))]
+        };
+        let (_, errors) = exchange(&mut session, &again, 1).await;
+        assert!(errors.is_empty(), "{way}: re-prepared: {errors:?}");
+        sessions.push((way, name, by_sql, session));
+    }
+    // libpq: with a read token the write cannot even be prepared again; with a write token it
+    // is prepared, the broker is frozen mid-session, and its EXECUTE is refused.
+    let psql_script = |token: &str, script: &str| {
+        let mut psql = Command::new("timeout")
+            .args([
+                "30",
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy.port.to_string(),
+            ])
+            .args(["-d", "staging", "-X", "-A", "-t"])
+            .arg("-U")
+            .arg(if token == write {
+                "deploy-bot"
+            } else {
+                "reporting-bot"
+            })
+            .env("PGPASSWORD", token)
+            .env("CAPGATE_OPERATOR_KEY", OPERATOR_KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        {
+            use std::io::Write;
+            let mut stdin = psql.stdin.take().expect("stdin");
+            stdin.write_all(script.as_bytes()).expect("script");
+        }
+        let out = psql.wait_with_output().expect("psql");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let read_only = read_token(&broker).await;
+    let (stdout, stderr) = psql_script(
+        &read_only,
+        &format!(
+            "PREPARE lp AS {read};\nDEALLOCATE lp;\nPREPARE lp AS DELETE FROM {t} WHERE id = 3;\nEXECUTE lp;\nSELECT 'still' || 'here';\n"
+        ),
+    );
+    assert!(stdout.contains("stillhere"), "{stdout} {stderr}");
+    assert!(
+        stderr.contains("write on") && stderr.contains("was not prepared through Capgate"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = psql_script(
+        &write,
+        &format!(
+            "PREPARE lq AS {read};\nDEALLOCATE lq;\nPREPARE lq AS {};\n\\! {} freeze on --broker {} >/dev/null\n\\! sleep 3\nEXECUTE lq;\nSELECT 'still' || 'here';\n",
+            update(3),
+            env!("CARGO_BIN_EXE_capgate"),
+            broker.url
+        ),
+    );
+    assert!(stdout.contains("stillhere"), "{stdout} {stderr}");
+    assert!(
+        stderr.contains("frozen") && stderr.contains("write on"),
+        "{stderr}"
+    );
+    assert_eq!(rows(&t).await, 3);
+    let frozen = Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["freeze", "on", "--broker", &broker.url])
+        .env("CAPGATE_OPERATOR_KEY", OPERATOR_KEY)
+        .output()
+        .expect("freeze");
+    assert!(frozen.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client
+        .batch_execute(&format!("UPDATE {t} SET v = v WHERE id = 0"))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "freeze never reached the proxy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (way, name, by_sql, mut session) in sessions {
+        let run = if by_sql {
+            vec![query(&format!("EXECUTE {name}"))]
+        } else {
+            vec![bind(&name), execute(), sync()]
+        };
+        let (tags, errors) = exchange(&mut session, &run, 1).await;
+        assert!(
+            errors.len() == 1 && errors[0].contains("frozen") && errors[0].contains("write on"),
+            "{way}: the re-prepared write ran as a read: {tags:?} {errors:?}"
+        );
+    }
+    let swapped = direct()
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM {t} WHERE v = 'swapped'"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1);
+    assert_eq!(swapped, 0, "no re-prepared write ran under the freeze");
+}
+
+/// COPY follows the protocol as the server does: copy data that arrives after PostgreSQL
+/// rejected a COPY is ignored (the session stays usable), a COPY through the extended
+/// protocol (two Syncs, one ReadyForQuery: tokio-postgres and libpq send both) leaves the
+/// session answering, denied statements included, and a batch that ends any way gets
+/// exactly one ReadyForQuery per Sync.
+#[tokio::test]
+async fn copy_and_sync_edge_cases_leave_the_session_usable() {
+    use raw::*;
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = write_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+
+    // tokio-postgres: copy_in (Parse/Bind/Execute/Sync, CopyData, CopyDone, Sync), then a
+    // denied statement and a read must both be answered.
+    let sink = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.copy_in::<_, bytes::Bytes>(&format!("COPY {t} FROM STDIN")),
+    )
+    .await
+    .expect("no hang")
+    .expect("copy allowed for a write token");
+    let mut sink = Box::pin(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"10\tj\n11\tk\n"))
+        .await
+        .expect("copy data");
+    let copied = tokio::time::timeout(Duration::from_secs(10), sink.as_mut().finish())
+        .await
+        .expect("no hang")
+        .expect("copy done");
+    assert_eq!(copied, 2);
+    let denied = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.batch_execute(&format!("DROP TABLE {t}")),
+    )
+    .await
+    .expect("the denial after an extended COPY is answered")
+    .expect_err("drop denied");
+    assert_eq!(sqlstate(&denied).as_deref(), Some("42501"), "{denied:?}");
+    let after = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.query_one(&format!("SELECT count(*) FROM {t}"), &[]),
+    )
+    .await
+    .expect("no hang")
+    .expect("read after the copy");
+    assert_eq!(after.get::<_, i64>(0), 5);
+
+    // Raw: PostgreSQL rejects a COPY after starting it; the client's late data is ignored.
+    let mut session = raw_session(proxy.port, "deploy-bot", &write).await;
+    let (tags, _) = exchange(&mut session, &[query(&format!("COPY {t} FROM STDIN"))], 0).await;
+    assert!(tags.is_empty());
+    let started = capgate::adapters::pg::wire::read_message(&mut session, 1 << 20)
+        .await
+        .expect("copy in response");
+    assert_eq!(started.tag, b'G');
+    let (tags, errors) = exchange(&mut session, &[copy_data(b"not a number\tx\n")], 1).await;
+    assert_eq!(
+        (tags.as_slice(), errors.len()),
+        (&[b'E', b'Z'][..], 1),
+        "{errors:?}"
+    );
+    let late = [copy_data(b"12\tl\n"), copy_data(b"13\tm\n"), copy_done()];
+    let (tags, errors) =
+        exchange(&mut session, &[&late[..], &[query("SELECT 1")]].concat(), 1).await;
+    assert_eq!(tags, vec![b'T', b'D', b'C', b'Z'], "{errors:?}");
+
+    // Raw, extended: COPY via Parse/Bind/Execute/Sync, data, CopyDone, Sync: one ready.
+    let mut copy = vec![
+        parse("", &format!("COPY {t} FROM STDIN")),
+        bind(""),
+        execute(),
+        sync(),
+    ];
+    let (tags, _) = exchange(&mut session, &copy.split_off(0), 0).await;
+    assert!(tags.is_empty());
+    let mut seen = Vec::new();
+    while seen.last() != Some(&b'G') {
+        let m = tokio::time::timeout(
+            Duration::from_secs(10),
+            capgate::adapters::pg::wire::read_message(&mut session, 1 << 20),
+        )
+        .await
+        .expect("no hang")
+        .expect("copy start");
+        seen.push(m.tag);
+    }
+    assert_eq!(seen, vec![b'1', b'2', b'G']);
+    let (tags, errors) = exchange(
+        &mut session,
+        &[copy_data(b"20\tx\n"), copy_done(), sync()],
+        1,
+    )
+    .await;
+    assert_eq!(tags, vec![b'C', b'Z'], "{errors:?}");
+    // A denied statement next gets its answer, and then a read gets exactly one ready.
+    let (tags, errors) = exchange(&mut session, &[query(&format!("DROP TABLE {t}"))], 1).await;
+    assert_eq!(tags, vec![b'E', b'Z']);
+    assert!(errors[0].contains("capgate"), "{errors:?}");
+    let (tags, _) = exchange(
+        &mut session,
+        &[parse("", "SELECT 1"), bind(""), execute(), sync()],
+        1,
+    )
+    .await;
+    assert_eq!(tags, vec![b'1', b'2', b'D', b'C', b'Z']);
+
+    // A batch forwarded up to a Flush, then a denied Parse and Sync: one ready, then normal.
+    let flush = capgate::adapters::pg::wire::encode(b'H', b"");
+    let (tags, _) = exchange(
+        &mut session,
+        &[parse("", "SELECT 2"), bind(""), execute(), flush],
+        0,
+    )
+    .await;
+    assert!(tags.is_empty());
+    let (tags, errors) = exchange(
+        &mut session,
+        &[parse("", &format!("DELETE FROM {t}")), sync()],
+        1,
+    )
+    .await;
+    assert_eq!(tags.iter().filter(|t| **t == b'Z').count(), 1, "{tags:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let (tags, _) = exchange(&mut session, &[query("SELECT 3")], 1).await;
+    assert_eq!(tags, vec![b'T', b'D', b'C', b'Z']);
+
+    // libpq: psql streams a COPY whose first row PostgreSQL rejects, then carries on.
+    let mut script = format!("COPY {t} FROM STDIN;\nnot a number\tx\n");
+    for i in 0..2000 {
+        script.push_str(&format!("{}\tlate\n", 1000 + i));
+    }
+    script.push_str("\\.\nSELECT 'still' || 'alive';\n");
+    let mut psql = Command::new("timeout")
+        .args([
+            "20",
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.port.to_string(),
+        ])
+        .args(["-U", "deploy-bot", "-d", "staging", "-X", "-A", "-t"])
+        .env("PGPASSWORD", &write)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    {
+        use std::io::Write;
+        let mut stdin = psql.stdin.take().expect("stdin");
+        stdin.write_all(script.as_bytes()).expect("script");
+    }
+    let out = psql.wait_with_output().expect("psql output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("stillalive"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        rows(&t).await,
+        6,
+        "3 + 2 (tokio-postgres) + 1 (extended raw); nothing late"
+    );
+}
+
+/// libpq's own benchmark client in each query mode (unnamed statements, named prepared
+/// statements) runs reads and writes through the proxy's statement map without a failure,
+/// and every write lands.
+#[tokio::test]
+async fn pgbench_runs_in_every_query_mode() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    let write = write_token(&broker).await;
+    connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let script = dir.path().join("script.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id random(1, 3)\nSELECT v FROM {t} WHERE id = :id;\nUPDATE {t} SET v = v || 'x' WHERE id = :id;\n"
+        ),
+    )
+    .expect("script");
+    for mode in ["simple", "extended", "prepared"] {
+        let out = Command::new("timeout")
+            .args([
+                "60", "pgbench", "-n", "-t", "50", "-c", "2", "-M", mode, "-f",
+            ])
+            .arg(&script)
+            .args(["-h", "127.0.0.1", "-p", &proxy.port.to_string()])
+            .args(["-U", "deploy-bot", "staging"])
+            .env("PGPASSWORD", &write)
+            .output()
+            .expect("pgbench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("processed: 100/100"),
+            "{mode}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let written = direct()
+        .await
+        .query_one(
+            &format!("SELECT sum(length(v))::int8 - count(*) FROM {t}"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1);
+    assert_eq!(written, 300, "every write of every mode landed");
+}

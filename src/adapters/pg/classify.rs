@@ -36,15 +36,48 @@ pub struct Statement {
     pub text: String,
     /// Empty: touches nothing (BEGIN, COMMIT, SELECT 1, harmless SET).
     pub accesses: Vec<Access>,
-    /// `PREPARE name AS …`: the accesses are the prepared statement's.
-    pub prepare: Option<String>,
-    /// `EXECUTE name`: the caller looks up what PREPARE recorded.
-    pub execute: Option<String>,
+    /// Every prepared statement this one runs (`EXECUTE name`, however deeply wrapped: in
+    /// CREATE TABLE AS, EXPLAIN ANALYZE…). The caller adds what each of them does, as the
+    /// server will find it when this statement runs; the accesses above are only this
+    /// statement's own.
+    pub executes: Vec<String>,
+    /// EXPLAIN without ANALYZE: what it would execute is planned, not run (its tables read).
+    pub plans_only: bool,
+    /// How running this statement changes the session's prepared statement names.
+    pub names: Option<NameChange>,
     /// BEGIN, COMMIT, ROLLBACK and the like: where a transaction's writes become durable.
     pub transaction: Option<Transaction>,
     /// Functions called that are not known to be side-effect free (each makes the statement
     /// a `write` on the database): named in a denial, so the agent knows why.
     pub impure_functions: Vec<String>,
+}
+
+/// A change to the session's prepared statement names, made when the statement succeeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameChange {
+    /// `PREPARE name AS …`: the statement's accesses are the prepared statement's.
+    Prepare(String),
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(String),
+    /// `DEALLOCATE ALL`, `DISCARD ALL`: every named statement (not the unnamed one).
+    DeallocateAll,
+    /// DO and CALL run code that may prepare or deallocate anything.
+    Doubt,
+}
+
+fn name_change(node: Option<&pg_query::NodeEnum>) -> Option<NameChange> {
+    use pg_query::protobuf::DiscardMode;
+    use pg_query::NodeEnum as N;
+    match node? {
+        N::PrepareStmt(stmt) => Some(NameChange::Prepare(stmt.name.clone())),
+        N::DeallocateStmt(stmt) if stmt.isall => Some(NameChange::DeallocateAll),
+        N::DeallocateStmt(stmt) => Some(NameChange::Deallocate(stmt.name.clone())),
+        N::DiscardStmt(stmt) if stmt.target() == DiscardMode::DiscardAll => {
+            Some(NameChange::DeallocateAll)
+        }
+        N::DoStmt(_) | N::CallStmt(_) => Some(NameChange::Doubt),
+        _ => None,
+    }
 }
 
 /// Transaction control, as far as auditing cares.
@@ -104,174 +137,6 @@ pub enum ClassifyError {
     #[error("classifier failed: {0}")]
     Internal(String),
 }
-
-/// Settings a session may change freely; any other SET/RESET is `admin`.
-const HARMLESS_SETTINGS: [&str; 10] = [
-    "application_name",
-    "statement_timeout",
-    "lock_timeout",
-    "idle_in_transaction_session_timeout",
-    "datestyle",
-    "intervalstyle",
-    "timezone",
-    "extra_float_digits",
-    "client_min_messages",
-    "transaction_isolation",
-];
-
-/// Functions known to have no side effects; any other makes the statement at least `write`.
-/// The catalog and introspection functions at the end are what psql's `\d` family and
-/// drivers' metadata queries call: reading the schema must not need a write grant.
-const PURE_FUNCTIONS: &[&str] = &[
-    "pg_sleep",
-    "pg_backend_pid",
-    "count",
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "array_agg",
-    "string_agg",
-    "bool_and",
-    "bool_or",
-    "every",
-    "json_agg",
-    "jsonb_agg",
-    "lower",
-    "upper",
-    "length",
-    "char_length",
-    "character_length",
-    "octet_length",
-    "substr",
-    "substring",
-    "trim",
-    "btrim",
-    "ltrim",
-    "rtrim",
-    "replace",
-    "concat",
-    "concat_ws",
-    "left",
-    "right",
-    "position",
-    "strpos",
-    "split_part",
-    "format",
-    "md5",
-    "starts_with",
-    "regexp_replace",
-    "regexp_match",
-    "regexp_matches",
-    "to_char",
-    "to_number",
-    "to_date",
-    "abs",
-    "round",
-    "ceil",
-    "ceiling",
-    "floor",
-    "trunc",
-    "mod",
-    "power",
-    "sqrt",
-    "greatest",
-    "least",
-    "now",
-    "current_timestamp",
-    "current_date",
-    "clock_timestamp",
-    "statement_timestamp",
-    "date_trunc",
-    "date_part",
-    "extract",
-    "age",
-    "to_timestamp",
-    "make_interval",
-    "jsonb_build_object",
-    "json_build_object",
-    "to_json",
-    "to_jsonb",
-    "jsonb_array_length",
-    "jsonb_typeof",
-    "array_length",
-    "unnest",
-    "generate_series",
-    "cardinality",
-    "version",
-    "current_database",
-    "current_schema",
-    "current_user",
-    "session_user",
-    "pg_typeof",
-    "coalesce",
-    "nullif",
-    "random",
-    "array_position",
-    "array_to_string",
-    "array_upper",
-    "array_lower",
-    "string_to_array",
-    "current_schemas",
-    "quote_ident",
-    "quote_literal",
-    "format_type",
-    "obj_description",
-    "col_description",
-    "shobj_description",
-    "pg_encoding_to_char",
-    "pg_table_is_visible",
-    "pg_type_is_visible",
-    "pg_function_is_visible",
-    "pg_collation_is_visible",
-    "pg_get_userbyid",
-    "pg_get_expr",
-    "pg_get_constraintdef",
-    "pg_get_indexdef",
-    "pg_get_viewdef",
-    "pg_get_triggerdef",
-    "pg_get_ruledef",
-    "pg_get_functiondef",
-    "pg_get_function_arguments",
-    "pg_get_function_identity_arguments",
-    "pg_get_function_result",
-    "pg_get_partkeydef",
-    "pg_get_statisticsobjdef_columns",
-    "pg_get_serial_sequence",
-    "pg_relation_is_publishable",
-    "pg_relation_size",
-    "pg_table_size",
-    "pg_indexes_size",
-    "pg_total_relation_size",
-    "pg_database_size",
-    "pg_size_pretty",
-    "has_table_privilege",
-    "has_schema_privilege",
-    "has_database_privilege",
-    "pg_is_in_recovery",
-];
-
-/// Functions that act on the server, sessions, files or other databases: `admin`.
-const DANGEROUS_FUNCTIONS: [&str; 18] = [
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_promote",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_file_write",
-    "set_config",
-    "lo_unlink",
-    "lo_import",
-    "lo_export",
-    "lo_create",
-    "lo_put",
-    "dblink",
-    "dblink_exec",
-    "dblink_connect",
-];
 
 /// Nesting of parentheses and brackets, counted without a full lexer: it may over-count
 /// inside string literals, which only fails closed.
@@ -430,8 +295,9 @@ fn classify_here(sql: &str, default_schema: &str) -> Result<Vec<Statement>, Clas
         let tree = serde_json::to_value(raw.stmt.as_deref())
             .map_err(|e| ClassifyError::Internal(e.to_string()))?;
         let mut statement = classify_statement(text, &tree, default_schema);
-        statement.transaction =
-            transaction_control(raw.stmt.as_deref().and_then(|n| n.node.as_ref()));
+        let node = raw.stmt.as_deref().and_then(|n| n.node.as_ref());
+        statement.transaction = transaction_control(node);
+        statement.names = name_change(node);
         statements.push(statement);
     }
     Ok(statements)
@@ -444,8 +310,7 @@ struct Walk<'a> {
     reads: Vec<(String, String)>,
     locking: bool,
     explain_only: bool,
-    prepare: Option<String>,
-    execute: Option<String>,
+    executes: Vec<String>,
     impure_functions: Vec<String>,
 }
 
@@ -457,8 +322,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         reads: Vec::new(),
         locking: false,
         explain_only: false,
-        prepare: None,
-        execute: None,
+        executes: Vec::new(),
         impure_functions: Vec::new(),
     };
     // Iterative: the tree can be deep.
@@ -488,6 +352,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         Verb::Read
     };
     let reads = std::mem::take(&mut walk.reads);
+    let mut locked_relations = 0usize;
     for (schema, name) in reads {
         if schema.is_empty() && walk.ctes.contains(&name) {
             continue; // a CTE, not a table; its body was classified where it is defined
@@ -501,6 +366,11 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
             verb: reads_verb,
             object: Object::Relation { schema, name },
         });
+        locked_relations += 1;
+    }
+    if walk.locking && locked_relations == 0 {
+        // FOR UPDATE with no table to pin it on (a CTE): still a request to lock.
+        walk.add(Verb::Write, Object::Database);
     }
     // A relation that is written (or worse) needs no separate read: the stronger verb covers it.
     let stronger: BTreeSet<Object> = walk
@@ -530,8 +400,9 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
     Statement {
         text,
         accesses,
-        prepare: walk.prepare,
-        execute: walk.execute,
+        executes: walk.executes,
+        plans_only: walk.explain_only,
+        names: None,
         transaction: None,
         impure_functions: walk.impure_functions,
     }
@@ -718,8 +589,10 @@ impl Walk<'_> {
                 self.add(Verb::Admin, Object::Database);
             }
             "TransactionStmt" => {} // BEGIN, COMMIT, ROLLBACK, SAVEPOINT: touch nothing
-            "PrepareStmt" => self.prepare = field(f, "name").as_str().map(str::to_owned),
-            "ExecuteStmt" => self.execute = field(f, "name").as_str().map(str::to_owned),
+            "ExecuteStmt" => match field(f, "name").as_str() {
+                Some(name) => self.executes.push(name.to_owned()),
+                None => self.add(Verb::Admin, Object::Database),
+            },
             "LockStmt" => {
                 for rv in field(f, "relations").as_array().into_iter().flatten() {
                     if let Some(target) = self.relation(&rv["node"]["RangeVar"]) {
@@ -729,7 +602,7 @@ impl Walk<'_> {
             }
             "NotifyStmt" => self.add(Verb::Write, Object::Database),
             // Statements that touch nothing by themselves (their inner queries are walked).
-            "RawStmt" | "DeclareCursorStmt" | "FetchStmt" | "ClosePortalStmt"
+            "RawStmt" | "PrepareStmt" | "DeclareCursorStmt" | "FetchStmt" | "ClosePortalStmt"
             | "DeallocateStmt" | "VariableShowStmt" | "ListenStmt" | "UnlistenStmt"
             | "DiscardStmt" => {}
             "DropdbStmt"
@@ -797,13 +670,9 @@ impl Walk<'_> {
             }
         };
         let builtin = schema.is_none_or(|s| s == "pg_catalog");
-        if builtin
-            && (DANGEROUS_FUNCTIONS.contains(&function)
-                || function.starts_with("dblink")
-                || function.starts_with("lo_"))
-        {
+        if builtin && lexicon::acts_on_the_server(function) {
             self.add(Verb::Admin, Object::Database);
-        } else if !(builtin && PURE_FUNCTIONS.contains(&function)) {
+        } else if !(builtin && lexicon::is_pure(function)) {
             self.add(Verb::Write, Object::Database);
             self.impure_functions.push(name.join("."));
         }
@@ -819,7 +688,7 @@ impl Walk<'_> {
             return;
         }
         // RESET ALL has an empty name; everything not on the short list is admin.
-        if !HARMLESS_SETTINGS.contains(&name.as_str()) {
+        if !lexicon::HARMLESS_SETTINGS.contains(&name.as_str()) {
             self.add(Verb::Admin, Object::Database);
         }
     }
@@ -837,5 +706,8 @@ fn read_write_requested(options: &Value) -> bool {
     })
 }
 
+#[cfg(test)]
+mod corpus;
+mod lexicon;
 #[cfg(test)]
 mod tests;

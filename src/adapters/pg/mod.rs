@@ -5,6 +5,8 @@
 //! `default_transaction_read_only=on`, so PostgreSQL itself refuses a misjudged write.
 
 pub mod classify;
+mod names;
+mod resource;
 mod session;
 mod upstream;
 pub mod wire;
@@ -192,7 +194,7 @@ impl PgProxy {
 
     /// Does the token grant anything but `read` inside this database?
     fn token_may_change_database(&self, verified: &VerifiedToken) -> bool {
-        let alias = format!("pg://{}", self.config.database);
+        let alias = resource::resource(&self.config.database, &classify::Object::Database);
         rights(verified).iter().any(|(resource, verb)| {
             let verb = verb.parse().unwrap_or(crate::scope::Verb::Admin);
             session::changes_database(verb)

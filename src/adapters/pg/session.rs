@@ -17,12 +17,13 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::classify::{classify_async, Access, Object, Statement, Transaction};
+use super::classify::Transaction;
+use super::names::{self, Names, Owes, Step};
 use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
 use crate::containment::audit::AuditEvent;
-use crate::guard::{Ledger, LedgerDenial, Outcome, Request as GuardRequest};
+
 use crate::scope::Verb;
 
 /// Startup parameters a client may send; anything else (notably `options`) is refused.
@@ -36,6 +37,8 @@ const ALLOWED_PARAMETERS: [&str; 8] = [
     "extra_float_digits",
     "fallback_application_name",
 ];
+
+mod check;
 
 /// Why a statement may not run, as the client will read it.
 struct Denial {
@@ -202,6 +205,8 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Counts upstream's returns to idle: portals die with the transaction they were made in.
     epoch: AtomicU64,
+    /// Prepared statement names as upstream has confirmed them, and the changes in flight.
+    names: std::sync::Mutex<Names>,
 }
 
 /// Both directions of a session run as two futures of one task: a statement's round trip
@@ -219,6 +224,7 @@ async fn relay(
         copy_in: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         epoch: AtomicU64::new(0),
+        names: std::sync::Mutex::new(Names::default()),
     };
     let (owe, owed) = mpsc::unbounded_channel();
     let upstream_max = proxy.config.max_frame_bytes.max(16 << 20);
@@ -226,11 +232,10 @@ async fn relay(
         row_budget: proxy.row_budget_of(&token),
         proxy,
         token,
-        prepared: HashMap::new(),
-        parsed: HashMap::new(),
         portals: HashMap::new(),
         batch: Vec::new(),
         discarding: false,
+        unsynced: false,
         deferred: std::sync::Mutex::new(Vec::new()),
         shared: &shared,
         owe,
@@ -327,6 +332,9 @@ fn route(frame: BytesMut, queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared:
         b'K' => return,
         _ => {}
     }
+    if names::matters(tag) {
+        lock(&shared.names).observe(tag);
+    }
     match queue.front() {
         Some(Owed::Intercepted(session)) => {
             let _ = session.send(wire::message_of(&frame));
@@ -338,15 +346,6 @@ fn route(frame: BytesMut, queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared:
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         pay_local(queue, out, shared);
     }
-}
-
-/// What a checked query string holds.
-struct Checked {
-    statements: usize,
-    /// Any access of `write` or worse.
-    writes: bool,
-    /// Where the string commits or rolls back a transaction, if it does.
-    ends: Option<Transaction>,
 }
 
 fn nul(sql: &str) -> Vec<u8> {
@@ -366,38 +365,20 @@ struct Session<'s> {
     row_budget: Option<u64>,
     proxy: Arc<PgProxy>,
     token: String,
-    /// Accesses of statements prepared with SQL `PREPARE`, for `EXECUTE`.
-    prepared: HashMap<String, Vec<Access>>,
-    /// Extended-protocol statements by name ("" is the unnamed one), classified once at Parse
-    /// so each Execute costs a guard decision and no parsing.
-    parsed: HashMap<String, Arc<Parsed>>,
-    /// Portals by name: the statement bound and the transaction epoch it was bound in.
-    portals: HashMap<String, (Arc<Parsed>, u64)>,
+    /// Portals by name: the statements bound and the transaction epoch they were bound in.
+    /// (Statement names live in `Shared::names`: upstream's answers change them.)
+    portals: HashMap<String, (check::Bound, u64)>,
     /// An extended-protocol batch, held until Sync or Flush.
     batch: Vec<BytesMut>,
     discarding: bool,
+    /// Messages forwarded up to a Flush wait upstream for a Sync.
+    unsynced: bool,
     /// Audit records of writes allowed inside the open transaction block; stored (all at
     /// once) before its COMMIT is forwarded, or the transaction is rolled back instead.
     deferred: std::sync::Mutex<Vec<AuditEvent>>,
     shared: &'s Shared,
     owe: mpsc::UnboundedSender<Owed>,
     upstream: WriteHalf<'s>,
-}
-
-/// One classified extended-protocol statement.
-struct Parsed {
-    text: String,
-    accesses: Vec<Access>,
-    writes: bool,
-    transaction: Option<Transaction>,
-}
-
-/// How a batch's statements and portals change the session's maps once it is forwarded;
-/// nothing changes for a batch that is refused, because upstream never sees it.
-#[derive(Default)]
-struct Staged {
-    parsed: Vec<(String, Option<Arc<Parsed>>)>,
-    portals: Vec<(String, Option<Arc<Parsed>>)>,
 }
 
 impl Session<'_> {
@@ -429,10 +410,23 @@ impl Session<'_> {
                         self.batch.push(frame);
                     }
                 }
-                b'S' | b'H' => self.sync(frame).await?,
-                b'd' | b'c' | b'f' if self.shared.copy_in.load(Ordering::SeqCst) => {
+                // In copy-in mode PostgreSQL ignores Sync and Flush: libpq and tokio-postgres
+                // send a Sync with the COPY's batch and another after CopyDone, and only the
+                // second is answered. Forwarded, owing nothing.
+                b'S' | b'H'
+                    if self.shared.copy_in.load(Ordering::SeqCst)
+                        && self.batch.is_empty()
+                        && !self.discarding =>
+                {
                     self.upstream.write_all(&frame).await?
                 }
+                b'S' | b'H' => self.sync(frame).await?,
+                // Copy messages outside copy-in mode are ignored by PostgreSQL (a client still
+                // streaming after the server rejected its COPY), so they go upstream in order:
+                // within a held batch if there is one, never with a refused one.
+                b'd' | b'c' | b'f' if self.discarding => {}
+                b'd' | b'c' | b'f' if !self.batch.is_empty() => self.batch.push(frame),
+                b'd' | b'c' | b'f' => self.upstream.write_all(&frame).await?,
                 b'F' => {
                     tracing::warn!("fastpath function call refused");
                     self.reply(error_response(
@@ -474,8 +468,15 @@ impl Session<'_> {
     }
 
     /// Sends `bytes` upstream; `answered` when they end with a request upstream answers
-    /// with ReadyForQuery (a Query or a Sync).
-    async fn forward(&mut self, bytes: &[u8], answered: bool) -> Result<(), WireError> {
+    /// with ReadyForQuery (a Query or a Sync). `steps`: what each message or statement in
+    /// them owes, and the name changes upstream's answers will confirm.
+    async fn forward(
+        &mut self,
+        bytes: &[u8],
+        steps: Vec<Step>,
+        answered: bool,
+    ) -> Result<(), WireError> {
+        lock(&self.shared.names).expect(steps, answered);
         if answered {
             self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
             let _ = self.owe.send(Owed::Upstream);
@@ -509,13 +510,13 @@ impl Session<'_> {
                 return Ok(());
             }
             let budget = self.row_budget.unwrap_or(0);
-            return self.budgeted(frame, budget).await;
+            return self.budgeted(frame, checked.steps, budget).await;
         }
         if !self.transaction_ends(checked.ends).await? {
             self.ready();
             return Ok(());
         }
-        self.forward(&frame, true).await
+        self.forward(&frame, checked.steps, true).await
     }
 
     async fn sync(&mut self, frame: BytesMut) -> Result<(), WireError> {
@@ -523,47 +524,56 @@ impl Session<'_> {
         if self.discarding {
             if sync {
                 self.discarding = false;
-                self.ready();
+                self.end_sequence().await?;
             }
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
-        let ends = match self.check_batch(&batch).await {
-            Ok((ends, staged)) => {
-                for (name, parsed) in staged.parsed {
-                    match parsed {
-                        Some(parsed) => self.parsed.insert(name, parsed),
-                        None => self.parsed.remove(&name),
-                    };
-                }
-                let epoch = self.shared.epoch.load(Ordering::SeqCst);
-                for (name, parsed) in staged.portals {
-                    match parsed {
-                        Some(parsed) => self.portals.insert(name, (parsed, epoch)),
-                        None => self.portals.remove(&name),
-                    };
-                }
-                ends
-            }
+        let (ends, staged) = match self.check_batch(&batch).await {
+            Ok(checked) => checked,
             Err(denial) => {
-                self.deny(&denial, sync);
+                self.deny(&denial, false);
                 self.discarding = !sync;
+                if sync {
+                    self.end_sequence().await?;
+                }
                 return Ok(());
             }
         };
         if !self.transaction_ends(ends).await? {
             if sync {
-                self.ready();
+                self.end_sequence().await?;
             }
             self.discarding = !sync;
             return Ok(());
+        }
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        for (name, bound) in staged.portals {
+            match bound {
+                Some(bound) => self.portals.insert(name, (bound, epoch)),
+                None => self.portals.remove(&name),
+            };
         }
         let mut bytes = Vec::with_capacity(batch.iter().map(|f| f.len()).sum::<usize>() + 5);
         for held in &batch {
             bytes.extend_from_slice(held);
         }
         bytes.extend_from_slice(&frame);
-        self.forward(&bytes, sync).await
+        self.unsynced = !sync;
+        self.forward(&bytes, staged.steps, sync).await
+    }
+
+    /// Answers a Sync the proxy did not forward with its batch: with upstream's own
+    /// ReadyForQuery if messages forwarded before (up to a Flush) still wait for a Sync
+    /// there, else with one of the proxy's. Either way exactly one per Sync.
+    async fn end_sequence(&mut self) -> Result<(), WireError> {
+        if !self.unsynced {
+            self.ready();
+            return Ok(());
+        }
+        self.unsynced = false;
+        self.forward(&wire::encode(b'S', &[]), Vec::new(), true)
+            .await
     }
 
     /// Before a COMMIT goes upstream, the transaction's deferred audit records are stored; if
@@ -584,6 +594,7 @@ impl Session<'_> {
                             self.proxy.ledger.record_later(event);
                         }
                         let (answers, mut discard) = mpsc::unbounded_channel();
+                        lock(&self.shared.names).expect(vec![Step::plain(Owes::Statement)], true);
                         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
                         let _ = self.owe.send(Owed::Intercepted(answers));
                         self.upstream
@@ -615,7 +626,12 @@ impl Session<'_> {
 
     /// Runs one write inside a transaction (or savepoint) and keeps its effect only if it
     /// changed at most `budget` rows.
-    async fn budgeted(&mut self, query: BytesMut, budget: u64) -> Result<(), WireError> {
+    async fn budgeted(
+        &mut self,
+        query: BytesMut,
+        steps: Vec<Step>,
+        budget: u64,
+    ) -> Result<(), WireError> {
         let in_transaction = self.shared.status.load(Ordering::SeqCst) == b'T';
         let (open, keep, undo) = if in_transaction {
             (
@@ -627,7 +643,7 @@ impl Session<'_> {
             ("BEGIN", "COMMIT", "ROLLBACK")
         };
         let opened = self
-            .run_intercepted(&wire::encode(b'Q', &nul(open)))
+            .run_intercepted(&wire::encode(b'Q', &nul(open)), Vec::new())
             .await?;
         if opened.iter().any(|m| m.tag == b'E') {
             for message in opened {
@@ -635,7 +651,7 @@ impl Session<'_> {
             }
             return Ok(());
         }
-        let answer = self.run_intercepted(&query).await?;
+        let answer = self.run_intercepted(&query, steps).await?;
         let failed = answer.iter().any(|m| m.tag == b'E');
         let changed = answer
             .iter()
@@ -646,7 +662,7 @@ impl Session<'_> {
         let over = changed > budget;
         let close = if failed || over { undo } else { keep };
         let closed = self
-            .run_intercepted(&wire::encode(b'Q', &nul(close)))
+            .run_intercepted(&wire::encode(b'Q', &nul(close)), Vec::new())
             .await?;
         let ready = closed
             .into_iter()
@@ -666,8 +682,17 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Sends one request and collects upstream's answers up to ReadyForQuery.
-    async fn run_intercepted(&mut self, request: &[u8]) -> Result<Vec<Message>, WireError> {
+    /// Sends one request and collects upstream's answers up to ReadyForQuery. `steps` as
+    /// for [`Session::forward`]; none means a single statement that changes no name.
+    async fn run_intercepted(
+        &mut self,
+        request: &[u8],
+        mut steps: Vec<Step>,
+    ) -> Result<Vec<Message>, WireError> {
+        if steps.is_empty() {
+            steps.push(Step::plain(Owes::Statement));
+        }
+        lock(&self.shared.names).expect(steps, true);
         let (answers, mut collected_answers) = mpsc::unbounded_channel();
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let _ = self.owe.send(Owed::Intercepted(answers));
@@ -684,404 +709,12 @@ impl Session<'_> {
             "upstream closed during a row-budget check",
         ))
     }
-
-    /// Checks an extended-protocol batch: every Parse is classified and authorized, every
-    /// Execute of a statement parsed earlier is authorized again (the token may have been
-    /// revoked, a freeze begun, a limit reached since). Returns how the batch ends a
-    /// transaction, and the map changes to apply once it is forwarded.
-    async fn check_batch(
-        &mut self,
-        batch: &[BytesMut],
-    ) -> Result<(Option<Transaction>, Staged), Denial> {
-        let mut staged = Staged::default();
-        let mut fresh: Vec<Arc<Parsed>> = Vec::new();
-        let mut bound_here: Vec<String> = Vec::new();
-        let mut ends = None;
-        let control = self.batch_has_control(batch);
-        let epoch = self.shared.epoch.load(Ordering::SeqCst);
-        for frame in batch {
-            let body = &frame[5..];
-            match frame[0] {
-                b'P' => {
-                    let (name, rest) = cstr(body).map_err(protocol_denial)?;
-                    let (sql, _) = cstr(rest).map_err(protocol_denial)?;
-                    if !name.is_empty() && self.statement(&staged, name).is_some() {
-                        return Err(Denial {
-                            sqlstate: "42P05",
-                            message: format!("capgate: prepared statement {name:?} already exists"),
-                        });
-                    }
-                    let parsed = self.parse(sql, control).await?;
-                    if parsed.writes && self.row_budget.is_some() {
-                        return Err(Denial {
-                            sqlstate: "42501",
-                            message: "capgate: under a row budget, writes must use the simple query protocol".into(),
-                        });
-                    }
-                    let parsed = Arc::new(parsed);
-                    fresh.push(parsed.clone());
-                    staged.parsed.push((name.to_owned(), Some(parsed)));
-                }
-                b'B' => {
-                    let (portal, rest) = cstr(body).map_err(protocol_denial)?;
-                    let (statement, _) = cstr(rest).map_err(protocol_denial)?;
-                    let parsed = self.statement(&staged, statement).ok_or_else(|| Denial {
-                        sqlstate: "26000",
-                        message: format!(
-                            "capgate: statement {statement:?} was not prepared through Capgate"
-                        ),
-                    })?;
-                    if !portal.is_empty() && self.portal(&staged, portal, epoch).is_some() {
-                        return Err(Denial {
-                            sqlstate: "42P03",
-                            message: format!("capgate: portal {portal:?} already exists"),
-                        });
-                    }
-                    bound_here.push(portal.to_owned());
-                    staged.portals.push((portal.to_owned(), Some(parsed)));
-                }
-                b'E' => {
-                    let (portal, _) = cstr(body).map_err(protocol_denial)?;
-                    // The unnamed portal must be bound in the same batch: a Bind that failed
-                    // upstream would otherwise leave an older portal running under this name.
-                    let usable = !portal.is_empty() || bound_here.iter().any(|p| p.is_empty());
-                    let parsed = self
-                        .portal(&staged, portal, epoch)
-                        .filter(|_| usable)
-                        .ok_or_else(|| Denial {
-                            sqlstate: "34000",
-                            message: format!("capgate: portal {portal:?} was not bound in this batch or transaction"),
-                        })?;
-                    // Parsed in this batch: authorized moments ago, once is enough.
-                    if !fresh.iter().any(|p| Arc::ptr_eq(p, &parsed)) {
-                        self.authorize_all(&parsed.accesses, &parsed.text, control)
-                            .await?;
-                    }
-                    if parsed.transaction.is_some() {
-                        ends = parsed.transaction;
-                    }
-                }
-                b'C' => {
-                    let (kind, rest) = body.split_first().ok_or(Denial {
-                        sqlstate: "08P01",
-                        message: "capgate: empty Close message".into(),
-                    })?;
-                    let (name, _) = cstr(rest).map_err(protocol_denial)?;
-                    match kind {
-                        b'S' => staged.parsed.push((name.to_owned(), None)),
-                        _ => staged.portals.push((name.to_owned(), None)),
-                    }
-                }
-                _ => {} // Describe changes nothing
-            }
-        }
-        Ok((ends, staged))
-    }
-
-    /// Whether any statement of the batch controls transactions, judged on what is known
-    /// before checking: a Parse of one, or an Execute of one prepared earlier.
-    fn batch_has_control(&self, batch: &[BytesMut]) -> bool {
-        batch.iter().any(|frame| {
-            let body = &frame[5..];
-            match frame[0] {
-                b'P' => cstr(body)
-                    .and_then(|(_, rest)| cstr(rest))
-                    .map(|(sql, _)| looks_like_transaction_control(sql))
-                    .unwrap_or(true),
-                b'B' => cstr(body)
-                    .and_then(|(_, rest)| cstr(rest))
-                    .map(|(statement, _)| {
-                        self.parsed
-                            .get(statement)
-                            .is_some_and(|p| p.transaction.is_some())
-                    })
-                    .unwrap_or(true),
-                b'E' => cstr(body)
-                    .map(|(portal, _)| {
-                        self.portals
-                            .get(portal)
-                            .is_some_and(|(p, _)| p.transaction.is_some())
-                    })
-                    .unwrap_or(true),
-                _ => false,
-            }
-        })
-    }
-
-    fn statement(&self, staged: &Staged, name: &str) -> Option<Arc<Parsed>> {
-        match staged.parsed.iter().rev().find(|(n, _)| n == name) {
-            Some((_, parsed)) => parsed.clone(),
-            None => self.parsed.get(name).cloned(),
-        }
-    }
-
-    fn portal(&self, staged: &Staged, name: &str, epoch: u64) -> Option<Arc<Parsed>> {
-        match staged.portals.iter().rev().find(|(n, _)| n == name) {
-            Some((_, parsed)) => parsed.clone(),
-            // Portals die with their transaction upstream.
-            None => self
-                .portals
-                .get(name)
-                .filter(|(_, bound)| *bound == epoch)
-                .map(|(p, _)| p.clone()),
-        }
-    }
-
-    /// Classifies one Parse and authorizes what it touches.
-    async fn parse(&mut self, sql: &str, control: bool) -> Result<Parsed, Denial> {
-        let statements = self.classify(sql).await?;
-        let mut parsed = Parsed {
-            text: sql.to_owned(),
-            accesses: Vec::new(),
-            writes: false,
-            transaction: None,
-        };
-        for statement in statements {
-            let accesses = self.check_statement(&statement, control).await?;
-            parsed.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
-            parsed.transaction = parsed.transaction.or(statement.transaction);
-            parsed.accesses.extend(accesses);
-        }
-        Ok(parsed)
-    }
-
-    /// Authorizes what one classified statement touches (an EXECUTE: what its PREPARE
-    /// recorded) and records a PREPARE; returns the accesses.
-    async fn check_statement(
-        &mut self,
-        statement: &Statement,
-        control: bool,
-    ) -> Result<Vec<Access>, Denial> {
-        let accesses = self.accesses_of(statement)?;
-        self.authorize_all(&accesses, &statement.text, control)
-            .await
-            .map_err(|denial| explained(denial, statement))?;
-        if let Some(name) = &statement.prepare {
-            self.prepare(name, &accesses)?;
-        }
-        Ok(accesses)
-    }
-
-    async fn classify(&self, sql: &str) -> Result<Vec<Statement>, Denial> {
-        classify_async(sql, &self.proxy.config.default_schema, &self.proxy.limits)
-            .await
-            .map_err(|e| Denial {
-                sqlstate: "42501",
-                message: format!("capgate denied: statement not classified ({e})"),
-            })
-    }
-
-    fn accesses_of(&self, statement: &Statement) -> Result<Vec<Access>, Denial> {
-        match &statement.execute {
-            Some(name) => self.prepared.get(name).cloned().ok_or_else(|| Denial {
-                sqlstate: "42501",
-                message: format!(
-                    "capgate denied: EXECUTE of {name:?}, which was not prepared through Capgate"
-                ),
-            }),
-            None => Ok(statement.accesses.clone()),
-        }
-    }
-
-    /// SQL `PREPARE`: refused for a name already taken, as PostgreSQL would, so the proxy's
-    /// idea of a name never differs from upstream's.
-    fn prepare(&mut self, name: &str, accesses: &[Access]) -> Result<(), Denial> {
-        if self.prepared.contains_key(name) {
-            return Err(Denial {
-                sqlstate: "42P05",
-                message: format!("capgate: prepared statement {name:?} already exists"),
-            });
-        }
-        self.prepared.insert(name.to_owned(), accesses.to_vec());
-        Ok(())
-    }
-
-    /// Classifies a simple Query string and asks the guard about every access of every
-    /// statement in it.
-    async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
-        let statements = self.classify(sql).await?;
-        let control = statements.iter().any(|s| s.transaction.is_some());
-        let mut checked = Checked {
-            statements: statements.len(),
-            writes: false,
-            ends: None,
-        };
-        for statement in statements {
-            let accesses = self.check_statement(&statement, control).await?;
-            checked.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
-            if matches!(
-                statement.transaction,
-                Some(Transaction::Commit | Transaction::Rollback)
-            ) {
-                checked.ends = statement.transaction;
-            }
-        }
-        Ok(checked)
-    }
-
-    /// Asks the guard about each access; a statement that touches nothing still needs a
-    /// valid token. `control`: the request also controls transactions, so no write in it
-    /// may have its audit record deferred to a commit.
-    async fn authorize_all(
-        &self,
-        accesses: &[Access],
-        sql: &str,
-        control: bool,
-    ) -> Result<(), Denial> {
-        if accesses.is_empty() {
-            self.proxy
-                .guard
-                .verify_token(&self.token)
-                .map_err(|(code, reason)| Denial {
-                    sqlstate: "42501",
-                    message: format!("capgate denied: {} ({reason})", code.as_str()),
-                })?;
-        }
-        // A write inside an open transaction block becomes durable only at COMMIT, so its
-        // audit record need only be stored by then; the COMMIT is held until it is. Only
-        // when nothing is in flight: otherwise the block may already have ended upstream.
-        let in_block = !control
-            && self.shared.status.load(Ordering::SeqCst) == b'T'
-            && self.shared.in_flight.load(Ordering::SeqCst) == 0;
-        for access in accesses {
-            self.authorize(access, sql, in_block && access.verb == Verb::Write)
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn authorize(&self, access: &Access, sql: &str, defer: bool) -> Result<(), Denial> {
-        let alias = &self.proxy.config.database;
-        let resource = match &access.object {
-            Object::Relation { schema, name } => format!("pg://{alias}/{schema}.{name}"),
-            Object::Schema(schema) => format!("pg://{alias}/{schema}"),
-            Object::Database => format!("pg://{alias}"),
-        };
-        let request = GuardRequest {
-            resource,
-            verb: access.verb,
-            environment: self.proxy.config.environment.clone(),
-            attributes: vec![("sql".into(), sql.chars().take(4096).collect())],
-        };
-        let deferring = Deferring {
-            inner: self.proxy.ledger.as_ref(),
-            deferred: &self.deferred,
-        };
-        let ledger: &dyn Ledger = if defer {
-            &deferring
-        } else {
-            self.proxy.ledger.as_ref()
-        };
-        match self
-            .proxy
-            .guard
-            .authorize_with(&self.token, &request, (), ledger)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(decision) => Err(Denial {
-                sqlstate: "42501",
-                message: match &decision.outcome {
-                    Outcome::ApprovalRequired { approval_id, .. } => format!(
-                        "capgate: {} on {} needs an operator's approval: request {} (decision {}); once approved, reconnect with the token from POST /v1/approvals/{{id}}/grant",
-                        request.verb,
-                        request.resource,
-                        approval_id.as_deref().unwrap_or("?"),
-                        decision.id
-                    ),
-                    Outcome::Deny { code, reason } => format!(
-                        "capgate denied {} on {}: {} ({reason}) (decision {})",
-                        request.verb,
-                        request.resource,
-                        code.as_str(),
-                        decision.id
-                    ),
-                    Outcome::Allow => format!("capgate denied (decision {})", decision.id),
-                },
-            }),
-        }
-    }
-}
-
-/// A cheap, conservative look at a statement before it is classified: anything that might
-/// be transaction control says yes (the classifier decides what it really is).
-fn looks_like_transaction_control(sql: &str) -> bool {
-    const WORDS: [&str; 9] = [
-        "begin",
-        "start",
-        "commit",
-        "end",
-        "rollback",
-        "abort",
-        "savepoint",
-        "release",
-        "prepare",
-    ];
-    let lower = sql.to_ascii_lowercase();
-    WORDS.iter().any(|w| lower.contains(w))
-}
-
-/// A denial that names the functions which made the statement a write, when there are any.
-fn explained(mut denial: Denial, statement: &Statement) -> Denial {
-    if !statement.impure_functions.is_empty() {
-        denial.message.push_str(&format!(
-            "; the statement is a write on the database because it calls {}, not known to be free of side effects",
-            statement.impure_functions.join(", ")
-        ));
-    }
-    denial
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The session's ledger while a write's audit record waits for its transaction's COMMIT;
-/// everything else goes straight to the adapter's ledger.
-struct Deferring<'a> {
-    inner: &'a dyn Ledger,
-    deferred: &'a std::sync::Mutex<Vec<AuditEvent>>,
-}
-
-#[async_trait::async_trait]
-impl Ledger for Deferring<'_> {
-    async fn request_approval(
-        &self,
-        token: &str,
-        operation: &crate::containment::Operation,
-    ) -> Result<String, LedgerDenial> {
-        self.inner.request_approval(token, operation).await
-    }
-
-    async fn consume_approval(
-        &self,
-        token: &str,
-        approval_id: &str,
-        digest: &str,
-    ) -> Result<(), LedgerDenial> {
-        self.inner
-            .consume_approval(token, approval_id, digest)
-            .await
-    }
-
-    async fn count(&self, token: &str, verb: Verb) -> Result<(), LedgerDenial> {
-        self.inner.count(token, verb).await
-    }
-
-    async fn count_use(&self, token: &str) -> Result<(), LedgerDenial> {
-        self.inner.count_use(token).await
-    }
-
-    async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial> {
-        lock(self.deferred).push(event);
-        Ok(())
-    }
-
-    fn record_later(&self, event: AuditEvent) {
-        self.inner.record_later(event);
-    }
 }
 
 fn protocol_denial(e: WireError) -> Denial {

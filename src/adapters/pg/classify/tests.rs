@@ -288,10 +288,10 @@ fn statements_are_split_with_their_own_text() {
         &Limits::default(),
     )
     .expect("parse");
-    assert_eq!(prepared[0].prepare.as_deref(), Some("p"));
+    assert_eq!(prepared[0].names, Some(NameChange::Prepare("p".into())));
     assert_eq!(prepared[0].max_verb(), Some(Verb::Write));
     let executed = classify("EXECUTE p(1)", "public", &Limits::default()).expect("parse");
-    assert_eq!(executed[0].execute.as_deref(), Some("p"));
+    assert_eq!(executed[0].executes, vec!["p".to_owned()]);
 }
 
 #[test]
@@ -365,5 +365,106 @@ fn fuzzed_statements_never_panic() {
                 "{i}: {sql}"
             );
         }
+    }
+}
+
+/// Ordered-set, window and statistical aggregates are built-ins without side effects: a
+/// read that calls them is a read.
+#[test]
+fn pure_builtins_from_the_catalog_are_reads() {
+    use Verb::*;
+    for sql in [
+        "SELECT rank() OVER (ORDER BY a), row_number() OVER (), dense_rank() OVER w FROM bookings WINDOW w AS (ORDER BY b)",
+        "SELECT variance(a), stddev(a), stddev_samp(a), var_pop(a), corr(a, b), regr_slope(a, b) FROM bookings",
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY a), mode() WITHIN GROUP (ORDER BY b) FROM bookings",
+        "SELECT ntile(4) OVER (ORDER BY a), lag(a) OVER (ORDER BY a), first_value(a) OVER () FROM bookings",
+        "SELECT pg_catalog.cume_dist() OVER (ORDER BY a), jsonb_path_query_array(j, '$.x') FROM bookings",
+    ] {
+        check(sql, &[(Read, rel("bookings"))]);
+    }
+}
+
+/// Functions with side effects stay writes even where the catalog calls them stable or
+/// immutable; user-defined functions are writes whatever they claim.
+#[test]
+fn impure_and_user_functions_are_at_least_writes() {
+    for (sql, why) in [
+        (
+            "SELECT txid_current()",
+            "assigns a transaction id (stable in the catalog)",
+        ),
+        (
+            "SELECT pg_current_xact_id()",
+            "assigns a transaction id (stable in the catalog)",
+        ),
+        (
+            "SELECT query_to_xml('delete from t returning 1', true, true, '')",
+            "runs SQL given as text",
+        ),
+        (
+            "SELECT table_to_xml('secret', true, true, '')",
+            "reads a table named in a string",
+        ),
+        ("SELECT pg_advisory_lock(1)", "takes a session lock"),
+        ("SELECT nextval('s'), setval('s', 1)", "sequences"),
+        ("SELECT pg_notify('c', 'x')", "notification"),
+        ("SELECT setseed(0.5)", "changes the session's random state"),
+        ("SELECT my_immutable_looking_function(1)", "user-defined"),
+        (
+            "SELECT public.rank() OVER ()",
+            "a built-in name in another schema",
+        ),
+    ] {
+        let verb = worst(sql);
+        assert!(
+            verb >= Some(Verb::Write),
+            "{why}: {sql} classified as {verb:?}"
+        );
+    }
+}
+
+/// A statement that runs a prepared statement carries its own effect and the names it runs,
+/// however deeply the EXECUTE is wrapped.
+#[test]
+fn wrappers_around_execute_keep_their_own_effect() {
+    let limits = Limits::default();
+    for (sql, own) in [
+        ("CREATE TABLE made AS EXECUTE p", Some(Verb::Admin)),
+        (
+            "EXPLAIN ANALYZE CREATE TABLE made AS EXECUTE p",
+            Some(Verb::Admin),
+        ),
+        (
+            "EXPLAIN (ANALYZE, BUFFERS) CREATE UNLOGGED TABLE made AS EXECUTE p(1)",
+            Some(Verb::Admin),
+        ),
+        ("EXPLAIN ANALYZE EXECUTE p", None),
+        ("EXECUTE p", None),
+    ] {
+        let statements = classify(sql, "public", &limits).expect(sql);
+        assert_eq!(statements[0].executes, vec!["p".to_owned()], "{sql}");
+        assert_eq!(statements[0].max_verb(), own, "{sql}");
+        assert!(!statements[0].plans_only, "{sql}");
+    }
+    let planned =
+        classify("EXPLAIN CREATE TABLE made AS EXECUTE p", "public", &limits).expect("parse");
+    assert!(planned[0].plans_only);
+    for (sql, change) in [
+        ("DEALLOCATE p", Some(NameChange::Deallocate("p".into()))),
+        (
+            "DEALLOCATE PREPARE p",
+            Some(NameChange::Deallocate("p".into())),
+        ),
+        ("DEALLOCATE ALL", Some(NameChange::DeallocateAll)),
+        ("DISCARD ALL", Some(NameChange::DeallocateAll)),
+        ("DISCARD PLANS", None),
+        ("DO $$ BEGIN END $$", Some(NameChange::Doubt)),
+        ("CALL p()", Some(NameChange::Doubt)),
+    ] {
+        assert_eq!(
+            classify(sql, "public", &limits).expect(sql)[0].names,
+            change,
+            "{sql}"
+        );
     }
 }
