@@ -263,29 +263,6 @@ fn sqlite(db: &std::path::Path, sql: &str) {
     assert!(status.success(), "sqlite3 {sql}");
 }
 
-/// Starts `capgate serve` on `config` with `flags` and returns its output if it exits
-/// within a few seconds (a refusal), or `None` if it is still running (then it is killed).
-fn serve_refusal(config: &std::path::Path, flags: &[&str]) -> Option<Output> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capgate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(flags)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if child.try_wait().expect("wait").is_some() {
-            return Some(child.wait_with_output().expect("output"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
 #[tokio::test]
 async fn deleting_the_newest_audit_records_is_caught_against_the_signed_checkpoint() {
     let broker = Broker::start().await;
