@@ -586,14 +586,9 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
         } => {
             let config = load_config(&config)?;
             let records = read_audit_file(&audit)?;
-            let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
             let policy = PolicySet::load_dir(&policies).map_err(|e| e.to_string())?;
-            let report = capgate::containment::replay::replay(
-                &records,
-                ring.document(),
-                &policy,
-                &config.datalog,
-            );
+            let report = capgate::containment::replay::replay(&records, &policy, &config.datalog)
+                .map_err(|e| e.to_string())?;
             for change in &report.changes {
                 println!(
                     "record {} decision {}: {} {} {} was {}, would be {}",

@@ -44,7 +44,7 @@ pub use tokens::{AuthorizationDetail, TokenResponse};
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Adapters ship decisions in batches of up to 500 records of about 1 KiB each (a record
-/// keeps the token, for replay), so the audit route alone takes bigger bodies.
+/// keeps the token's blocks, for replay), so the audit route alone takes bigger bodies.
 pub const MAX_AUDIT_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// How often the broker refreshes its own revocation view and key ring from disk and store.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(250);

@@ -8,6 +8,7 @@
 pub mod approval;
 pub mod audit;
 pub mod replay;
+pub mod token_record;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
