@@ -1,6 +1,11 @@
 //! The local revocation view every guard consults: a set of revoked token ids, sessions and
 //! agents, fed in the background from the broker's feed (or the store), never fetched on the
 //! request path. A view that has not been refreshed within its bound is a deny.
+//!
+//! The feed names the store's generation and newest cursor. A view that sees the generation
+//! change, or the cursor fall behind its own, knows the store lost entries it holds or will
+//! never send entries it lacks: it drops everything, reads the feed again from the start and
+//! denies every token (`FeedReset`) until it has caught up.
 
 use std::collections::HashSet;
 use std::sync::RwLock;
@@ -17,6 +22,17 @@ pub enum RevocationDenial {
     Stale { age_ms: u128, bound_ms: u128 },
     #[error("token revoked ({})", .0.as_str())]
     Revoked(RevocationKind),
+    #[error("the revocation feed was reset (store lost or replaced); resynchronising")]
+    FeedReset,
+}
+
+/// What a feed page did to the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedApplied {
+    /// Applied; the view follows the feed.
+    Applied,
+    /// The store is not the one the view followed: dropped, to be read again from cursor 0.
+    Reset,
 }
 
 #[derive(Default)]
@@ -26,6 +42,10 @@ struct ViewState {
     agents: HashSet<String>,
     cursor: u64,
     fresh_as_of: Option<Instant>,
+    /// The store generation the entries came from.
+    generation: Option<String>,
+    /// Dropped and not yet caught up again: every check denies.
+    resetting: bool,
 }
 
 #[derive(Default)]
@@ -58,6 +78,79 @@ impl RevocationView {
         }
     }
 
+    /// Applies one page of the broker's feed: entries after this view's cursor, the store's
+    /// `generation` and its newest cursor `head`.
+    pub fn apply_feed(
+        &self,
+        generation: &str,
+        head: u64,
+        entries: &[Revocation],
+        fresh_as_of: Instant,
+    ) -> FeedApplied {
+        {
+            let Ok(mut state) = self.state.write() else {
+                return FeedApplied::Reset;
+            };
+            let other_store = state.generation.as_deref().is_some_and(|g| g != generation);
+            if other_store || head < state.cursor {
+                tracing::warn!(
+                    old = ?state.generation, new = generation, head, cursor = state.cursor,
+                    "revocation feed reset: dropping the view and reading it again"
+                );
+                *state = ViewState {
+                    generation: Some(generation.to_owned()),
+                    resetting: true,
+                    fresh_as_of: state.fresh_as_of,
+                    ..ViewState::default()
+                };
+                return FeedApplied::Reset;
+            }
+            state.generation = Some(generation.to_owned());
+        }
+        self.apply(entries, fresh_as_of);
+        if let Ok(mut state) = self.state.write() {
+            if state.resetting && state.cursor >= head {
+                state.resetting = false;
+            }
+        }
+        FeedApplied::Applied
+    }
+
+    /// The broker says its store is lost: drop everything and deny until the feed answers
+    /// again and the view has caught up.
+    pub fn reset(&self) {
+        if let Ok(mut state) = self.state.write() {
+            *state = ViewState {
+                resetting: true,
+                fresh_as_of: state.fresh_as_of,
+                ..ViewState::default()
+            };
+        }
+    }
+
+    /// Every revoked (kind, value) the view holds, e.g. to write back into a new store.
+    pub fn entries(&self) -> Vec<(RevocationKind, String)> {
+        let Ok(state) = self.state.read() else {
+            return Vec::new();
+        };
+        let of = |kind: RevocationKind, set: &HashSet<String>| {
+            set.iter()
+                .map(move |v| (kind, v.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut all = of(RevocationKind::Agent, &state.agents);
+        all.extend(of(RevocationKind::Session, &state.sessions));
+        all.extend(of(RevocationKind::Token, &state.tokens));
+        all
+    }
+
+    /// Keeps what the view holds but follows a new store from its first cursor.
+    pub fn restart_cursor(&self) {
+        if let Ok(mut state) = self.state.write() {
+            state.cursor = 0;
+        }
+    }
+
     pub fn cursor(&self) -> u64 {
         self.state.read().map(|s| s.cursor).unwrap_or(0)
     }
@@ -80,6 +173,9 @@ impl RevocationView {
             .state
             .read()
             .map_err(|_| RevocationDenial::NeverSynced)?;
+        if state.resetting {
+            return Err(RevocationDenial::FeedReset);
+        }
         let fresh = state.fresh_as_of.ok_or(RevocationDenial::NeverSynced)?;
         let age = now.saturating_duration_since(fresh);
         if age > bound {

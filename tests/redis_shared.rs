@@ -15,10 +15,21 @@ use common::*;
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
 fn store_table(url: &str) -> String {
+    // The shared Redis keeps nothing across restarts; tests on it accept that explicitly.
     format!(
-        "[store]\nredis = \"{url}\"\nprefix = \"capgate-test-{}:\"\n",
-        capgate::token::random_id()
+        "[store]\nredis = \"{url}\"\nprefix = \"capgate-test-{}:\"\naccept_volatile = {}\n",
+        capgate::token::random_id(),
+        url == SHARED_REDIS
     )
+}
+
+/// `GET /v1/health` as (status, body): a degraded broker answers 503 with the same document.
+async fn health_of(broker: &Broker) -> (u16, serde_json::Value) {
+    let response = reqwest::get(format!("{}/v1/health", broker.url))
+        .await
+        .expect("health");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("health json"))
 }
 
 /// Two brokers on one Redis prefix, the second with the first's keys.
@@ -240,7 +251,7 @@ async fn redis_down_means_deny_and_redis_back_means_service_without_restart() {
     broker.revoke("token", &id).await;
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
 
-    let (_, health) = broker.get("/v1/health").await;
+    let (_, health) = health_of(&broker).await;
     let generation = health["store"]["generation"].clone();
     assert!(generation.is_string(), "{health}");
 
@@ -298,7 +309,7 @@ async fn redis_down_means_deny_and_redis_back_means_service_without_restart() {
         "revocation survived"
     );
     // A persistent Redis restarted lost nothing: same generation, healthy.
-    let (status, health) = broker.get("/v1/health").await;
+    let (status, health) = health_of(&broker).await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["store"]["generation"], generation, "{health}");
     assert_eq!(health["store"]["lost"], false, "{health}");
@@ -331,9 +342,10 @@ async fn a_volatile_redis_is_refused_at_start_unless_the_risk_is_accepted() {
         "{stderr}"
     );
     // The configuration can accept the risk explicitly.
-    let store = format!("{}accept_volatile = true\n", store_table(&redis.url()));
+    let store =
+        store_table(&redis.url()).replace("accept_volatile = false", "accept_volatile = true");
     let broker = Broker::start_with(tempfile::tempdir().expect("dir"), None, &store, None).await;
-    let (status, health) = broker.get("/v1/health").await;
+    let (status, health) = health_of(&broker).await;
     assert_eq!(status, 200, "{health}");
 }
 
@@ -377,7 +389,7 @@ async fn a_redis_restarted_empty_under_a_running_broker_means_deny_until_an_oper
     assert_eq!(broker.revoke("token", &revoked_id).await.0, 201);
     wait_allowed(&proxy, "/v2/volumes/vol_1", &live).await;
     wait_for_code(&proxy, &revoked, "token_revoked", Duration::from_secs(3)).await;
-    let (_, health) = broker.get("/v1/health").await;
+    let (_, health) = health_of(&broker).await;
     let generation = health["store"]["generation"].clone();
 
     // Redis comes back empty: every revocation, the audit chain and the feed's cursor gone.
@@ -399,7 +411,7 @@ async fn a_redis_restarted_empty_under_a_running_broker_means_deny_until_an_oper
     let (status, _) = call(&fresh, "GET", "/v2/volumes/vol_1", Some(&revoked)).await;
     assert_eq!(status, 503);
     // The broker says so, and refuses what depends on the lost state.
-    let (status, health) = broker.get("/v1/health").await;
+    let (status, health) = health_of(&broker).await;
     assert_eq!(status, 503, "{health}");
     assert_eq!(health["store"]["lost"], true, "{health}");
     assert_eq!(health["store"]["generation"], generation, "{health}");
@@ -429,7 +441,7 @@ async fn a_redis_restarted_empty_under_a_running_broker_means_deny_until_an_oper
         wait_for_code(adapter, &live, "token_revoked", bound).await;
         wait_for_code(adapter, &revoked, "token_revoked", bound).await;
     }
-    let (status, health) = broker.get("/v1/health").await;
+    let (status, health) = health_of(&broker).await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["store"]["lost"], false, "{health}");
     assert_eq!(health["store"]["generation"], recovered["generation"]);

@@ -7,6 +7,7 @@
 
 pub mod approval;
 pub mod audit;
+pub mod checkpoint;
 pub mod replay;
 pub mod token_record;
 

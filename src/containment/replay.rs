@@ -49,7 +49,7 @@ pub struct ReplayReport {
 /// Deny codes that come from the policy run itself.
 const POLICY_CODES: [&str; 3] = ["policy_denied", "policy_run_limit", "policy_error"];
 /// Deny codes decided before any policy ran: nothing to replay.
-const PRE_POLICY_CODES: [&str; 8] = [
+const PRE_POLICY_CODES: [&str; 9] = [
     "token_too_large",
     "token_malformed",
     "token_unknown_key",
@@ -58,6 +58,7 @@ const PRE_POLICY_CODES: [&str; 8] = [
     "token_expired",
     "token_revoked",
     "revocation_feed_stale",
+    "revocation_feed_reset",
 ];
 
 pub fn replay(

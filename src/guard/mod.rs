@@ -51,6 +51,8 @@ pub enum DenyCode {
     TokenExpired,
     TokenRevoked,
     RevocationFeedStale,
+    /// The store behind the feed was lost or replaced; the view is being read again.
+    RevocationFeedReset,
     PolicyDenied,
     PolicyRunLimit,
     PolicyError,
@@ -76,6 +78,7 @@ impl DenyCode {
             DenyCode::TokenExpired => "token_expired",
             DenyCode::TokenRevoked => "token_revoked",
             DenyCode::RevocationFeedStale => "revocation_feed_stale",
+            DenyCode::RevocationFeedReset => "revocation_feed_reset",
             DenyCode::PolicyDenied => "policy_denied",
             DenyCode::PolicyRunLimit => "policy_run_limit",
             DenyCode::PolicyError => "policy_error",
@@ -323,6 +326,7 @@ impl Guard {
                 RevocationDenial::NeverSynced | RevocationDenial::Stale { .. } => {
                     DenyCode::RevocationFeedStale
                 }
+                RevocationDenial::FeedReset => DenyCode::RevocationFeedReset,
             };
             return Err(failure(code, denial.to_string(), Some(verified)));
         }
