@@ -746,11 +746,12 @@ async fn audit_command(command: AuditCommand) -> CliResult {
     match command {
         AuditCommand::Verify { config, file } => {
             let config = load_config(&config)?;
+            // The store's generation, when checking the store (`Some(None)`: it has none).
             let (records, head, generation) = match file {
                 Some(path) => (read_audit_file(&path)?, None, None),
                 None => {
                     let (records, head, generation) = read_audit_store(&config).await?;
-                    (records, Some(head), generation)
+                    (records, Some(head), Some(generation))
                 }
             };
             let mut problems = capgate::containment::audit::verify(&records, head)
@@ -766,14 +767,13 @@ async fn audit_command(command: AuditCommand) -> CliResult {
                     None
                 }
                 Some(checkpoint) => {
-                    if generation
-                        .as_ref()
-                        .is_some_and(|g| *g != checkpoint.generation)
+                    if let Some(found) =
+                        generation.filter(|g| g.as_deref() != Some(checkpoint.generation.as_str()))
                     {
                         println!(
                             "TAMPERED: the store's generation is {}, the signed checkpoint's is \
                              {}: the store was emptied or replaced",
-                            generation.as_deref().unwrap_or("none"),
+                            found.as_deref().unwrap_or("none"),
                             checkpoint.generation
                         );
                         return Ok(ExitCode::FAILURE);

@@ -200,3 +200,83 @@ impl RevocationView {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(cursor: u64, value: &str) -> Revocation {
+        Revocation {
+            cursor,
+            kind: RevocationKind::Session,
+            value: value.into(),
+            reason: String::new(),
+            revoked_by: "alice".into(),
+            revoked_at: 0,
+            expires_at: None,
+        }
+    }
+
+    fn denial(view: &RevocationView, session: &str) -> Option<RevocationDenial> {
+        let state = view.state.read().expect("state");
+        if state.resetting {
+            return Some(RevocationDenial::FeedReset);
+        }
+        state
+            .sessions
+            .contains(session)
+            .then_some(RevocationDenial::Revoked(RevocationKind::Session))
+    }
+
+    /// A new generation, or a head below the view's cursor, drops the view and denies until
+    /// a page from cursor 0 has caught up with the head again.
+    #[test]
+    fn a_store_that_lost_entries_resets_the_view_until_it_has_caught_up() {
+        let view = RevocationView::new();
+        let now = Instant::now();
+        assert_eq!(
+            view.apply_feed("g1", 2, &[entry(1, "a"), entry(2, "b")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(view.cursor(), 2);
+        assert_eq!(
+            denial(&view, "a"),
+            Some(RevocationDenial::Revoked(RevocationKind::Session))
+        );
+
+        // Same generation, but the store's newest cursor is behind ours: entries were lost.
+        assert_eq!(view.apply_feed("g1", 1, &[], now), FeedApplied::Reset);
+        assert_eq!(view.cursor(), 0);
+        assert_eq!(denial(&view, "x"), Some(RevocationDenial::FeedReset));
+        // Caught up again from 0: serves once more, with only what the store now says.
+        assert_eq!(
+            view.apply_feed("g1", 1, &[entry(1, "c")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(
+            denial(&view, "c"),
+            Some(RevocationDenial::Revoked(RevocationKind::Session))
+        );
+        assert_eq!(denial(&view, "x"), None);
+
+        // Another generation: dropped, and a partial first page keeps it denying.
+        assert_eq!(view.apply_feed("g2", 5, &[], now), FeedApplied::Reset);
+        assert_eq!(
+            view.apply_feed("g2", 5, &[entry(1, "d")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(denial(&view, "x"), Some(RevocationDenial::FeedReset));
+        assert_eq!(
+            view.apply_feed("g2", 5, &[entry(4, "e"), entry(5, "f")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(denial(&view, "x"), None);
+        assert_eq!(denial(&view, "c"), None, "the old store's entries are gone");
+
+        // The broker says its store is lost: deny everything until the feed answers again.
+        view.reset();
+        assert_eq!(denial(&view, "x"), Some(RevocationDenial::FeedReset));
+        assert_eq!(view.apply_feed("g3", 0, &[], now), FeedApplied::Applied);
+        assert_eq!(denial(&view, "x"), None);
+    }
+}

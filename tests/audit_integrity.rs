@@ -367,3 +367,39 @@ async fn rewriting_audit_records_and_their_hashes_is_caught_against_the_signed_c
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("checkpoint"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_replaced_state_database_is_a_lost_store_and_the_broker_will_not_start_on_it() {
+    let broker = Broker::start().await;
+    let head = append_records(&broker, 2).await;
+    wait_for_checkpoint(&broker, head).await;
+    let dir = broker.kill();
+    let config = dir.path().join("capgate.toml");
+    // The embedded store deleted (with its revocations): a fresh one would be created empty.
+    for name in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join("data").join(name));
+    }
+    let refused = serve_refusal(&config, &[]).expect("the broker started on a replaced store");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("store lost") && stderr.contains("--accept-store-loss"),
+        "{stderr}"
+    );
+    // `audit verify` says the same of the store as it is.
+    let verify = capgate(&["audit", "verify"], &config);
+    assert!(!verify.status.success());
+    assert!(
+        stdout(&verify).contains("emptied or replaced"),
+        "{}",
+        stdout(&verify)
+    );
+    // Accepted explicitly: a new generation, whose first record says what happened.
+    assert!(serve_refusal(&config, &["--accept-store-loss"]).is_none());
+    let export = stdout(&capgate(&["audit", "export"], &config));
+    let first: Value =
+        serde_json::from_str(export.lines().next().expect("a record")).expect("json");
+    assert_eq!(first["event"]["kind"], "integrity", "{export}");
+    assert_eq!(first["event"]["detail"]["event"], "store_loss_accepted");
+    assert!(capgate(&["audit", "verify"], &config).status.success());
+}

@@ -101,7 +101,7 @@ pub fn rebuild(blocks: &[BlockRecord]) -> Result<Biscuit, RebuildError> {
                 index,
                 why: format!("{e}"),
             })?;
-            stand_ins.entry(original).or_insert_with(KeyPair::new);
+            stand_ins.entry(original).or_default();
         }
     }
     let substitutes: HashMap<PublicKey, PublicKey> = stand_ins
