@@ -142,7 +142,18 @@ fn main() {
             .is_allow())
     };
 
+    // What recording a decision costs: the token's digest alone (a token that never
+    // verified), and digest + blocks' Datalog + revocation ids, serialised as the spool does.
+    let decision = warm_guard.decide_at(&token, &request, SystemTime::now(), Instant::now());
+    let verified = warm_guard.verify_token(&token).expect("verified");
+    let record = |verified: Option<&capgate::token::VerifiedToken>| {
+        let event = capgate::guard::decision_event("bench", &request, &decision, &token, verified);
+        black_box(serde_json::to_vec(&event).expect("json"));
+    };
+
     let n = 3000;
+    let digest_t = time_per_op(n, || record(None));
+    let blocks_t = time_per_op(n, || record(Some(&verified)));
     let bare_t = time_per_op(n, bare);
     let cold_t = time_per_op(n, cold);
     let warm_t = time_per_op(n, warm);
@@ -161,6 +172,11 @@ fn main() {
         "guard, warm (verified-token cache):  {:>8.1} us  ratio {:.2}x (goal <= 0.2x)",
         warm_t.as_secs_f64() * 1e6,
         ratio(warm_t)
+    );
+    println!(
+        "audit record of a decision: digest only {:.1} us, digest + blocks {:.1} us",
+        digest_t.as_secs_f64() * 1e6,
+        blocks_t.as_secs_f64() * 1e6
     );
     println!(
         "guard decisions/s on one core: cold {:.0}, warm {:.0}",

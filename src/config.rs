@@ -157,6 +157,17 @@ pub struct OperatorEntry {
     pub sha256: String,
 }
 
+/// What an operator accepts for one start of the broker, after looking (`capgate serve
+/// --accept-store-loss`, `--accept-audit-rollback`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartOverrides {
+    /// The store's generation differs from the one the data directory's checkpoint names (or
+    /// it has none): start on it anyway, as a new generation.
+    pub accept_store_loss: bool,
+    /// The audit trail is behind, or disagrees with, the signed checkpoint: start anyway.
+    pub accept_audit_rollback: bool,
+}
+
 /// Where shared state lives. Without `redis`, an embedded SQLite file in the data directory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +177,10 @@ pub struct StoreConfig {
     /// Key prefix, so several deployments (or tests) can share one Redis.
     #[serde(default = "StoreConfig::default_prefix")]
     pub prefix: String,
+    /// Start on a Redis without persistence anyway (`serve --accept-volatile-store`): a Redis
+    /// restart then loses every revocation; the broker notices and denies until recovered.
+    #[serde(default)]
+    pub accept_volatile: bool,
 }
 
 impl StoreConfig {
@@ -179,6 +194,7 @@ impl Default for StoreConfig {
         StoreConfig {
             redis: None,
             prefix: Self::default_prefix(),
+            accept_volatile: false,
         }
     }
 }
@@ -225,6 +241,9 @@ pub struct BrokerConfig {
     /// Where this file was read from; relative paths in it are resolved against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// One-off operator decisions given on the command line, never in the file.
+    #[serde(skip)]
+    pub overrides: StartOverrides,
 }
 
 impl BrokerConfig {
@@ -360,6 +379,7 @@ impl Default for BrokerConfig {
             store: StoreConfig::default(),
             containment: crate::containment::ContainmentConfig::default(),
             source: None,
+            overrides: StartOverrides::default(),
         }
     }
 }

@@ -53,6 +53,8 @@ enum Command {
         /// Shared state on Redis (redis://host:port/db) instead of the embedded SQLite store.
         #[arg(long)]
         store: Option<String>,
+        #[command(flatten)]
+        accept: AcceptArgs,
     },
     /// Create the root signing key in the data directory if there is none.
     Keygen(ConfigArg),
@@ -99,6 +101,21 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+}
+
+/// Risks an operator accepts for this start, after looking at why the broker refused.
+#[derive(Args)]
+struct AcceptArgs {
+    /// Start on a Redis without persistence (no AOF, no RDB snapshots).
+    #[arg(long)]
+    accept_volatile_store: bool,
+    /// Start on a store whose generation is not the one the data directory's audit
+    /// checkpoint names (emptied or replaced): it becomes a new generation.
+    #[arg(long)]
+    accept_store_loss: bool,
+    /// Start although the audit trail is behind, or disagrees with, the signed checkpoint.
+    #[arg(long)]
+    accept_audit_rollback: bool,
 }
 
 #[derive(Args)]
@@ -299,11 +316,20 @@ type CliResult = Result<ExitCode, String>;
 
 async fn run(command: Command) -> CliResult {
     match command {
-        Command::Serve { config, store } => {
+        Command::Serve {
+            config,
+            store,
+            accept,
+        } => {
             let mut config = load_config(&config)?;
             if let Some(url) = store {
                 config.store.redis = Some(url);
             }
+            config.store.accept_volatile |= accept.accept_volatile_store;
+            config.overrides = capgate::config::StartOverrides {
+                accept_store_loss: accept.accept_store_loss,
+                accept_audit_rollback: accept.accept_audit_rollback,
+            };
             capgate::broker::serve(config, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())?;
@@ -586,14 +612,9 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
         } => {
             let config = load_config(&config)?;
             let records = read_audit_file(&audit)?;
-            let ring = Keyring::open(&config.data_dir).map_err(|e| e.to_string())?;
             let policy = PolicySet::load_dir(&policies).map_err(|e| e.to_string())?;
-            let report = capgate::containment::replay::replay(
-                &records,
-                ring.document(),
-                &policy,
-                &config.datalog,
-            );
+            let report = capgate::containment::replay::replay(&records, &policy, &config.datalog)
+                .map_err(|e| e.to_string())?;
             for change in &report.changes {
                 println!(
                     "record {} decision {}: {} {} {} was {}, would be {}",
@@ -668,13 +689,41 @@ fn read_audit_file(path: &Path) -> Result<Vec<capgate::containment::audit::Audit
         .collect()
 }
 
+/// The data directory's newest audit checkpoint, its signature checked with the broker's
+/// checkpoint key (an unsigned or forged one is an error, not a pass).
+fn signed_checkpoint(
+    config: &BrokerConfig,
+) -> Result<Option<capgate::containment::checkpoint::Checkpoint>, String> {
+    let Some(checkpoint) =
+        capgate::containment::checkpoint::load(&config.data_dir).map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let key = Keyring::open(&config.data_dir)
+        .and_then(|ring| ring.checkpoint_key())
+        .map_err(|e| format!("cannot check the audit checkpoint: {e}"))?;
+    checkpoint
+        .verify(&key.public())
+        .map_err(|e| format!("TAMPERED: {e}"))?;
+    Ok(Some(checkpoint))
+}
+
+/// The whole trail, the store's head and its generation.
 async fn read_audit_store(
     config: &BrokerConfig,
-) -> Result<(Vec<capgate::containment::audit::AuditRecord>, u64), String> {
+) -> Result<
+    (
+        Vec<capgate::containment::audit::AuditRecord>,
+        u64,
+        Option<String>,
+    ),
+    String,
+> {
     let store = capgate::store::open(config)
         .await
         .map_err(|e| e.to_string())?;
     let head = store.audit_head().await.map_err(|e| e.to_string())?;
+    let generation = store.generation().await.map_err(|e| e.to_string())?;
     let mut records = Vec::new();
     loop {
         let since = records
@@ -690,36 +739,70 @@ async fn read_audit_store(
         }
         records.extend(page);
     }
-    Ok((records, head))
+    Ok((records, head, generation))
 }
 
 async fn audit_command(command: AuditCommand) -> CliResult {
     match command {
         AuditCommand::Verify { config, file } => {
-            let (records, head) = match file {
-                Some(path) => (read_audit_file(&path)?, None),
+            let config = load_config(&config)?;
+            // The store's generation, when checking the store (`Some(None)`: it has none).
+            let (records, head, generation) = match file {
+                Some(path) => (read_audit_file(&path)?, None, None),
                 None => {
-                    let config = load_config(&config)?;
-                    let (records, head) = read_audit_store(&config).await?;
-                    (records, Some(head))
+                    let (records, head, generation) = read_audit_store(&config).await?;
+                    (records, Some(head), Some(generation))
                 }
             };
-            match capgate::containment::audit::verify(&records, head) {
-                Ok(n) => {
-                    println!("audit trail intact: {n} records");
-                    Ok(ExitCode::SUCCESS)
+            let mut problems = capgate::containment::audit::verify(&records, head)
+                .err()
+                .unwrap_or_default();
+            let anchored = match signed_checkpoint(&config)? {
+                None => {
+                    println!(
+                        "warning: no signed checkpoint in {}: removal of the newest records \
+                         cannot be detected",
+                        config.data_dir.display()
+                    );
+                    None
                 }
-                Err(problems) => {
-                    for problem in problems {
-                        println!("TAMPERED: {problem}");
+                Some(checkpoint) => {
+                    if let Some(found) =
+                        generation.filter(|g| g.as_deref() != Some(checkpoint.generation.as_str()))
+                    {
+                        println!(
+                            "TAMPERED: the store's generation is {}, the signed checkpoint's is \
+                             {}: the store was emptied or replaced",
+                            found.as_deref().unwrap_or("none"),
+                            checkpoint.generation
+                        );
+                        return Ok(ExitCode::FAILURE);
                     }
-                    Ok(ExitCode::FAILURE)
+                    if let Err(tamper) = checkpoint.check(&records) {
+                        problems.push(tamper);
+                    }
+                    Some(checkpoint.seq)
                 }
+            };
+            if problems.is_empty() {
+                match anchored {
+                    Some(seq) => println!(
+                        "audit trail intact: {} records, up to the signed checkpoint at record {seq}",
+                        records.len()
+                    ),
+                    None => println!("audit trail intact: {} records", records.len()),
+                }
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for problem in problems {
+                    println!("TAMPERED: {problem}");
+                }
+                Ok(ExitCode::FAILURE)
             }
         }
         AuditCommand::Tail { config, agent, n } => {
             let config = load_config(&config)?;
-            let (records, _) = read_audit_store(&config).await?;
+            let (records, _, _) = read_audit_store(&config).await?;
             let mine: Vec<_> = records
                 .iter()
                 .filter(|r| r.event.actor.as_deref() == Some(agent.as_str()))
@@ -753,7 +836,7 @@ async fn audit_command(command: AuditCommand) -> CliResult {
         }
         AuditCommand::Export(config) => {
             let config = load_config(&config)?;
-            let (records, _) = read_audit_store(&config).await?;
+            let (records, _, _) = read_audit_store(&config).await?;
             for record in records {
                 println!(
                     "{}",

@@ -1,6 +1,11 @@
 //! The local revocation view every guard consults: a set of revoked token ids, sessions and
 //! agents, fed in the background from the broker's feed (or the store), never fetched on the
 //! request path. A view that has not been refreshed within its bound is a deny.
+//!
+//! The feed names the store's generation and newest cursor. A view that sees the generation
+//! change, or the cursor fall behind its own, knows the store lost entries it holds or will
+//! never send entries it lacks: it drops everything, reads the feed again from the start and
+//! denies every token (`FeedReset`) until it has caught up.
 
 use std::collections::HashSet;
 use std::sync::RwLock;
@@ -17,6 +22,17 @@ pub enum RevocationDenial {
     Stale { age_ms: u128, bound_ms: u128 },
     #[error("token revoked ({})", .0.as_str())]
     Revoked(RevocationKind),
+    #[error("the revocation feed was reset (store lost or replaced); resynchronising")]
+    FeedReset,
+}
+
+/// What a feed page did to the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedApplied {
+    /// Applied; the view follows the feed.
+    Applied,
+    /// The store is not the one the view followed: dropped, to be read again from cursor 0.
+    Reset,
 }
 
 #[derive(Default)]
@@ -26,6 +42,10 @@ struct ViewState {
     agents: HashSet<String>,
     cursor: u64,
     fresh_as_of: Option<Instant>,
+    /// The store generation the entries came from.
+    generation: Option<String>,
+    /// Dropped and not yet caught up again: every check denies.
+    resetting: bool,
 }
 
 #[derive(Default)]
@@ -58,6 +78,79 @@ impl RevocationView {
         }
     }
 
+    /// Applies one page of the broker's feed: entries after this view's cursor, the store's
+    /// `generation` and its newest cursor `head`.
+    pub fn apply_feed(
+        &self,
+        generation: &str,
+        head: u64,
+        entries: &[Revocation],
+        fresh_as_of: Instant,
+    ) -> FeedApplied {
+        {
+            let Ok(mut state) = self.state.write() else {
+                return FeedApplied::Reset;
+            };
+            let other_store = state.generation.as_deref().is_some_and(|g| g != generation);
+            if other_store || head < state.cursor {
+                tracing::warn!(
+                    old = ?state.generation, new = generation, head, cursor = state.cursor,
+                    "revocation feed reset: dropping the view and reading it again"
+                );
+                *state = ViewState {
+                    generation: Some(generation.to_owned()),
+                    resetting: true,
+                    fresh_as_of: state.fresh_as_of,
+                    ..ViewState::default()
+                };
+                return FeedApplied::Reset;
+            }
+            state.generation = Some(generation.to_owned());
+        }
+        self.apply(entries, fresh_as_of);
+        if let Ok(mut state) = self.state.write() {
+            if state.resetting && state.cursor >= head {
+                state.resetting = false;
+            }
+        }
+        FeedApplied::Applied
+    }
+
+    /// The broker says its store is lost: drop everything and deny until the feed answers
+    /// again and the view has caught up.
+    pub fn reset(&self) {
+        if let Ok(mut state) = self.state.write() {
+            *state = ViewState {
+                resetting: true,
+                fresh_as_of: state.fresh_as_of,
+                ..ViewState::default()
+            };
+        }
+    }
+
+    /// Every revoked (kind, value) the view holds, e.g. to write back into a new store.
+    pub fn entries(&self) -> Vec<(RevocationKind, String)> {
+        let Ok(state) = self.state.read() else {
+            return Vec::new();
+        };
+        let of = |kind: RevocationKind, set: &HashSet<String>| {
+            set.iter()
+                .map(move |v| (kind, v.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut all = of(RevocationKind::Agent, &state.agents);
+        all.extend(of(RevocationKind::Session, &state.sessions));
+        all.extend(of(RevocationKind::Token, &state.tokens));
+        all
+    }
+
+    /// Keeps what the view holds but follows a new store from its first cursor.
+    pub fn restart_cursor(&self) {
+        if let Ok(mut state) = self.state.write() {
+            state.cursor = 0;
+        }
+    }
+
     pub fn cursor(&self) -> u64 {
         self.state.read().map(|s| s.cursor).unwrap_or(0)
     }
@@ -80,6 +173,9 @@ impl RevocationView {
             .state
             .read()
             .map_err(|_| RevocationDenial::NeverSynced)?;
+        if state.resetting {
+            return Err(RevocationDenial::FeedReset);
+        }
         let fresh = state.fresh_as_of.ok_or(RevocationDenial::NeverSynced)?;
         let age = now.saturating_duration_since(fresh);
         if age > bound {
@@ -102,5 +198,85 @@ impl RevocationView {
             return Err(RevocationDenial::Revoked(RevocationKind::Token));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(cursor: u64, value: &str) -> Revocation {
+        Revocation {
+            cursor,
+            kind: RevocationKind::Session,
+            value: value.into(),
+            reason: String::new(),
+            revoked_by: "alice".into(),
+            revoked_at: 0,
+            expires_at: None,
+        }
+    }
+
+    fn denial(view: &RevocationView, session: &str) -> Option<RevocationDenial> {
+        let state = view.state.read().expect("state");
+        if state.resetting {
+            return Some(RevocationDenial::FeedReset);
+        }
+        state
+            .sessions
+            .contains(session)
+            .then_some(RevocationDenial::Revoked(RevocationKind::Session))
+    }
+
+    /// A new generation, or a head below the view's cursor, drops the view and denies until
+    /// a page from cursor 0 has caught up with the head again.
+    #[test]
+    fn a_store_that_lost_entries_resets_the_view_until_it_has_caught_up() {
+        let view = RevocationView::new();
+        let now = Instant::now();
+        assert_eq!(
+            view.apply_feed("g1", 2, &[entry(1, "a"), entry(2, "b")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(view.cursor(), 2);
+        assert_eq!(
+            denial(&view, "a"),
+            Some(RevocationDenial::Revoked(RevocationKind::Session))
+        );
+
+        // Same generation, but the store's newest cursor is behind ours: entries were lost.
+        assert_eq!(view.apply_feed("g1", 1, &[], now), FeedApplied::Reset);
+        assert_eq!(view.cursor(), 0);
+        assert_eq!(denial(&view, "x"), Some(RevocationDenial::FeedReset));
+        // Caught up again from 0: serves once more, with only what the store now says.
+        assert_eq!(
+            view.apply_feed("g1", 1, &[entry(1, "c")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(
+            denial(&view, "c"),
+            Some(RevocationDenial::Revoked(RevocationKind::Session))
+        );
+        assert_eq!(denial(&view, "x"), None);
+
+        // Another generation: dropped, and a partial first page keeps it denying.
+        assert_eq!(view.apply_feed("g2", 5, &[], now), FeedApplied::Reset);
+        assert_eq!(
+            view.apply_feed("g2", 5, &[entry(1, "d")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(denial(&view, "x"), Some(RevocationDenial::FeedReset));
+        assert_eq!(
+            view.apply_feed("g2", 5, &[entry(4, "e"), entry(5, "f")], now),
+            FeedApplied::Applied
+        );
+        assert_eq!(denial(&view, "x"), None);
+        assert_eq!(denial(&view, "c"), None, "the old store's entries are gone");
+
+        // The broker says its store is lost: deny everything until the feed answers again.
+        view.reset();
+        assert_eq!(denial(&view, "x"), Some(RevocationDenial::FeedReset));
+        assert_eq!(view.apply_feed("g3", 0, &[], now), FeedApplied::Applied);
+        assert_eq!(denial(&view, "x"), None);
     }
 }

@@ -15,10 +15,21 @@ use common::*;
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
 fn store_table(url: &str) -> String {
+    // The shared Redis keeps nothing across restarts; tests on it accept that explicitly.
     format!(
-        "[store]\nredis = \"{url}\"\nprefix = \"capgate-test-{}:\"\n",
-        capgate::token::random_id()
+        "[store]\nredis = \"{url}\"\nprefix = \"capgate-test-{}:\"\naccept_volatile = {}\n",
+        capgate::token::random_id(),
+        url == SHARED_REDIS
     )
+}
+
+/// `GET /v1/health` as (status, body): a degraded broker answers 503 with the same document.
+async fn health_of(broker: &Broker) -> (u16, serde_json::Value) {
+    let response = reqwest::get(format!("{}/v1/health", broker.url))
+        .await
+        .expect("health");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("health json"))
 }
 
 /// Two brokers on one Redis prefix, the second with the first's keys.
@@ -125,18 +136,45 @@ struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
     policy: &'static str,
+    /// Append-only file on (fsync always), or no persistence at all.
+    persistent: bool,
 }
 
 impl OwnRedis {
     fn start(policy: &'static str) -> OwnRedis {
+        Self::start_with(policy, true)
+    }
+
+    /// A Redis that keeps nothing across a restart (no AOF, no RDB snapshots).
+    fn start_volatile() -> OwnRedis {
+        Self::start_with("noeviction", false)
+    }
+
+    fn start_with(policy: &'static str, persistent: bool) -> OwnRedis {
         let mut redis = OwnRedis {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("dir"),
             policy,
+            persistent,
         };
         redis.spawn();
         redis
+    }
+
+    /// Stops Redis, throws away whatever it kept on disk, and starts it again empty: what a
+    /// restart of a Redis without persistence does.
+    fn restart_empty(&mut self) {
+        self.stop();
+        for entry in std::fs::read_dir(self.dir.path()).expect("redis dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("remove");
+            } else {
+                std::fs::remove_file(&path).expect("remove");
+            }
+        }
+        self.spawn();
     }
 
     fn spawn(&mut self) {
@@ -151,7 +189,7 @@ impl OwnRedis {
             ])
             .args([
                 "--appendonly",
-                "yes",
+                if self.persistent { "yes" } else { "no" },
                 "--appendfsync",
                 "always",
                 "--maxmemory-policy",
@@ -213,6 +251,10 @@ async fn redis_down_means_deny_and_redis_back_means_service_without_restart() {
     broker.revoke("token", &id).await;
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
 
+    let (_, health) = health_of(&broker).await;
+    let generation = health["store"]["generation"].clone();
+    assert!(generation.is_string(), "{health}");
+
     redis.stop();
     let stopped = Instant::now();
     // Issuance fails closed at once.
@@ -266,7 +308,145 @@ async fn redis_down_means_deny_and_redis_back_means_service_without_restart() {
         401,
         "revocation survived"
     );
+    // A persistent Redis restarted lost nothing: same generation, healthy.
+    let (status, health) = health_of(&broker).await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["store"]["generation"], generation, "{health}");
+    assert_eq!(health["store"]["lost"], false, "{health}");
     println!("service resumed {:?} after Redis came back", back.elapsed());
+}
+
+#[tokio::test]
+async fn a_volatile_redis_is_refused_at_start_unless_the_risk_is_accepted() {
+    let redis = OwnRedis::start_volatile();
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("capgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n{}",
+            config_text(
+                free_port(),
+                &dir.path().join("data"),
+                &repo().join("policies")
+            ),
+            store_table(&redis.url())
+        ),
+    )
+    .expect("config");
+    let output = serve_refusal(&config, &[]).expect("started on a volatile Redis");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("appendonly") && stderr.contains("--accept-volatile-store"),
+        "{stderr}"
+    );
+    // The configuration can accept the risk explicitly.
+    let store =
+        store_table(&redis.url()).replace("accept_volatile = false", "accept_volatile = true");
+    let broker = Broker::start_with(tempfile::tempdir().expect("dir"), None, &store, None).await;
+    let (status, health) = health_of(&broker).await;
+    assert_eq!(status, 200, "{health}");
+}
+
+/// Waits until `token` gets `code` from `proxy`; returns how long that took.
+async fn wait_for_code(
+    proxy: &ProxyProcess,
+    token: &str,
+    code: &str,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, body) = call(proxy, "GET", "/v2/volumes/vol_1", Some(token)).await;
+        if serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|b| b["code"] == code) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "still {status} {body} after {within:?}, expected {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restarted_empty_under_a_running_broker_means_deny_until_an_operator_recovers() {
+    let mut redis = OwnRedis::start("noeviction");
+    let store = store_table(&redis.url());
+    let broker = Broker::start_with(tempfile::tempdir().expect("dir"), None, &store, None).await;
+    let (_upstream, up_port) = Upstream::start().await;
+    let proxy = start_proxy(&broker.url, up_port, "prod").await;
+    let scopes = ["http://railway/volumes/:read"];
+    let revoked = token_of(&broker.issue(READER_KEY, &scopes, None).await);
+    let issued = broker.issue(READER_KEY, &scopes, None).await;
+    let live = token_of(&issued);
+    let live_session = issued["session_id"].as_str().expect("session").to_owned();
+    let revoked_id = capgate::token::inspect(&revoked, None)
+        .expect("inspect")
+        .revocation_ids[0]
+        .clone();
+    assert_eq!(broker.revoke("token", &revoked_id).await.0, 201);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &live).await;
+    wait_for_code(&proxy, &revoked, "token_revoked", Duration::from_secs(3)).await;
+    let (_, health) = health_of(&broker).await;
+    let generation = health["store"]["generation"].clone();
+
+    // Redis comes back empty: every revocation, the audit chain and the feed's cursor gone.
+    redis.restart_empty();
+    // Within the staleness bound the running adapter denies everything, with its own reason,
+    // the token revoked before the loss included.
+    let bound = Duration::from_millis(2000 + 1000 + 500);
+    let took = wait_for_code(&proxy, &live, "revocation_feed_reset", bound).await;
+    wait_for_code(
+        &proxy,
+        &revoked,
+        "revocation_feed_reset",
+        Duration::from_millis(500),
+    )
+    .await;
+    println!("store loss to deny at the running adapter: {took:?}");
+    // A fresh adapter never gets a view of the lost store.
+    let fresh = start_proxy(&broker.url, up_port, "prod").await;
+    let (status, _) = call(&fresh, "GET", "/v2/volumes/vol_1", Some(&revoked)).await;
+    assert_eq!(status, 503);
+    // The broker says so, and refuses what depends on the lost state.
+    let (status, health) = health_of(&broker).await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["store"]["lost"], true, "{health}");
+    assert_eq!(health["store"]["generation"], generation, "{health}");
+    let (status, body) = broker.request_token(READER_KEY, &scopes, None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("store_lost")),
+        "{body}"
+    );
+    let (status, body) = broker.revoke("session", &live_session).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("store_lost")),
+        "{body}"
+    );
+
+    // An operator accepts the loss: a new generation, seeded with the revocations this
+    // broker still remembers.
+    let (status, recovered) = broker.post_as("/v1/store/recover", OPERATOR_KEY).await;
+    assert_eq!(status, 200, "{recovered}");
+    assert_ne!(recovered["generation"], generation, "{recovered}");
+    assert!(recovered["restored"].as_u64() >= Some(1), "{recovered}");
+    // A session revoked after the loss, and the token revoked before it, are denied at both
+    // adapters within the bound.
+    assert_eq!(broker.revoke("session", &live_session).await.0, 201);
+    for adapter in [&proxy, &fresh] {
+        wait_for_code(adapter, &live, "token_revoked", bound).await;
+        wait_for_code(adapter, &revoked, "token_revoked", bound).await;
+    }
+    let (status, health) = health_of(&broker).await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["store"]["lost"], false, "{health}");
+    assert_eq!(health["store"]["generation"], recovered["generation"]);
+    let next = token_of(&broker.issue(READER_KEY, &scopes, None).await);
+    wait_allowed(&proxy, "/v2/volumes/vol_1", &next).await;
 }
 
 #[tokio::test]

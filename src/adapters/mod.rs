@@ -136,6 +136,7 @@ pub fn deny_response(decision: &Decision, mode: Mode) -> Response {
     } else if matches!(
         code,
         DenyCode::RevocationFeedStale
+            | DenyCode::RevocationFeedReset
             | DenyCode::ContainmentUnavailable
             | DenyCode::AuditUnavailable
     ) {

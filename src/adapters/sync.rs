@@ -51,7 +51,15 @@ pub fn spawn(
                 Ok(page) => {
                     // The freeze flag first: the view must never look fresh with an old flag.
                     feed_containment.set_frozen(page.frozen);
-                    revocations.apply(&page.revocations, sent);
+                    // A reset view asks again at once, from cursor 0.
+                    revocations.apply_feed(&page.generation, page.head, &page.revocations, sent);
+                }
+                Err(crate::client::ClientError::Refused { code, .. }) if code == "store_lost" => {
+                    tracing::error!(
+                        "the broker's store was lost; denying everything until it is recovered"
+                    );
+                    revocations.reset();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "revocation feed unreachable; the view is ageing");

@@ -9,6 +9,7 @@ mod audit;
 mod authorize;
 mod containment;
 mod health;
+mod integrity;
 mod keys;
 pub mod problem;
 mod revocations;
@@ -38,13 +39,14 @@ use problem::ApiError;
 pub use approvals::GrantResponse;
 pub use audit::AuditPage;
 pub use containment::{CountResponse, FreezeState};
+pub use integrity::{CheckpointDocument, Recovered, StoreIntegrity, CHECKPOINT_INTERVAL};
 pub use revocations::FeedPage;
 pub use tokens::{AuthorizationDetail, TokenResponse};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Adapters ship decisions in batches of up to 500 records of about 1 KiB each (a record
-/// keeps the token, for replay), so the audit route alone takes bigger bodies.
+/// keeps the token's blocks, for replay), so the audit route alone takes bigger bodies.
 pub const MAX_AUDIT_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// How often the broker refreshes its own revocation view and key ring from disk and store.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(250);
@@ -61,6 +63,8 @@ pub enum StartError {
     Identity(#[from] crate::identity::IdentityConfigError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Integrity(#[from] integrity::IntegrityError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -83,6 +87,8 @@ pub struct BrokerState {
     pub grants: GrantEvaluator,
     pub guard: Guard,
     pub store: Arc<dyn Store>,
+    /// The store's generation, whether it was lost, and the audit checkpoints.
+    pub integrity: StoreIntegrity,
     /// Latest revocation cursor, for long-polling feed readers.
     revocation_cursor: watch::Sender<u64>,
     /// Bumped when something other than a revocation changes what the feed says (freeze).
@@ -105,6 +111,7 @@ impl BrokerState {
         let authenticator =
             Authenticator::with_adapters(&config.identity, &config.operators, &config.adapters)?;
         let store: Arc<dyn Store> = crate::store::open(&config).await?;
+        let integrity = StoreIntegrity::open(&config, store.as_ref(), &keyring).await?;
         let keys: KeyView = Arc::new(RwLock::new(Arc::new(keyring.public_keys()?)));
         let guard = Guard::new(
             GuardConfig {
@@ -139,6 +146,7 @@ impl BrokerState {
             authenticator,
             guard,
             store,
+            integrity,
             revocation_cursor: watch::channel(0).0,
             feed_epoch: watch::channel(0).0,
         }))
@@ -288,6 +296,8 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
             post(audit::append).layer(DefaultBodyLimit::max(MAX_AUDIT_BODY_BYTES)),
         ),
         (Method::GET, "/v1/audit", get(audit::read)),
+        (Method::GET, "/v1/audit/checkpoint", get(integrity::latest)),
+        (Method::POST, "/v1/store/recover", post(integrity::recover)),
     ]
 }
 
@@ -309,6 +319,10 @@ pub fn router(state: Arc<BrokerState>) -> Router {
     }
     router
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            integrity::refuse_while_lost,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -349,9 +363,31 @@ pub async fn run(
                 }
             }
             background.refresh_revocations().await;
+            background
+                .integrity
+                .watch(
+                    background.store.as_ref(),
+                    background.guard.revocations().cursor(),
+                )
+                .await;
             background.reload_keys_if_changed(&mut ring_modified);
         }
     });
+    let checkpointing = state.clone();
+    let checkpointer = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
+        loop {
+            ticker.tick().await;
+            if let Err(e) = checkpointing
+                .integrity
+                .checkpoint(checkpointing.store.as_ref())
+                .await
+            {
+                tracing::error!(error = %e, "cannot checkpoint the audit trail");
+            }
+        }
+    });
+    let last_checkpoint = state.clone();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "capgate broker listening");
     }
@@ -360,5 +396,14 @@ pub async fn run(
         .await
         .map_err(StartError::Serve);
     refresher.abort();
+    checkpointer.abort();
+    // What was appended since the last tick is pinned before the broker goes away.
+    if let Err(e) = last_checkpoint
+        .integrity
+        .checkpoint(last_checkpoint.store.as_ref())
+        .await
+    {
+        tracing::error!(error = %e, "cannot checkpoint the audit trail at shutdown");
+    }
     result
 }

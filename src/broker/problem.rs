@@ -62,6 +62,16 @@ impl From<AuthError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store failure");
+        if let StoreError::Lost(why) = e {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_lost",
+                format!(
+                    "the broker's state store was lost ({why}); nothing that depends on it is \
+                     done until an operator recovers it (POST /v1/store/recover)"
+                ),
+            );
+        }
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",

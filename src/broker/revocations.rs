@@ -121,6 +121,11 @@ pub struct FeedPage {
     pub next_cursor: u64,
     /// The operators' freeze switch: while on, adapters deny every non-read verb.
     pub frozen: bool,
+    /// The store's generation: when it changes, the store was replaced and a follower must
+    /// drop its view and read the feed again from cursor 0.
+    pub generation: String,
+    /// The store's newest cursor: one below the follower's own means entries were lost.
+    pub head: u64,
 }
 
 pub async fn feed(
@@ -158,10 +163,19 @@ pub async fn feed(
     }
     // Read last, so the page is at least as fresh as the moment the request was sent.
     let frozen = state.store.frozen().await?;
+    let head = state.store.revocation_head().await?;
+    // A page from a store that is no longer the one this broker knows must not be served:
+    // the check runs after the reads, so a loss during them is caught too.
+    state.integrity.check_generation(state.store.as_ref()).await;
+    if let Some(why) = state.integrity.lost() {
+        return Err(crate::store::StoreError::Lost(why).into());
+    }
     let next_cursor = revocations.last().map(|r| r.cursor).unwrap_or(query.since);
     Ok(Json(FeedPage {
         revocations,
         next_cursor,
         frozen,
+        generation: state.integrity.generation(),
+        head,
     }))
 }

@@ -16,6 +16,8 @@ pub enum AuditKind {
     Approval,
     Revocation,
     Freeze,
+    /// The store itself: a lost store recovered, a rollback accepted.
+    Integrity,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +87,17 @@ pub enum Tamper {
     BrokenLink { seq: u64 },
     #[error("the log ends at record {found} but the store's head is {head}: records were removed from the end")]
     Truncated { found: u64, head: u64 },
+    #[error(
+        "records {} to {checkpoint} are missing: the signed checkpoint names record {checkpoint} \
+         but the trail ends at record {found} (removed from the end, or the store rolled back)",
+        .found.saturating_add(1)
+    )]
+    BehindCheckpoint { found: u64, checkpoint: u64 },
+    #[error(
+        "record {seq} does not match the signed checkpoint: it, or records before it, were \
+         rewritten and the chain recomputed"
+    )]
+    CheckpointMismatch { seq: u64 },
 }
 
 /// Checks a whole log in its stored order. `head` is the store's last sequence number, which

@@ -7,7 +7,9 @@
 
 pub mod approval;
 pub mod audit;
+pub mod checkpoint;
 pub mod replay;
+pub mod token_record;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

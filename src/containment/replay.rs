@@ -1,18 +1,32 @@
 //! Policy replay: re-evaluates recorded decisions against a candidate adapter policy, at the
 //! time they were made, and lists every decision whose policy verdict would change. Token-level
 //! denials (malformed, expired, revoked, stale feed) never reached the policy and are skipped.
-
-use std::collections::HashMap;
+//!
+//! A record holds the token's blocks, not the token (`token_record`); the replay rebuilds a
+//! token from them with the same block scoping. Limit: a candidate policy that itself trusts
+//! a third-party signer by key (`trusting ed25519/…`) cannot see the rebuilt blocks, which are
+//! re-signed by stand-in keys, so decisions whose token has such a block are skipped, counted.
+//! Trails written before records dropped the token are refused, naming the first such record.
 
 use biscuit_auth::builder::{date, fact, string};
-use biscuit_auth::Biscuit;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::audit::{AuditKind, AuditRecord};
+use super::token_record::{external_keys, rebuild, BlockRecord};
 use crate::config::RunLimits;
 use crate::policy::PolicySet;
-use crate::token::{decode_token_bytes, from_unix_seconds, KeySetDocument};
+use crate::token::from_unix_seconds;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "record {seq} holds a bearer token (written by a Capgate that kept tokens in the trail); \
+         it is not replayed: export the trail, keep it as secret as the tokens, and replay \
+         records written since the upgrade"
+    )]
+    LegacyToken { seq: u64 },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReplayChange {
@@ -35,7 +49,7 @@ pub struct ReplayReport {
 /// Deny codes that come from the policy run itself.
 const POLICY_CODES: [&str; 3] = ["policy_denied", "policy_run_limit", "policy_error"];
 /// Deny codes decided before any policy ran: nothing to replay.
-const PRE_POLICY_CODES: [&str; 8] = [
+const PRE_POLICY_CODES: [&str; 9] = [
     "token_too_large",
     "token_malformed",
     "token_unknown_key",
@@ -44,20 +58,21 @@ const PRE_POLICY_CODES: [&str; 8] = [
     "token_expired",
     "token_revoked",
     "revocation_feed_stale",
+    "revocation_feed_reset",
 ];
 
 pub fn replay(
     records: &[AuditRecord],
-    keys: &KeySetDocument,
     policy: &PolicySet,
     limits: &RunLimits,
-) -> ReplayReport {
-    // Replays judge old decisions: every key the ring ever published counts, retired or not.
-    let public: HashMap<u32, biscuit_auth::PublicKey> = keys
-        .keys
+) -> Result<ReplayReport, ReplayError> {
+    if let Some(legacy) = records
         .iter()
-        .filter_map(|k| k.public_key.parse().ok().map(|p| (k.key_id, p)))
-        .collect();
+        .find(|r| r.event.kind == AuditKind::Decision && r.event.detail.get("token").is_some())
+    {
+        return Err(ReplayError::LegacyToken { seq: legacy.seq });
+    }
+    let policy_text = policy.builder().dump_code();
     let mut report = ReplayReport::default();
     for record in records
         .iter()
@@ -69,7 +84,8 @@ pub fn replay(
             continue;
         };
         let text = |key: &str| detail[key].as_str().unwrap_or("").to_owned();
-        let Some(replayed_allowed) = evaluate(detail, record.at, &public, policy, limits) else {
+        let Some(replayed_allowed) = evaluate(detail, record.at, policy, &policy_text, limits)
+        else {
             report.skipped += 1;
             continue;
         };
@@ -86,7 +102,7 @@ pub fn replay(
             });
         }
     }
-    report
+    Ok(report)
 }
 
 /// Did the recorded decision pass the policy? `None` when no policy ran.
@@ -110,16 +126,18 @@ fn recorded_policy_verdict(outcome: &Value) -> Option<bool> {
 fn evaluate(
     detail: &Value,
     at: u64,
-    keys: &HashMap<u32, biscuit_auth::PublicKey>,
     policy: &PolicySet,
+    policy_text: &str,
     limits: &RunLimits,
 ) -> Option<bool> {
-    let bytes = decode_token_bytes(detail["token"].as_str()?).ok()?;
-    let biscuit = Biscuit::from(&bytes, |id: Option<u32>| {
-        id.and_then(|id| keys.get(&id).copied())
-            .ok_or(biscuit_auth::error::Format::UnknownPublicKey)
-    })
-    .ok()?;
+    let blocks: Vec<BlockRecord> = serde_json::from_value(detail.get("blocks")?.clone()).ok()?;
+    if external_keys(&blocks)
+        .iter()
+        .any(|key| policy_text.contains(key.as_str()))
+    {
+        return None;
+    }
+    let biscuit = rebuild(&blocks).ok()?;
     let str_fact =
         |name: &str, key: &str| fact(name, &[string(detail[key].as_str().unwrap_or(""))]);
     let mut builder = policy

@@ -102,6 +102,11 @@ impl ContainmentView {
         }
     }
 
+    /// The freeze flag as last seen (a poisoned flag reads as frozen).
+    pub fn frozen(&self) -> bool {
+        self.frozen.read().map(|f| *f).unwrap_or(true)
+    }
+
     /// Whether `verb` needs approval; unknown settings count as yes (fail closed).
     pub fn needs_approval(&self, verb: Verb) -> bool {
         match self.document.read() {

@@ -8,6 +8,7 @@
 
 mod cache;
 pub mod containment;
+mod record;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -24,6 +25,7 @@ use crate::scope::Verb;
 use crate::token::{random_id, verify, PublicKeySet, TokenRejected, VerifiedToken};
 pub use cache::VerifiedCache;
 pub use containment::{ContainmentView, Ledger, LedgerDenial, Obligation};
+pub use record::decision_event;
 
 /// What an adapter asks about. Every field comes from the adapter's own configuration and
 /// parsing of the request, never from anything the agent asserts.
@@ -49,6 +51,8 @@ pub enum DenyCode {
     TokenExpired,
     TokenRevoked,
     RevocationFeedStale,
+    /// The store behind the feed was lost or replaced; the view is being read again.
+    RevocationFeedReset,
     PolicyDenied,
     PolicyRunLimit,
     PolicyError,
@@ -74,6 +78,7 @@ impl DenyCode {
             DenyCode::TokenExpired => "token_expired",
             DenyCode::TokenRevoked => "token_revoked",
             DenyCode::RevocationFeedStale => "revocation_feed_stale",
+            DenyCode::RevocationFeedReset => "revocation_feed_reset",
             DenyCode::PolicyDenied => "policy_denied",
             DenyCode::PolicyRunLimit => "policy_run_limit",
             DenyCode::PolicyError => "policy_error",
@@ -275,7 +280,7 @@ impl Guard {
         now: SystemTime,
         mono: Instant,
     ) -> Decision {
-        self.evaluate(token, request, now, mono)
+        self.evaluate(token, request, now, mono).0
     }
 
     pub fn revocations(&self) -> &Arc<RevocationView> {
@@ -321,6 +326,7 @@ impl Guard {
                 RevocationDenial::NeverSynced | RevocationDenial::Stale { .. } => {
                     DenyCode::RevocationFeedStale
                 }
+                RevocationDenial::FeedReset => DenyCode::RevocationFeedReset,
             };
             return Err(failure(code, denial.to_string(), Some(verified)));
         }
@@ -329,7 +335,7 @@ impl Guard {
 
     /// Decides, logs the decision, and returns it.
     pub fn decide(&self, token: &str, request: &Request) -> Decision {
-        let decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let (decision, _) = self.evaluate(token, request, SystemTime::now(), Instant::now());
         log_decision(&self.config.adapter, request, &decision, "enforce");
         decision
     }
@@ -355,7 +361,9 @@ impl Guard {
         payload: T,
         ledger: &dyn Ledger,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        let mut decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let (mut decision, verified) =
+            self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let verified = verified.as_deref();
         let recorded_synchronously = decision.obligations.contains(&Obligation::Audit);
         match &decision.outcome {
             Outcome::Allow => {
@@ -374,6 +382,7 @@ impl Guard {
                                     request,
                                     &decision,
                                     token,
+                                    verified,
                                 ))
                                 .await
                         }
@@ -419,6 +428,7 @@ impl Guard {
                 request,
                 &decision,
                 token,
+                verified,
             ));
         }
         into_authorized(decision, payload)
@@ -434,9 +444,16 @@ impl Guard {
         payload: T,
         ledger: Option<&dyn Ledger>,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        let mut decision = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let (mut decision, verified) =
+            self.evaluate(token, request, SystemTime::now(), Instant::now());
         log_decision(&self.config.adapter, request, &decision, "shadow");
-        let mut event = decision_event(&self.config.adapter, request, &decision, token);
+        let mut event = decision_event(
+            &self.config.adapter,
+            request,
+            &decision,
+            token,
+            verified.as_deref(),
+        );
         if let Some(detail) = event.detail.as_object_mut() {
             detail.insert("mode".into(), "shadow".into());
         }
@@ -469,7 +486,14 @@ impl Guard {
         })
     }
 
-    fn evaluate(&self, token: &str, request: &Request, now: SystemTime, mono: Instant) -> Decision {
+    /// The decision, and the token as verified when it did verify (for the audit record).
+    fn evaluate(
+        &self,
+        token: &str,
+        request: &Request,
+        now: SystemTime,
+        mono: Instant,
+    ) -> (Decision, Option<Arc<VerifiedToken>>) {
         let id = self.ids.next();
         let deny = |code: DenyCode,
                     reason: String,
@@ -485,15 +509,16 @@ impl Guard {
         let verified = match self.token_check(token, now, mono) {
             Ok(verified) => verified,
             Err(failure) => {
-                return deny(
+                let decision = deny(
                     failure.code,
                     failure.reason,
                     failure.verified.as_deref(),
                     vec![],
-                )
+                );
+                return (decision, failure.verified);
             }
         };
-        match self.run_policy(&verified, request, now) {
+        let decision = match self.run_policy(&verified, request, now) {
             Ok((explanation, mut authorizer)) => {
                 let (outcome, obligations) = match containment::check(
                     &self.containment,
@@ -520,7 +545,8 @@ impl Guard {
                 }
             }
             Err((code, reason, explanation)) => deny(code, reason, Some(&verified), explanation),
-        }
+        };
+        (decision, Some(verified))
     }
 
     /// Signature verification, or the cached result of it. Expiry and key validity are
@@ -628,32 +654,6 @@ fn into_authorized<T>(mut decision: Decision, payload: T) -> Result<Authorized<T
 
 /// A policy deny: its code, reason and explanation lines.
 type PolicyDenial = (DenyCode, String, Vec<String>);
-
-/// The audit event for a decision, with what a replay needs: request facts, time (the
-/// record's), and the token itself (short-lived by construction; the trail is operator-only).
-pub fn decision_event(
-    adapter: &str,
-    request: &Request,
-    decision: &Decision,
-    token: &str,
-) -> crate::containment::audit::AuditEvent {
-    use crate::containment::audit::{AuditEvent, AuditKind};
-    AuditEvent {
-        kind: AuditKind::Decision,
-        actor: decision.agent.clone(),
-        detail: serde_json::json!({
-            "decision_id": decision.id,
-            "adapter": adapter,
-            "outcome": decision.outcome,
-            "session": decision.session,
-            "resource": request.resource,
-            "verb": request.verb,
-            "environment": request.environment,
-            "attributes": request.attributes,
-            "token": token.get(..16 * 1024).unwrap_or(token),
-        }),
-    }
-}
 
 fn authorizer_policies(policy: &PolicySet) -> Vec<String> {
     policy

@@ -27,6 +27,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store is misconfigured: {0}")]
     Misconfigured(String),
+    /// The store this broker was using is gone (emptied, replaced or rolled back); nothing
+    /// that depends on its state is done until an operator accepts the loss.
+    #[error("store lost: {0}")]
+    Lost(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -107,6 +111,19 @@ pub trait Store: Send + Sync + 'static {
     async fn agent_revoked(&self, agent: &str) -> Result<bool, StoreError>;
     /// Cheap liveness check for health endpoints.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Refuses (`Misconfigured`, saying which setting to change) a store that would lose
+    /// acknowledged state on a restart. The embedded store is always durable.
+    async fn check_durable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The random id the store was created with, `None` when it has none (new, or lost):
+    /// a store that comes back without the generation a broker knew has lost its state.
+    async fn generation(&self) -> Result<Option<String>, StoreError>;
+    /// Sets the generation unless one is set (set-if-absent) and returns the stored one.
+    async fn init_generation(&self, candidate: &str) -> Result<String, StoreError>;
+    /// The newest revocation cursor ever handed out (0 when none); going backwards means
+    /// the store lost entries.
+    async fn revocation_head(&self) -> Result<u64, StoreError>;
     /// The newest revocation cursor this process knows of; changes when any broker sharing
     /// the store revokes something, so feed readers can be woken at once.
     fn changes(&self) -> watch::Receiver<u64>;

@@ -5,7 +5,8 @@
 //!
 //! Keys (all under the configured prefix): `rev:cursor` (counter), `rev:log` (sorted set of
 //! cursors), `rev:<cursor>` (entry JSON), `rev:index:<kind>:<value>` (idempotency and
-//! lookups), `session:<id>`, and the pub/sub channel `events`.
+//! lookups), `session:<id>`, `generation` (set once, see `Store::generation`), and the
+//! pub/sub channel `events`.
 
 use std::time::Duration;
 
@@ -144,6 +145,43 @@ async fn check_eviction_policy(conn: &mut ConnectionManager) -> Result<(), Store
             "Redis maxmemory-policy is {policy:?}: it may evict revocations and other security state; \
              set `maxmemory-policy noeviction` (CONFIG SET maxmemory-policy noeviction, or in redis.conf)"
         )));
+    }
+    Ok(())
+}
+
+/// A Redis with neither an append-only file nor RDB snapshots comes back from a restart
+/// empty: every revocation and approval and the audit chain gone, without an error.
+async fn check_persistence(conn: &mut ConnectionManager) -> Result<(), StoreError> {
+    let setting = |name: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .map(|reply| reply.get(1).cloned().unwrap_or_default())
+        }
+    };
+    let (appendonly, save) = match (setting("appendonly").await, setting("save").await) {
+        (Ok(appendonly), Ok(save)) => (appendonly, save),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(StoreError::Misconfigured(format!(
+                "cannot read Redis persistence settings (CONFIG GET failed: {e}), so nothing \
+                 shows whether revocations survive a Redis restart; allow CONFIG GET for the \
+                 broker's user, or accept the risk with `capgate serve --accept-volatile-store` \
+                 ([store] accept_volatile = true)"
+            )))
+        }
+    };
+    if appendonly != "yes" && save.trim().is_empty() {
+        return Err(StoreError::Misconfigured(
+            "Redis does not persist (appendonly no, save \"\"): a Redis restart would silently drop \
+             every revocation, approval and audit record; set `appendonly yes` (CONFIG SET \
+             appendonly yes, and in redis.conf) or configure `save` snapshots, or accept the risk \
+             with `capgate serve --accept-volatile-store` ([store] accept_volatile = true)"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -301,6 +339,33 @@ impl Store for RedisStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    async fn check_durable(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        check_persistence(&mut conn).await
+    }
+
+    async fn generation(&self) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.get(self.key("generation")).await.map_err(unavailable)
+    }
+
+    async fn init_generation(&self, candidate: &str) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.key("generation");
+        let _: bool = conn.set_nx(&key, candidate).await.map_err(unavailable)?;
+        let stored: Option<String> = conn.get(&key).await.map_err(unavailable)?;
+        stored.ok_or_else(|| StoreError::Lost("the generation vanished as it was set".into()))
+    }
+
+    async fn revocation_head(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let head: Option<u64> = conn
+            .get(self.key("rev:cursor"))
+            .await
+            .map_err(unavailable)?;
+        Ok(head.unwrap_or(0))
     }
 
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {

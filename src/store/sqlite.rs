@@ -259,6 +259,51 @@ impl Store for SqliteStore {
         self.changes.subscribe()
     }
 
+    async fn generation(&self) -> Result<Option<String>, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT value FROM flags WHERE name = 'generation'",
+                [],
+                |row| row.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn init_generation(&self, candidate: &str) -> Result<String, StoreError> {
+        let candidate = candidate.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO flags (name, value) VALUES ('generation', ?1)
+                 ON CONFLICT (name) DO NOTHING",
+                params![candidate],
+            )
+            .map_err(unavailable)?;
+            conn.query_row(
+                "SELECT value FROM flags WHERE name = 'generation'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn revocation_head(&self) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT COALESCE(MAX(cursor), 0) FROM revocations",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|v| v as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn create_approval(&self, approval: &Approval) -> Result<(), StoreError> {
         let json = to_json(approval)?;
         let (id, version, created) = (approval.id.clone(), approval.version, approval.created_at);

@@ -200,6 +200,19 @@ impl Keyring {
         &self.approval
     }
 
+    /// Signs audit checkpoints (`containment::checkpoint`). A key of its own, so that no
+    /// checkpoint signature can ever stand for a token or approval block signature; created
+    /// on first use, 0600 like the others.
+    pub fn checkpoint_key(&self) -> Result<KeyPair, KeyError> {
+        let path = self.dir.join("checkpoint.key");
+        if path.exists() {
+            return load_private(&path);
+        }
+        let keypair = KeyPair::new();
+        write_atomically(&path, keypair.private().to_prefixed_string().as_bytes())?;
+        Ok(keypair)
+    }
+
     pub fn document(&self) -> &KeySetDocument {
         &self.document
     }

@@ -357,6 +357,29 @@ pub fn spawn_serve(config: &Path, log: &Path) -> Child {
         .expect("spawn capgate serve")
 }
 
+/// Starts `capgate serve` on `config` with `flags` and returns its output if it exits
+/// within a few seconds (a refusal), or `None` if it is still running (then it is killed).
+pub fn serve_refusal(config: &Path, flags: &[&str]) -> Option<std::process::Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(flags)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return Some(child.wait_with_output().expect("output"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 pub fn details(scopes: &[&str]) -> Value {
     Value::Array(
         scopes

@@ -1,0 +1,43 @@
+//! The audit event for a decision: request facts, outcome, and of the token only what
+//! `containment::token_record` keeps (digest, blocks, revocation ids), never the token.
+
+use super::{Decision, Request};
+use crate::containment::audit::{AuditEvent, AuditKind};
+use crate::containment::token_record::{blocks_of, token_digest};
+use crate::token::VerifiedToken;
+
+/// `verified` is the token as the guard verified it; a token that never verified (malformed,
+/// forged, expired) is recorded by its digest alone.
+pub fn decision_event(
+    adapter: &str,
+    request: &Request,
+    decision: &Decision,
+    token: &str,
+    verified: Option<&VerifiedToken>,
+) -> AuditEvent {
+    let mut detail = serde_json::json!({
+        "decision_id": decision.id,
+        "adapter": adapter,
+        "outcome": decision.outcome,
+        "session": decision.session,
+        "resource": request.resource,
+        "verb": request.verb,
+        "environment": request.environment,
+        "attributes": request.attributes,
+        "token_sha256": token_digest(token),
+    });
+    if let (Some(verified), Some(object)) = (verified, detail.as_object_mut()) {
+        if let Some(blocks) = blocks_of(&verified.biscuit) {
+            object.insert("blocks".into(), serde_json::json!(blocks));
+        }
+        object.insert(
+            "revocation_ids".into(),
+            serde_json::json!(verified.revocation_ids),
+        );
+    }
+    AuditEvent {
+        kind: AuditKind::Decision,
+        actor: decision.agent.clone(),
+        detail,
+    }
+}
