@@ -109,3 +109,93 @@ fn parse_context(context: Option<&str>) -> Result<AuthorityContext, TokenRejecte
     }
     Ok(context)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{inspect, KeySetDocument, PublishedKey, BASE64};
+    use base64::Engine;
+    use biscuit_auth::builder::{fact, string, BlockBuilder};
+    use biscuit_auth::KeyPair;
+
+    const KEY_ID: u32 = 3;
+
+    /// A token whose signed context says `exp`, and the key set that verifies it.
+    fn token_expiring_at(exp: u64) -> (String, PublicKeySet) {
+        let key = KeyPair::new();
+        let context = serde_json::json!({"capgate": 1, "agent": "a", "session": "s", "exp": exp});
+        let block = BlockBuilder::new()
+            .fact(fact("agent", &[string("a")]))
+            .expect("fact")
+            .context(context.to_string());
+        let biscuit = Biscuit::builder()
+            .merge(block)
+            .root_key_id(KEY_ID)
+            .build(&key)
+            .expect("build");
+        let keys = PublicKeySet::from_document(&KeySetDocument {
+            active_key_id: KEY_ID,
+            keys: vec![PublishedKey {
+                key_id: KEY_ID,
+                algorithm: "ed25519".into(),
+                public_key: key.public().to_string(),
+                created_at: "2026-01-01T00:00:00Z".into(),
+                verify_until: None,
+            }],
+        })
+        .expect("keys");
+        (BASE64.encode(biscuit.to_vec().expect("bytes")), keys)
+    }
+
+    #[test]
+    fn out_of_range_expiries_are_malformed_rather_than_a_panic() {
+        let now = SystemTime::now();
+        for exp in [u64::MAX, 1 << 63, i64::MAX as u64, 253_402_300_800] {
+            let (token, keys) = token_expiring_at(exp);
+            let bytes = decode_base64(&token).expect("base64");
+            assert_eq!(peek_expiry(&bytes), Err(TokenRejected::Malformed), "{exp}");
+            assert_eq!(
+                verify(&token, &keys, 16 * 1024, now).err(),
+                Some(TokenRejected::Malformed),
+                "{exp}"
+            );
+            assert_eq!(
+                verify_bytes(&bytes, &keys, now).err(),
+                Some(TokenRejected::Malformed),
+                "{exp}"
+            );
+            assert_eq!(
+                inspect(&token, Some(&keys)).err(),
+                Some(TokenRejected::Malformed),
+                "{exp}"
+            );
+        }
+        // The last second RFC 3339 can print is still a (very long-lived) token.
+        let (token, keys) = token_expiring_at(253_402_300_799);
+        let verified = verify(&token, &keys, 16 * 1024, now).expect("verifies");
+        assert_eq!(
+            humantime::format_rfc3339_seconds(verified.expires_at).to_string(),
+            "9999-12-31T23:59:59Z"
+        );
+        let inspection = inspect(&token, Some(&keys)).expect("inspect");
+        assert_eq!(
+            inspection.expires_at.as_deref(),
+            Some("9999-12-31T23:59:59Z")
+        );
+    }
+
+    #[test]
+    fn unix_seconds_from_stores_saturate_at_the_last_printable_second() {
+        for secs in [253_402_300_800, i64::MAX as u64, u64::MAX] {
+            let at = crate::token::from_unix_seconds(secs);
+            assert_eq!(
+                humantime::format_rfc3339_seconds(at).to_string(),
+                "9999-12-31T23:59:59Z"
+            );
+        }
+        assert_eq!(
+            crate::token::unix_seconds(crate::token::from_unix_seconds(1_780_272_000)),
+            1_780_272_000
+        );
+    }
+}
