@@ -80,6 +80,11 @@ pub(crate) const BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// The last instant Capgate reads from a token or a store: 9999-12-31T23:59:59Z. RFC 3339
+/// cannot print a later one, and `SystemTime` holds it on every platform; a token whose
+/// context expires later is malformed (the broker never mints one).
+pub const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
+
 pub(crate) fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -90,8 +95,17 @@ pub fn unix_seconds_now() -> u64 {
     unix_seconds(SystemTime::now())
 }
 
+/// Saturates at [`MAX_UNIX_SECONDS`]: `UNIX_EPOCH + secs` panics once `secs` overflows
+/// `SystemTime`, and times past the bound cannot be printed.
 pub fn from_unix_seconds(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECONDS))
+}
+
+/// RFC 3339 to the second, for any `SystemTime`: humantime panics on a time before the epoch
+/// and cannot print one after [`MAX_UNIX_SECONDS`], so the time is clamped to that range.
+pub fn rfc3339(t: SystemTime) -> String {
+    let t = t.clamp(UNIX_EPOCH, from_unix_seconds(MAX_UNIX_SECONDS));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The token's wire form: URL-safe base64 of the biscuit's bytes.
