@@ -74,10 +74,12 @@ pub(crate) struct AuthorityContext {
 
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
-/// URL-safe base64 as biscuit writes it, accepting input with or without padding.
+/// URL-safe base64 with padding, as biscuit writes it, and nothing else when decoding: no
+/// missing padding, no whitespace, no stray trailing bits. One token has one spelling, so the
+/// text a cache or a log keys on is the token.
 pub(crate) const BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::URL_SAFE,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::RequireCanonical),
 );
 
 /// The last instant Capgate reads from a token or a store: 9999-12-31T23:59:59Z. RFC 3339
@@ -120,7 +122,7 @@ pub fn decode_token_bytes(token: &str) -> Result<Vec<u8>, TokenRejected> {
 
 pub(crate) fn decode_base64(token: &str) -> Result<Vec<u8>, TokenRejected> {
     BASE64
-        .decode(token.trim().as_bytes())
+        .decode(token.as_bytes())
         .map_err(|_| TokenRejected::Malformed)
 }
 

@@ -1,4 +1,4 @@
-//! Verification: size, expiry, root key and signature, cheapest first.
+//! Verification: size, expiry, root key and signature, cheapest first, then canonical form.
 //!
 //! The expiry peek reads the authority context before any signature work so that replays of
 //! old tokens cost almost nothing; the peeked value is never trusted for an allow: the signed
@@ -78,6 +78,12 @@ pub(crate) fn verify_bytes(
             _ => TokenRejected::Malformed,
         }
     })?;
+    // Signatures cover the blocks, not the container around them: biscuit also accepts
+    // re-encodings (unknown fields, padded varints, an out-of-range enum read as its default)
+    // of a valid token. Only the bytes that serialising what was verified gives back pass.
+    if biscuit.to_vec().ok().as_deref() != Some(bytes) {
+        return Err(TokenRejected::Malformed);
+    }
     let key_id = biscuit.root_key_id().ok_or(TokenRejected::MissingKeyId)?;
     let contexts = biscuit.context();
     let context = parse_context(contexts.first().and_then(|c| c.as_deref()))?;
@@ -181,6 +187,42 @@ mod tests {
         );
         let inspection = inspect(&token, Some(&keys)).expect("inspect");
         assert_eq!(inspection.expires_at, "9999-12-31T23:59:59Z");
+    }
+
+    /// One spelling per token: every other way to write the same bytes is refused.
+    #[test]
+    fn only_the_canonical_base64_spelling_decodes() {
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        for len in 1..=9u8 {
+            let bytes: Vec<u8> = (0..len).map(|i| i.wrapping_mul(151) ^ 0xfb).collect();
+            let canonical = BASE64.encode(&bytes);
+            assert_eq!(decode_base64(&canonical), Ok(bytes.clone()));
+            let mut variants = vec![
+                format!(" {canonical}"),
+                format!("{canonical}\n"),
+                format!("{canonical}="),
+                canonical.replace('-', "+").replace('_', "/"),
+                canonical.trim_end_matches('=').to_owned(),
+            ];
+            // The last symbol before padding carries unused low bits; setting one keeps the
+            // bytes and changes the spelling.
+            let data = canonical.trim_end_matches('=');
+            if data.len() < canonical.len() {
+                let last = data.as_bytes()[data.len() - 1];
+                let index = alphabet.iter().position(|c| *c == last).expect("symbol");
+                let mut respelled = data[..data.len() - 1].to_owned();
+                respelled.push(alphabet[index | 1] as char);
+                respelled.push_str(&canonical[data.len()..]);
+                variants.push(respelled);
+            }
+            for variant in variants.into_iter().filter(|v| *v != canonical) {
+                assert_eq!(
+                    decode_base64(&variant),
+                    Err(TokenRejected::Malformed),
+                    "{variant:?}"
+                );
+            }
+        }
     }
 
     #[test]
