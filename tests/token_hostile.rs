@@ -384,7 +384,7 @@ async fn malleated_spellings_of_a_valid_token_are_malformed() {
     );
     wait_allowed(&proxy, "/v2/volumes/vol_1", &token).await;
     upstream.clear();
-    let mut rows = respellings(&token);
+    let rows = respellings(&token);
     // Outside an HTTP header (where surrounding whitespace is syntax), whitespace is not
     // part of any token either.
     let text_only = [
