@@ -47,7 +47,7 @@ for target in $(cargo fuzz list); do
   cargo fuzz run "${flags[@]}" "$target" "$work/corpus" "${seeds[@]}" -- \
     -max_total_time="$seconds" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 >"$work/log" 2>&1 || status=$?
-  grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$work/log" || true
+  grep -E '^(Done|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb)' "$work/log" || true
   if [ "$status" -ne 0 ]; then
     tail -n 60 "$work/log" >&2
     echo "fuzz target $target found a crash (exit $status); input under fuzz/artifacts/$target/" >&2
