@@ -125,7 +125,9 @@ impl Client {
             session_id: response.session_id,
             issued_at,
             // Our own clock, not the broker's string: a refresh must never come too late.
-            expires_at: issued_at + Duration::from_secs(response.expires_in),
+            expires_at: issued_at
+                .checked_add(Duration::from_secs(response.expires_in))
+                .ok_or_else(|| ClientError::BadResponse("expires_in is out of range".into()))?,
         })
     }
 
@@ -365,7 +367,7 @@ impl TokenRefresher {
                     (token.issued_at, token.expires_at)
                 };
                 let lifetime = expires_at.duration_since(issued_at).unwrap_or_default();
-                let refresh_at = issued_at + lifetime * 2 / 3;
+                let refresh_at = issued_at + lifetime / 3 * 2;
                 if let Ok(wait) = refresh_at.duration_since(SystemTime::now()) {
                     tokio::time::sleep(wait).await;
                 }

@@ -360,13 +360,15 @@ async fn run(command: Command) -> CliResult {
             let until = match verify_old_until {
                 Some(date) => humantime::parse_rfc3339_weak(&date)
                     .map_err(|e| format!("--verify-old-until: {e}"))?,
-                None => SystemTime::now() + config.tokens.max_ttl,
+                None => SystemTime::now()
+                    .checked_add(config.tokens.max_ttl)
+                    .ok_or("tokens.max_ttl is out of range")?,
             };
             let ring = Keyring::rotate(&config.data_dir, until).map_err(|e| e.to_string())?;
             println!(
                 "active root key is now {}; the previous key verifies until {}",
                 ring.active_key_id(),
-                humantime::format_rfc3339_seconds(until)
+                capgate::token::rfc3339(until)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -550,10 +552,17 @@ async fn token_command(command: TokenCommand) -> CliResult {
             ttl,
         } => {
             let token = token_arg(token)?;
+            let expires_at = ttl
+                .map(|t| {
+                    SystemTime::now()
+                        .checked_add(t.into())
+                        .ok_or("--ttl is out of range")
+                })
+                .transpose()?;
             let narrowing = Attenuation {
                 resource,
                 verbs,
-                expires_at: ttl.map(|t| SystemTime::now() + Duration::from(t)),
+                expires_at,
             };
             println!(
                 "{}",
@@ -808,8 +817,7 @@ async fn audit_command(command: AuditCommand) -> CliResult {
                 .filter(|r| r.event.actor.as_deref() == Some(agent.as_str()))
                 .collect();
             for record in mine.iter().rev().take(n).rev() {
-                let at =
-                    humantime::format_rfc3339_seconds(capgate::token::from_unix_seconds(record.at));
+                let at = capgate::token::rfc3339(capgate::token::from_unix_seconds(record.at));
                 let detail = &record.event.detail;
                 let what = match record.event.kind {
                     capgate::containment::audit::AuditKind::Decision => format!(

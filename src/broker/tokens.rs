@@ -166,7 +166,13 @@ pub async fn issue(
             ScopeOutcome::Refused { .. } => None,
         })
         .collect();
-    let expires_at = now + decision.ttl;
+    let expires_at = now.checked_add(decision.ttl).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_ttl",
+            "ttl_seconds is out of range",
+        )
+    })?;
     let spec = TokenSpec {
         agent: identity.agent.clone(),
         session_id: random_id(),
@@ -225,7 +231,7 @@ pub async fn issue(
             issued_token_type: ISSUED_TOKEN_TYPE.into(),
             token_type: "Bearer".into(),
             expires_in: decision.ttl.as_secs(),
-            expires_at: humantime::format_rfc3339_seconds(expires_at).to_string(),
+            expires_at: crate::token::rfc3339(expires_at),
             agent: spec.agent,
             session_id: spec.session_id,
             key_id: keyring.active_key_id(),

@@ -1,5 +1,7 @@
 //! Verified-token cache: signature checks dominate a biscuit authorisation, so a token whose
-//! signature chain verified is remembered, keyed by its exact bytes, until it expires.
+//! signature chain verified is remembered, keyed by its text, until it expires. Verification
+//! accepts only a token's one canonical spelling, so only that spelling is ever an entry and
+//! no re-encoding of a cached token can be found under its own key.
 //! Only the signature work is skipped: expiry, key validity, revocation and the
 //! request-dependent Datalog still run on every call.
 

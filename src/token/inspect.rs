@@ -8,7 +8,7 @@ use biscuit_auth::UnverifiedBiscuit;
 use serde::Serialize;
 
 use super::verify::{peek_expiry, verify_bytes};
-use super::{decode_base64, PublicKeySet, TokenRejected};
+use super::{decode_base64, rfc3339, PublicKeySet, TokenRejected};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockView {
@@ -24,7 +24,7 @@ pub struct Inspection {
     pub root_key_id: Option<u32>,
     pub agent: Option<String>,
     pub session: Option<String>,
-    pub expires_at: Option<String>,
+    pub expires_at: String,
     pub expired: bool,
     pub revocation_ids: Vec<String>,
     /// "verified with key N", "not checked (no keys given)" or the rejection.
@@ -32,11 +32,13 @@ pub struct Inspection {
     pub blocks: Vec<BlockView>,
 }
 
+/// Fails on what is not a Capgate token at all (no readable, in-range authority context), as
+/// the guard would; a bad signature is shown, not failed on.
 pub fn inspect(token: &str, keys: Option<&PublicKeySet>) -> Result<Inspection, TokenRejected> {
     let bytes = decode_base64(token)?;
     let unverified = UnverifiedBiscuit::from(&bytes).map_err(|_| TokenRejected::Malformed)?;
     let now = SystemTime::now();
-    let expiry = peek_expiry(&bytes).ok();
+    let expiry = peek_expiry(&bytes)?;
     let external_keys = unverified.external_public_keys();
     let mut blocks = Vec::new();
     for index in 0..unverified.block_count() {
@@ -67,8 +69,8 @@ pub fn inspect(token: &str, keys: Option<&PublicKeySet>) -> Result<Inspection, T
         root_key_id: unverified.root_key_id(),
         agent,
         session,
-        expires_at: expiry.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-        expired: expiry.is_none_or(|t| t <= now),
+        expires_at: rfc3339(expiry),
+        expired: expiry <= now,
         revocation_ids: unverified
             .revocation_identifiers()
             .iter()
@@ -103,7 +105,7 @@ impl fmt::Display for Inspection {
         writeln!(
             f,
             "expires at:  {}{}",
-            self.expires_at.as_ref().unwrap_or(&unknown),
+            self.expires_at,
             if self.expired { " (EXPIRED)" } else { "" }
         )?;
         for block in &self.blocks {

@@ -150,7 +150,7 @@ impl Keyring {
         let current = Self::open(data_dir)?;
         let mut document = current.document;
         let old_id = document.active_key_id;
-        let until = humantime::format_rfc3339_seconds(old_verify_until).to_string();
+        let until = super::rfc3339(old_verify_until);
         for key in &mut document.keys {
             if key.key_id == old_id {
                 key.verify_until = Some(until.clone());
@@ -170,7 +170,7 @@ impl Keyring {
             key_id: id,
             algorithm: "ed25519".into(),
             public_key: keypair.public().to_string(),
-            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            created_at: super::rfc3339(SystemTime::now()),
             verify_until: None,
         });
         document.active_key_id = id;

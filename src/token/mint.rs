@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use biscuit_auth::builder::{date, fact, int, string, BlockBuilder, Term};
 use biscuit_auth::{Biscuit, KeyPair};
 
-use super::{unix_seconds, AuthorityContext, FORMAT_VERSION};
+use super::{unix_seconds, AuthorityContext, FORMAT_VERSION, MAX_UNIX_SECONDS};
 use crate::scope::{ResourcePattern, Verb};
 
 /// One right as it goes into the token: the environment comes from configuration.
@@ -37,10 +37,15 @@ pub enum MintError {
     Biscuit(#[from] biscuit_auth::error::Token),
     #[error("cannot encode token summary: {0}")]
     Context(#[from] serde_json::Error),
+    #[error("expiry is after 9999-12-31T23:59:59Z, which no verifier accepts")]
+    ExpiryOutOfRange,
 }
 
 /// Every value enters the block as a typed term, never through formatted Datalog source.
 pub fn mint(spec: &TokenSpec, key_id: u32, key: &KeyPair) -> Result<Biscuit, MintError> {
+    if unix_seconds(spec.expires_at) > MAX_UNIX_SECONDS {
+        return Err(MintError::ExpiryOutOfRange);
+    }
     let mut block = BlockBuilder::new()
         .fact(fact("agent", &[string(&spec.agent)]))?
         .fact(fact("session", &[string(&spec.session_id)]))?

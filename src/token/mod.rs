@@ -74,11 +74,18 @@ pub(crate) struct AuthorityContext {
 
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
-/// URL-safe base64 as biscuit writes it, accepting input with or without padding.
+/// URL-safe base64 with padding, as biscuit writes it, and nothing else when decoding: no
+/// missing padding, no whitespace, no stray trailing bits. One token has one spelling, so the
+/// text a cache or a log keys on is the token.
 pub(crate) const BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::URL_SAFE,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::RequireCanonical),
 );
+
+/// The last instant Capgate reads from a token or a store: 9999-12-31T23:59:59Z. RFC 3339
+/// cannot print a later one, and `SystemTime` holds it on every platform; a token whose
+/// context expires later is malformed (the broker never mints one).
+pub const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
 
 pub(crate) fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -90,8 +97,17 @@ pub fn unix_seconds_now() -> u64 {
     unix_seconds(SystemTime::now())
 }
 
+/// Saturates at [`MAX_UNIX_SECONDS`]: `UNIX_EPOCH + secs` panics once `secs` overflows
+/// `SystemTime`, and times past the bound cannot be printed.
 pub fn from_unix_seconds(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECONDS))
+}
+
+/// RFC 3339 to the second, for any `SystemTime`: humantime panics on a time before the epoch
+/// and cannot print one after [`MAX_UNIX_SECONDS`], so the time is clamped to that range.
+pub fn rfc3339(t: SystemTime) -> String {
+    let t = t.clamp(UNIX_EPOCH, from_unix_seconds(MAX_UNIX_SECONDS));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The token's wire form: URL-safe base64 of the biscuit's bytes.
@@ -106,7 +122,7 @@ pub fn decode_token_bytes(token: &str) -> Result<Vec<u8>, TokenRejected> {
 
 pub(crate) fn decode_base64(token: &str) -> Result<Vec<u8>, TokenRejected> {
     BASE64
-        .decode(token.trim().as_bytes())
+        .decode(token.as_bytes())
         .map_err(|_| TokenRejected::Malformed)
 }
 

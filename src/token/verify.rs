@@ -1,4 +1,4 @@
-//! Verification: size, expiry, root key and signature, cheapest first.
+//! Verification: size, expiry, root key and signature, cheapest first, then canonical form.
 //!
 //! The expiry peek reads the authority context before any signature work so that replays of
 //! old tokens cost almost nothing; the peeked value is never trusted for an allow: the signed
@@ -11,8 +11,8 @@ use biscuit_auth::format::schema;
 use biscuit_auth::Biscuit;
 use prost::Message;
 
-use super::FORMAT_VERSION;
 use super::{decode_base64, from_unix_seconds, AuthorityContext, PublicKeySet, TokenRejected};
+use super::{FORMAT_VERSION, MAX_UNIX_SECONDS};
 
 /// A token whose signature chain verified against a published root key.
 #[derive(Debug, Clone)]
@@ -78,6 +78,12 @@ pub(crate) fn verify_bytes(
             _ => TokenRejected::Malformed,
         }
     })?;
+    // Signatures cover the blocks, not the container around them: biscuit also accepts
+    // re-encodings (unknown fields, padded varints, an out-of-range enum read as its default)
+    // of a valid token. Only the bytes that serialising what was verified gives back pass.
+    if biscuit.to_vec().ok().as_deref() != Some(bytes) {
+        return Err(TokenRejected::Malformed);
+    }
     let key_id = biscuit.root_key_id().ok_or(TokenRejected::MissingKeyId)?;
     let contexts = biscuit.context();
     let context = parse_context(contexts.first().and_then(|c| c.as_deref()))?;
@@ -100,12 +106,137 @@ pub(crate) fn verify_bytes(
     })
 }
 
+/// The authority context, read from unverified bytes by the peek: every value is bounded here,
+/// before anything computes with it.
 fn parse_context(context: Option<&str>) -> Result<AuthorityContext, TokenRejected> {
     let context: AuthorityContext = context
         .and_then(|c| serde_json::from_str(c).ok())
         .ok_or(TokenRejected::Malformed)?;
-    if context.capgate != FORMAT_VERSION {
+    if context.capgate != FORMAT_VERSION || context.exp > MAX_UNIX_SECONDS {
         return Err(TokenRejected::Malformed);
     }
     Ok(context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{inspect, KeySetDocument, PublishedKey, BASE64};
+    use base64::Engine;
+    use biscuit_auth::builder::{fact, string, BlockBuilder};
+    use biscuit_auth::KeyPair;
+
+    const KEY_ID: u32 = 3;
+
+    /// A token whose signed context says `exp`, and the key set that verifies it.
+    fn token_expiring_at(exp: u64) -> (String, PublicKeySet) {
+        let key = KeyPair::new();
+        let context = serde_json::json!({"capgate": 1, "agent": "a", "session": "s", "exp": exp});
+        let block = BlockBuilder::new()
+            .fact(fact("agent", &[string("a")]))
+            .expect("fact")
+            .context(context.to_string());
+        let biscuit = Biscuit::builder()
+            .merge(block)
+            .root_key_id(KEY_ID)
+            .build(&key)
+            .expect("build");
+        let keys = PublicKeySet::from_document(&KeySetDocument {
+            active_key_id: KEY_ID,
+            keys: vec![PublishedKey {
+                key_id: KEY_ID,
+                algorithm: "ed25519".into(),
+                public_key: key.public().to_string(),
+                created_at: "2026-01-01T00:00:00Z".into(),
+                verify_until: None,
+            }],
+        })
+        .expect("keys");
+        (BASE64.encode(biscuit.to_vec().expect("bytes")), keys)
+    }
+
+    #[test]
+    fn out_of_range_expiries_are_malformed_rather_than_a_panic() {
+        let now = SystemTime::now();
+        for exp in [u64::MAX, 1 << 63, i64::MAX as u64, 253_402_300_800] {
+            let (token, keys) = token_expiring_at(exp);
+            let bytes = decode_base64(&token).expect("base64");
+            assert_eq!(peek_expiry(&bytes), Err(TokenRejected::Malformed), "{exp}");
+            assert_eq!(
+                verify(&token, &keys, 16 * 1024, now).err(),
+                Some(TokenRejected::Malformed),
+                "{exp}"
+            );
+            assert_eq!(
+                verify_bytes(&bytes, &keys, now).err(),
+                Some(TokenRejected::Malformed),
+                "{exp}"
+            );
+            assert_eq!(
+                inspect(&token, Some(&keys)).err(),
+                Some(TokenRejected::Malformed),
+                "{exp}"
+            );
+        }
+        // The last second RFC 3339 can print is still a (very long-lived) token.
+        let (token, keys) = token_expiring_at(253_402_300_799);
+        let verified = verify(&token, &keys, 16 * 1024, now).expect("verifies");
+        assert_eq!(
+            humantime::format_rfc3339_seconds(verified.expires_at).to_string(),
+            "9999-12-31T23:59:59Z"
+        );
+        let inspection = inspect(&token, Some(&keys)).expect("inspect");
+        assert_eq!(inspection.expires_at, "9999-12-31T23:59:59Z");
+    }
+
+    /// One spelling per token: every other way to write the same bytes is refused.
+    #[test]
+    fn only_the_canonical_base64_spelling_decodes() {
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        for len in 1..=9u8 {
+            let bytes: Vec<u8> = (0..len).map(|i| i.wrapping_mul(151) ^ 0xfb).collect();
+            let canonical = BASE64.encode(&bytes);
+            assert_eq!(decode_base64(&canonical), Ok(bytes.clone()));
+            let mut variants = vec![
+                format!(" {canonical}"),
+                format!("{canonical}\n"),
+                format!("{canonical}="),
+                canonical.replace('-', "+").replace('_', "/"),
+                canonical.trim_end_matches('=').to_owned(),
+            ];
+            // The last symbol before padding carries unused low bits; setting one keeps the
+            // bytes and changes the spelling.
+            let data = canonical.trim_end_matches('=');
+            if data.len() < canonical.len() {
+                let last = data.as_bytes()[data.len() - 1];
+                let index = alphabet.iter().position(|c| *c == last).expect("symbol");
+                let mut respelled = data[..data.len() - 1].to_owned();
+                respelled.push(alphabet[index | 1] as char);
+                respelled.push_str(&canonical[data.len()..]);
+                variants.push(respelled);
+            }
+            for variant in variants.into_iter().filter(|v| *v != canonical) {
+                assert_eq!(
+                    decode_base64(&variant),
+                    Err(TokenRejected::Malformed),
+                    "{variant:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unix_seconds_from_stores_saturate_at_the_last_printable_second() {
+        for secs in [253_402_300_800, i64::MAX as u64, u64::MAX] {
+            let at = crate::token::from_unix_seconds(secs);
+            assert_eq!(
+                humantime::format_rfc3339_seconds(at).to_string(),
+                "9999-12-31T23:59:59Z"
+            );
+        }
+        assert_eq!(
+            crate::token::unix_seconds(crate::token::from_unix_seconds(1_780_272_000)),
+            1_780_272_000
+        );
+    }
 }

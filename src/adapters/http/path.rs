@@ -82,6 +82,11 @@ pub fn canonicalize(raw: &str) -> Result<CanonicalPath, PathError> {
             .map(|s| format!("/{}", utf8_percent_encode(s, SEGMENT)))
             .collect()
     };
+    // Re-encoding can triple a segment (`}` becomes `%7D`): the form forwarded upstream is
+    // held to the same limit, so it is itself a path this function accepts.
+    if encoded.len() > MAX_PATH_BYTES {
+        return Err(PathError::TooLong(MAX_PATH_BYTES));
+    }
     Ok(CanonicalPath { segments, encoded })
 }
 

@@ -1,0 +1,1 @@
+MERGE INTO bookings b USING guests g ON b.id = g.id WHEN MATCHED THEN DELETE

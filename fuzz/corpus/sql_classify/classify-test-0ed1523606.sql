@@ -1,0 +1,1 @@
+SELECT INTO creates a table

@@ -1,0 +1,1 @@
+SELECT dblink_exec('x', 'drop table t')

@@ -1,0 +1,1 @@
+SELECT * FROM bookings WHERE lo_unlink(1) > 0

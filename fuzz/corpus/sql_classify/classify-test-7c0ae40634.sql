@@ -1,0 +1,1 @@
+DROP after a SELECT in one string

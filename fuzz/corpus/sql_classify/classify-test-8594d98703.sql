@@ -1,0 +1,1 @@
+UPDATE bookings SET a = 1 WHERE id = 2

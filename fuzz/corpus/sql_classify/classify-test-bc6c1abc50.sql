@@ -1,0 +1,1 @@
+SELECT count(*), lower(name) FROM bookings WHERE now() > created

@@ -1,0 +1,1 @@
+SELECT (SELECT count(*) FROM (SELECT pg_terminate_backend(1)) x)

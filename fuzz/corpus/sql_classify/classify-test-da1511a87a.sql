@@ -1,0 +1,1 @@
+PREPARE p (int) AS DELETE FROM t WHERE id = $1

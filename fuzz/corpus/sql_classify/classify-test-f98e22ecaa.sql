@@ -1,0 +1,1 @@
+EXPLAIN (ANALYZE true) DELETE FROM bookings
