@@ -24,7 +24,8 @@
 #
 # Env: CAPGATE_BIN; TOLERANCE (percent, 20); BASELINE (benches/callgrind-baseline.txt);
 # N1/N2 (requests per batch, 100/600 for HTTP and pg -S; TPC-B uses a fifth);
-# CALLGRIND_OUT (a directory: keep the second batch's profiles there for callgrind_annotate);
+# CALLGRIND_OUT (a directory: keep each batch's profile there, <run>.n<N>.callgrind, for
+# callgrind_annotate or benches/callgrind-profile.py);
 # CALLGRIND_ARGS (extra valgrind options, e.g. --dump-instr=yes); GUARD_FN (the guard's
 # decision function as callgrind names it). Needs the local PostgreSQL (BENCH_DB, as peers.sh).
 # Counts are for a release build with TOKIO_WORKER_THREADS=2 (set here): another profile,
@@ -98,7 +99,13 @@ dump "$pid"
 wait_dump "$out" 2
 COUNT[http_get]=$(per_request "$(total_ir "$out.1")" "$(total_ir "$out.2")" "$N1" "$N2")
 COUNT[guard_http]=$(per_request "$(inclusive_ir "$out.1" "$GUARD_FN")" "$(inclusive_ir "$out.2" "$GUARD_FN")" "$N1" "$N2")
-[[ -n ${CALLGRIND_OUT:-} ]] && mkdir -p "$CALLGRIND_OUT" && cp "$out.2" "$CALLGRIND_OUT/http_get.callgrind"
+keep() { # run name, first dump, second dump, n1, n2: both batches, for a per-request profile
+  [[ -n ${CALLGRIND_OUT:-} ]] || return 0
+  mkdir -p "$CALLGRIND_OUT"
+  cp "$2" "$CALLGRIND_OUT/$1.n$4.callgrind"
+  cp "$3" "$CALLGRIND_OUT/$1.n$5.callgrind"
+}
+keep http_get "$out.1" "$out.2" "$N1" "$N2"
 kill "$pid"
 
 # --- PostgreSQL: pgbench, one client, a fixed seed (the same statements in every run).
@@ -125,10 +132,8 @@ wait_dump "$out" 4
 COUNT[pg_select]=$(per_request "$(total_ir "$out.1")" "$(total_ir "$out.2")" "$N1" "$N2")
 COUNT[guard_pg]=$(per_request "$(inclusive_ir "$out.1" "$GUARD_FN")" "$(inclusive_ir "$out.2" "$GUARD_FN")" "$N1" "$N2")
 COUNT[pg_tpcb]=$(per_request "$(total_ir "$out.3")" "$(total_ir "$out.4")" "$TX1" "$TX2")
-if [[ -n ${CALLGRIND_OUT:-} ]]; then
-  cp "$out.2" "$CALLGRIND_OUT/pg_select.callgrind"
-  cp "$out.4" "$CALLGRIND_OUT/pg_tpcb.callgrind"
-fi
+keep pg_select "$out.1" "$out.2" "$N1" "$N2"
+keep pg_tpcb "$out.3" "$out.4" "$TX1" "$TX2"
 kill "$pid"
 ((COUNT[guard_http] > 0 && COUNT[guard_pg] > 0)) || die "$GUARD_FN never ran: set GUARD_FN to the guard's decision function"
 
