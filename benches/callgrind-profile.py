@@ -54,6 +54,7 @@ COMPONENTS = [
     ("tokio runtime (scheduler, I/O driver, timers)", r"^<?tokio::"),
 ]
 COMPILED = [(name, re.compile(pattern)) for name, pattern in COMPONENTS]
+ALLOCATORS = {f"__rustc::__rust_{k}" for k in ("alloc", "alloc_zeroed", "realloc")} | {"malloc", "calloc", "realloc"}
 # Generic code (serde_json's Value, its drop) named by who calls it: (caller, callee, component).
 EDGE_COMPONENTS = [
     (r"^capgate::adapters::pg::classify::classify_here$", r"drop_in_place<serde_json::value::Value>", "classifier: JSON Value drop"),
@@ -77,8 +78,9 @@ def component_of(name):
 
 
 def parse(path):
-    """Self cost per function and inclusive cost per (caller, callee) edge."""
-    names, self_cost, edges = {}, defaultdict(int), defaultdict(int)
+    """Self cost per function, inclusive cost per (caller, callee) edge, calls per callee."""
+    names, self_cost, edges, calls = {}, defaultdict(int), defaultdict(int), defaultdict(int)
+    edge_calls = defaultdict(int)
     current = callee = None
     pending_call = False
     total = 0
@@ -101,6 +103,9 @@ def parse(path):
                     callee = name
                 continue
             if line.startswith("calls="):
+                count = int(line[6:].split()[0])
+                calls[callee] += count
+                edge_calls[(current, callee)] += count
                 pending_call = True
                 continue
             if line and (line[0].isdigit() or line[0] in "+-*"):
@@ -111,7 +116,7 @@ def parse(path):
                     pending_call = False
                 else:
                     self_cost[current] += cost
-    return total, self_cost, edges
+    return total, self_cost, edges, calls, edge_calls
 
 
 def diff(a, b):
@@ -165,7 +170,7 @@ def attribute(self_cost, edges):
             for comp, frac in emitted(fn, shares, group_of).items():
                 by_component[comp] += cost * frac
                 members[comp][fn] += cost * frac
-    return by_component, members
+    return by_component, members, lambda fn: emitted(base(fn), shares, group_of)
 
 
 def emitted(fn, shares, group_of):
@@ -253,23 +258,33 @@ def main():
     if len(runs) != 2:
         sys.exit(f"need exactly two dumps {args.dir}/{args.run}.n<N>.callgrind, found {len(runs)}")
     (n1, f1), (n2, f2) = runs
-    t1, s1, e1 = parse(f1)
-    t2, s2, e2 = parse(f2)
+    t1, s1, e1, c1, ec1 = parse(f1)
+    t2, s2, e2, c2, ec2 = parse(f2)
     n = n2 - n1
     self_cost = {k: v / n for k, v in diff(s1, s2).items()}
     edges = {k: v / n for k, v in diff(e1, e2).items()}
     total = (t2 - t1) / n
-    by_component, members = attribute(self_cost, edges)
+    by_component, members, component_shares = attribute(self_cost, edges)
+    allocations_by = defaultdict(float)
+    for (caller, callee), count in diff(ec1, ec2).items():
+        if callee in ALLOCATORS and count > 0:
+            for comp, frac in component_shares(caller).items():
+                allocations_by[comp] += frac * count / n
     accounted = sum(by_component.values())
-    print(f"{args.run}: {total:,.0f} instructions per request (N1={n1}, N2={n2}); attributed {accounted:,.0f}")
+    counts = {k: v / n for k, v in diff(c1, c2).items()}
+    allocations = sum(counts.get(f"__rustc::__rust_{k}", 0) for k in ("alloc", "alloc_zeroed", "realloc"))
+    print(f"{args.run}: {total:,.0f} instructions per request (N1={n1}, N2={n2}); attributed {accounted:,.0f};"
+          f" {allocations:,.0f} allocations (incl. reallocs), {counts.get('__rustc::__rust_dealloc', 0):,.0f} frees"
+          f" and {counts.get('malloc', 0) + counts.get('calloc', 0):,.0f} C mallocs per request")
     print()
-    print("| component | instructions / request | share |")
-    print("|---|---:|---:|")
+    print("| component | instructions / request | share | allocations / request |")
+    print("|---|---:|---:|---:|")
     for comp, cost in sorted(by_component.items(), key=lambda kv: -kv[1]):
         if cost / total >= 0.002:
-            print(f"| {comp} | {cost:,.0f} | {100 * cost / total:.1f}% |")
-    rest = sum(c for c in by_component.values() if c / total < 0.002)
-    print(f"| (smaller items) | {rest:,.0f} | {100 * rest / total:.1f}% |")
+            print(f"| {comp} | {cost:,.0f} | {100 * cost / total:.1f}% | {allocations_by.get(comp, 0):,.0f} |")
+    small = [c for c, cost in by_component.items() if cost / total < 0.002]
+    rest = sum(by_component[c] for c in small)
+    print(f"| (smaller items) | {rest:,.0f} | {100 * rest / total:.1f}% | {sum(allocations_by.get(c, 0) for c in small):,.0f} |")
     print()
     print("Cross-cutting, by own instructions wherever called (overlaps the table above):")
     print()

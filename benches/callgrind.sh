@@ -6,6 +6,8 @@
 #                   injection, hyper client to an nginx upstream, response relay)
 #   pg_select       one `pgbench -S` statement through the PostgreSQL proxy (frame, pg_query
 #                   classification, guard, relay of the answer)
+#   pg_prepared     the same statement with -M prepared (Bind/Execute of a statement parsed and
+#                   classified once per connection; each Execute still a guard decision)
 #   pg_tpcb         one pgbench TPC-B-like transaction (7 statements; its writes recorded at the
 #                   broker before COMMIT) through the PostgreSQL proxy
 #   guard_http      one warm guard decision (inclusive cost of $GUARD_FN) in the HTTP run
@@ -67,7 +69,7 @@ total_ir() { awk '/^summary:/ { print $2; exit }' "$1"; }
 # Inclusive instructions of one function in a dump (0 if never called).
 inclusive_ir() {
   callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null |
-    awk -v fn="$2" 'index($0, ":" fn " [") { gsub(",", "", $1); print $1; found = 1; exit }
+    awk -v fn="$2" '!found && index($0, ":" fn " [") { gsub(",", "", $1); print $1; found = 1 }
       END { if (!found) print 0 }'
 }
 per_request() { # cost1 cost2 n1 n2
@@ -124,20 +126,26 @@ pg_batch "${READ_TOKEN[cg]}" "$N1" -S
 dump "$pid"
 pg_batch "${READ_TOKEN[cg]}" "$N2" -S
 dump "$pid"
+pg_batch "${READ_TOKEN[cg]}" "$N1" -S -M prepared
+dump "$pid"
+pg_batch "${READ_TOKEN[cg]}" "$N2" -S -M prepared
+dump "$pid"
 pg_batch "${WRITE_TOKEN[cg]}" "$TX1"
 dump "$pid"
 pg_batch "${WRITE_TOKEN[cg]}" "$TX2"
 dump "$pid"
-wait_dump "$out" 4
+wait_dump "$out" 6
 COUNT[pg_select]=$(per_request "$(total_ir "$out.1")" "$(total_ir "$out.2")" "$N1" "$N2")
 COUNT[guard_pg]=$(per_request "$(inclusive_ir "$out.1" "$GUARD_FN")" "$(inclusive_ir "$out.2" "$GUARD_FN")" "$N1" "$N2")
-COUNT[pg_tpcb]=$(per_request "$(total_ir "$out.3")" "$(total_ir "$out.4")" "$TX1" "$TX2")
+COUNT[pg_prepared]=$(per_request "$(total_ir "$out.3")" "$(total_ir "$out.4")" "$N1" "$N2")
+COUNT[pg_tpcb]=$(per_request "$(total_ir "$out.5")" "$(total_ir "$out.6")" "$TX1" "$TX2")
 keep pg_select "$out.1" "$out.2" "$N1" "$N2"
-keep pg_tpcb "$out.3" "$out.4" "$TX1" "$TX2"
+keep pg_prepared "$out.3" "$out.4" "$N1" "$N2"
+keep pg_tpcb "$out.5" "$out.6" "$TX1" "$TX2"
 kill "$pid"
 ((COUNT[guard_http] > 0 && COUNT[guard_pg] > 0)) || die "$GUARD_FN never ran: set GUARD_FN to the guard's decision function"
 
-KEYS=(http_get pg_select pg_tpcb guard_http guard_pg)
+KEYS=(http_get pg_select pg_prepared pg_tpcb guard_http guard_pg)
 echo "instructions per request (callgrind Ir), $(basename "$CAPGATE_BIN"), N1=$N1 N2=$N2, $((SECONDS - started)) s:"
 declare -A BASE
 if [[ -r $BASELINE ]]; then

@@ -77,7 +77,7 @@ measure() {
     # kept as a note under the table rather than thrown away.
     out=$(PGPASSWORD=$token pgbench -n -T "$SECONDS_PER_RUN" -c "$CLIENTS" -j "$PGBENCH_JOBS" "$@" 2>&1) ||
       NOTES+=("$CURRENT: pgbench exited with an error: $(grep -m1 -iE 'error|abort' <<<"$out")")
-    RESULT=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1)
+    RESULT=$(sed -n '/^tps = /{s/^tps = \([0-9.]*\).*/\1/p;q}' <<<"$out")
     COUNT=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
   else
     out=$(wrk -t"$WRK_THREADS" -c"$WRK_CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency \
