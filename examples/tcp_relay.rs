@@ -1,6 +1,6 @@
 //! A byte relay that checks nothing: `cargo run --release --example tcp_relay -- LISTEN UPSTREAM`.
-//! benches/pgbench.sh runs pgbench through it beside the Capgate proxy, so the ratio a proxy
-//! can reach at all on the machine (one more hop, two more sockets) is printed next to ours.
+//! Run pgbench or wrk through it to see what one more hop (two more sockets) costs on a
+//! machine; benches/peers.sh compares Capgate with the hops users deploy instead.
 
 use tokio::net::{TcpListener, TcpStream};
 
