@@ -161,6 +161,30 @@ mod tests {
         assert_eq!(verify(&log(5), Some(5)), Ok(5));
     }
 
+    /// `audit verify --file` reads whatever file it is given: a record claiming the last
+    /// sequence number is named as tampering, never an arithmetic overflow.
+    #[test]
+    fn a_record_at_the_end_of_the_sequence_space_is_named_not_a_panic() {
+        let mut records = log(2);
+        records[1].seq = u64::MAX;
+        records[1].hash = record_hash(
+            u64::MAX,
+            records[1].at,
+            &records[1].prev_hash.clone(),
+            &records[1].event,
+        );
+        let after = next_record(Some((u64::MAX, "x")), records[0].event.clone(), 1);
+        records.push(after);
+        let problems = verify(&records, None).expect_err("tampered");
+        assert!(
+            problems.contains(&Tamper::Missing {
+                from: 2,
+                to: u64::MAX - 1
+            }),
+            "{problems:?}"
+        );
+    }
+
     /// One row per kind of tampering; each is detected and named.
     #[test]
     fn every_kind_of_tampering_is_named() {
