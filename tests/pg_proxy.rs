@@ -1374,7 +1374,10 @@ async fn a_function_overloading_a_pure_builtin_is_not_a_read() {
         .batch_execute("DROP FUNCTION IF EXISTS public.bit_length(integer)")
         .await
         .expect("drop overload");
-    assert_eq!(left, 3, "a read-only token deleted rows through an overload");
+    assert_eq!(
+        left, 3,
+        "a read-only token deleted rows through an overload"
+    );
     assert_eq!(errors.len(), 2, "both calls are denied");
     for error in &errors {
         assert_eq!(sqlstate(error).as_deref(), Some("42501"), "{error:?}");

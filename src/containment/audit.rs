@@ -63,7 +63,9 @@ pub fn record_hash(seq: u64, at: u64, prev_hash: &str, event: &AuditEvent) -> St
 /// The record that follows `previous` (or starts the chain).
 pub fn next_record(previous: Option<(u64, &str)>, event: AuditEvent, at: u64) -> AuditRecord {
     let (seq, prev_hash) = match previous {
-        Some((seq, hash)) => (seq + 1, hash.to_owned()),
+        // A store whose head is u64::MAX was tampered with: repeating the number makes
+        // `verify` name it instead of overflowing.
+        Some((seq, hash)) => (seq.saturating_add(1), hash.to_owned()),
         None => (1, GENESIS.to_owned()),
     };
     AuditRecord {
@@ -120,7 +122,7 @@ pub fn verify(records: &[AuditRecord], head: Option<u64>) -> Result<usize, Vec<T
         } else if record.prev_hash != previous_hash {
             problems.push(Tamper::BrokenLink { seq: record.seq });
         }
-        expected_seq = expected_seq.max(record.seq + 1);
+        expected_seq = expected_seq.max(record.seq.saturating_add(1));
         previous_hash = record.hash.clone();
     }
     let last = records.iter().map(|r| r.seq).max().unwrap_or(0);
