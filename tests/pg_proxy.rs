@@ -1330,6 +1330,70 @@ async fn pure_builtins_are_reads_and_functions_with_effects_are_not() {
     assert_eq!(rows(&t).await, 3);
 }
 
+/// A function in the session's schema that overloads a pure built-in's name wins PostgreSQL's
+/// overload resolution for matching argument types, so `bit_length(1)` is not the built-in.
+/// This one lifts the session's read-only default on its first call and deletes on its second.
+#[tokio::test]
+async fn a_function_overloading_a_pure_builtin_is_not_a_read() {
+    let broker = Broker::start().await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table().await;
+    direct()
+        .await
+        .batch_execute(&format!(
+            "DROP FUNCTION IF EXISTS public.bit_length(integer); \
+             CREATE FUNCTION public.bit_length(integer) RETURNS integer LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF current_setting('transaction_read_only') = 'on' THEN \
+                 PERFORM set_config('default_transaction_read_only', 'off', false); \
+               ELSE \
+                 DELETE FROM {t}; \
+               END IF; \
+               RETURN 1; \
+             END $$;"
+        ))
+        .await
+        .expect("overload");
+    let read = read_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "reporting-bot", &read).await;
+    let mut errors = Vec::new();
+    for _ in 0..2 {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.simple_query("SELECT bit_length(1)"),
+        )
+        .await
+        .expect("no hang");
+        if let Err(e) = outcome {
+            errors.push(e);
+        }
+    }
+    let left = rows(&t).await;
+    direct()
+        .await
+        .batch_execute("DROP FUNCTION IF EXISTS public.bit_length(integer)")
+        .await
+        .expect("drop overload");
+    assert_eq!(
+        left, 3,
+        "a read-only token deleted rows through an overload"
+    );
+    assert_eq!(errors.len(), 2, "both calls are denied");
+    for error in &errors {
+        assert_eq!(sqlstate(error).as_deref(), Some("42501"), "{error:?}");
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(message.contains("calls bit_length"), "{message}");
+    }
+    // The built-in itself, on its own argument types, is still a read.
+    client
+        .simple_query("SELECT pg_catalog.bit_length('abc'::text)")
+        .await
+        .expect("a schema-qualified built-in is a read");
+}
+
 /// Whether a relation of that name exists, asked over a direct connection.
 async fn relation_exists(name: &str) -> bool {
     direct()

@@ -63,7 +63,9 @@ pub fn record_hash(seq: u64, at: u64, prev_hash: &str, event: &AuditEvent) -> St
 /// The record that follows `previous` (or starts the chain).
 pub fn next_record(previous: Option<(u64, &str)>, event: AuditEvent, at: u64) -> AuditRecord {
     let (seq, prev_hash) = match previous {
-        Some((seq, hash)) => (seq + 1, hash.to_owned()),
+        // A store whose head is u64::MAX was tampered with: repeating the number makes
+        // `verify` name it instead of overflowing.
+        Some((seq, hash)) => (seq.saturating_add(1), hash.to_owned()),
         None => (1, GENESIS.to_owned()),
     };
     AuditRecord {
@@ -120,7 +122,7 @@ pub fn verify(records: &[AuditRecord], head: Option<u64>) -> Result<usize, Vec<T
         } else if record.prev_hash != previous_hash {
             problems.push(Tamper::BrokenLink { seq: record.seq });
         }
-        expected_seq = expected_seq.max(record.seq + 1);
+        expected_seq = expected_seq.max(record.seq.saturating_add(1));
         previous_hash = record.hash.clone();
     }
     let last = records.iter().map(|r| r.seq).max().unwrap_or(0);
@@ -159,6 +161,30 @@ mod tests {
     #[test]
     fn an_honest_log_verifies() {
         assert_eq!(verify(&log(5), Some(5)), Ok(5));
+    }
+
+    /// `audit verify --file` reads whatever file it is given: a record claiming the last
+    /// sequence number is named as tampering, never an arithmetic overflow.
+    #[test]
+    fn a_record_at_the_end_of_the_sequence_space_is_named_not_a_panic() {
+        let mut records = log(2);
+        records[1].seq = u64::MAX;
+        records[1].hash = record_hash(
+            u64::MAX,
+            records[1].at,
+            &records[1].prev_hash.clone(),
+            &records[1].event,
+        );
+        let after = next_record(Some((u64::MAX, "x")), records[0].event.clone(), 1);
+        records.push(after);
+        let problems = verify(&records, None).expect_err("tampered");
+        assert!(
+            problems.contains(&Tamper::Missing {
+                from: 2,
+                to: u64::MAX - 1
+            }),
+            "{problems:?}"
+        );
     }
 
     /// One row per kind of tampering; each is detected and named.

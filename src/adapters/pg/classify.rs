@@ -50,6 +50,10 @@ pub struct Statement {
     /// Functions called that are not known to be side-effect free (each makes the statement
     /// a `write` on the database): named in a denial, so the agent knows why.
     pub impure_functions: Vec<String>,
+    /// Pure built-ins called without a schema. PostgreSQL resolves such a call against the
+    /// session's schema too, where an overload with better-matching argument types wins: the
+    /// session treats any of these names that its database overloads as impure.
+    pub unqualified_pure_calls: Vec<String>,
 }
 
 /// A change to the session's prepared statement names, made when the statement succeeds.
@@ -108,6 +112,28 @@ fn transaction_control(node: Option<&pg_query::NodeEnum>) -> Option<Transaction>
 impl Statement {
     pub fn max_verb(&self) -> Option<Verb> {
         self.accesses.iter().map(|a| a.verb).max()
+    }
+
+    /// A call of a pure built-in's name that the session's schema overloads may run the
+    /// overload: it makes the statement a write, like any function not known to be pure.
+    pub fn calls_overloads_as_impure(&mut self, overloaded: &std::collections::HashSet<String>) {
+        let shadowed: Vec<String> = self
+            .unqualified_pure_calls
+            .iter()
+            .filter(|name| overloaded.contains(*name))
+            .cloned()
+            .collect();
+        if shadowed.is_empty() {
+            return;
+        }
+        let write = Access {
+            verb: Verb::Write,
+            object: Object::Database,
+        };
+        if !self.accesses.contains(&write) {
+            self.accesses.push(write);
+        }
+        self.impure_functions.extend(shadowed);
     }
 }
 
@@ -312,6 +338,7 @@ struct Walk<'a> {
     explain_only: bool,
     executes: Vec<String>,
     impure_functions: Vec<String>,
+    unqualified_pure_calls: Vec<String>,
 }
 
 fn classify_statement(text: String, tree: &Value, default_schema: &str) -> Statement {
@@ -324,6 +351,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         explain_only: false,
         executes: Vec::new(),
         impure_functions: Vec::new(),
+        unqualified_pure_calls: Vec::new(),
     };
     // Iterative: the tree can be deep.
     let mut stack: Vec<&Value> = vec![tree];
@@ -405,6 +433,7 @@ fn classify_statement(text: String, tree: &Value, default_schema: &str) -> State
         names: None,
         transaction: None,
         impure_functions: walk.impure_functions,
+        unqualified_pure_calls: walk.unqualified_pure_calls,
     }
 }
 
@@ -675,6 +704,8 @@ impl Walk<'_> {
         } else if !(builtin && lexicon::is_pure(function)) {
             self.add(Verb::Write, Object::Database);
             self.impure_functions.push(name.join("."));
+        } else if schema.is_none() {
+            self.unqualified_pure_calls.push(function.to_owned());
         }
     }
 
@@ -709,5 +740,7 @@ fn read_write_requested(options: &Value) -> bool {
 #[cfg(test)]
 mod corpus;
 mod lexicon;
+
+pub use lexicon::is_pure as is_pure_builtin;
 #[cfg(test)]
 mod tests;

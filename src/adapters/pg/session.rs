@@ -4,8 +4,8 @@
 //! before anything of it reaches the upstream; a denial is an ErrorResponse (42501) and the
 //! session stays usable.
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -163,6 +163,22 @@ pub async fn run(
             .await;
         }
     };
+    let mut upstream = upstream;
+    let overloaded =
+        match upstream::overloaded_builtins(&mut upstream.stream, &proxy.config.default_schema)
+            .await
+        {
+            Ok(overloaded) => overloaded,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the session schema's functions failed");
+                return refuse(
+                    &mut client,
+                    "08006",
+                    "the database behind Capgate did not say which functions it defines",
+                )
+                .await;
+            }
+        };
     wire::write_message(&mut client, &wire::authentication(0)).await?;
     for status in &upstream.parameters {
         wire::write_message(&mut client, status).await?;
@@ -171,7 +187,7 @@ pub async fn run(
     wire::write_message(&mut client, &wire::backend_key(minted.0, minted.1)).await?;
     wire::write_message(&mut client, &wire::ready_for_query(b'I')).await?;
     tracing::info!(%peer, agent = %user, read_only, "pg session started");
-    let result = relay(client, upstream.stream, token, proxy.clone()).await;
+    let result = relay(client, upstream.stream, token, overloaded, proxy.clone()).await;
     proxy.unregister_cancel(minted);
     result
 }
@@ -215,6 +231,7 @@ async fn relay(
     mut client: TcpStream,
     mut upstream: TcpStream,
     token: String,
+    overloaded: HashSet<String>,
     proxy: Arc<PgProxy>,
 ) -> Result<(), WireError> {
     let (client_read, client_write) = client.split();
@@ -232,6 +249,7 @@ async fn relay(
         row_budget: proxy.row_budget_of(&token),
         proxy,
         token,
+        overloaded,
         portals: HashMap::new(),
         batch: Vec::new(),
         discarding: false,
@@ -363,6 +381,8 @@ fn rows_in_tag(body: &[u8]) -> Option<u64> {
 /// The client-facing half of a session, and what it remembers between messages.
 struct Session<'s> {
     row_budget: Option<u64>,
+    /// Pure built-ins' names that the session's schema overloads: calls of them are not reads.
+    overloaded: HashSet<String>,
     proxy: Arc<PgProxy>,
     token: String,
     /// Portals by name: the statements bound and the transaction epoch they were bound in.

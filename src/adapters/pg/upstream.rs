@@ -4,6 +4,8 @@
 
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use std::collections::HashSet;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -157,6 +159,58 @@ pub async fn connect(login: &UpstreamLogin<'_>) -> Result<Upstream, UpstreamErro
     }
 }
 
+/// Which pure built-ins' names the session's schema overloads. PostgreSQL resolves an
+/// unqualified call against `pg_catalog` and the session's `search_path` together, and an
+/// overload whose argument types match better wins: `bit_length(1)` runs
+/// `public.bit_length(integer)` when one exists, whatever the built-in does. Asked once per
+/// session, before the client's first message; any doubt fails the login.
+pub async fn overloaded_builtins(
+    stream: &mut TcpStream,
+    schema: &str,
+) -> Result<HashSet<String>, UpstreamError> {
+    // standard_conforming_strings is pinned on: doubling quotes is the whole escape.
+    let query = format!(
+        "SELECT DISTINCT proname FROM pg_catalog.pg_proc WHERE pronamespace = \
+         (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = '{}')",
+        schema.replace('\'', "''")
+    );
+    send(stream, b'Q', &nul_terminated(query.as_bytes())).await?;
+    let mut overloaded = HashSet::new();
+    let mut failure = None;
+    loop {
+        let message = read_message(stream, MAX_UPSTREAM_FRAME).await?;
+        match message.tag {
+            b'D' => {
+                let name = data_row_text(&message.body)
+                    .ok_or(WireError::Malformed("function name row"))?;
+                if super::classify::is_pure_builtin(name) {
+                    overloaded.insert(name.to_owned());
+                }
+            }
+            b'T' | b'C' | b'N' | b'S' => {}
+            b'E' => failure = Some(error_text(&message.body)),
+            b'Z' => break,
+            _ => return Err(WireError::Malformed("unexpected reply to the catalog query").into()),
+        }
+    }
+    match failure {
+        Some(reason) => Err(UpstreamError::Refused(reason)),
+        None => Ok(overloaded),
+    }
+}
+
+/// The text of a one-column DataRow's value.
+fn data_row_text(body: &[u8]) -> Option<&str> {
+    let columns = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if columns != 1 {
+        return None;
+    }
+    let length = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let length = usize::try_from(length).ok()?;
+    let value = body.get(6..6usize.checked_add(length)?)?;
+    std::str::from_utf8(value).ok()
+}
+
 /// Sends a CancelRequest for the real backend on a fresh connection.
 pub async fn cancel(addr: &str, pid: i32, secret: i32) -> Result<(), WireError> {
     let mut stream = TcpStream::connect(addr).await?;
@@ -185,4 +239,25 @@ pub fn error_text(body: &[u8]) -> String {
         .find(|field| field.first() == Some(&b'M'))
         .map(|field| String::from_utf8_lossy(&field[1..]).into_owned())
         .unwrap_or_else(|| "error".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_row_text;
+
+    #[test]
+    fn a_data_row_is_read_only_when_it_is_well_formed() {
+        let mut row = 1i16.to_be_bytes().to_vec();
+        row.extend_from_slice(&5i32.to_be_bytes());
+        row.extend_from_slice(b"lower");
+        assert_eq!(data_row_text(&row), Some("lower"));
+        assert_eq!(data_row_text(&row[..row.len() - 1]), None);
+        let mut null = 1i16.to_be_bytes().to_vec();
+        null.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(data_row_text(&null), None);
+        let mut huge = 1i16.to_be_bytes().to_vec();
+        huge.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert_eq!(data_row_text(&huge), None);
+        assert_eq!(data_row_text(&[0, 2]), None);
+    }
 }

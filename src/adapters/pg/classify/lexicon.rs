@@ -33,7 +33,7 @@ pub(super) fn catalog_version() -> Option<&'static str> {
 
 /// A built-in (pg_catalog) function known to have no effect beyond its result. Anything
 /// else, including every user-defined function, makes a statement at least a `write`.
-pub(super) fn is_pure(function: &str) -> bool {
+pub fn is_pure(function: &str) -> bool {
     static NAMES: OnceLock<HashSet<&'static str>> = OnceLock::new();
     NAMES
         .get_or_init(|| {

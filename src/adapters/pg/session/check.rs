@@ -217,12 +217,17 @@ impl Session<'_> {
     }
 
     async fn classify(&self, sql: &str) -> Result<Vec<Statement>, Denial> {
-        classify_async(sql, &self.proxy.config.default_schema, &self.proxy.limits)
-            .await
-            .map_err(|e| Denial {
-                sqlstate: "42501",
-                message: format!("capgate denied: statement not classified ({e})"),
-            })
+        let mut statements =
+            classify_async(sql, &self.proxy.config.default_schema, &self.proxy.limits)
+                .await
+                .map_err(|e| Denial {
+                    sqlstate: "42501",
+                    message: format!("capgate denied: statement not classified ({e})"),
+                })?;
+        for statement in &mut statements {
+            statement.calls_overloads_as_impure(&self.overloaded);
+        }
+        Ok(statements)
     }
 
     /// Classifies one Parse and authorizes what it touches.
