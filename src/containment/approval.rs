@@ -371,7 +371,10 @@ mod tests {
             expired.apply(&ApprovalAction::Expire, 701),
             Err(ApprovalError::NotPending(ApprovalStatus::Expired))
         );
-        assert_eq!(expired.apply(&approve("bob"), 701), Err(ApprovalError::Expired));
+        assert_eq!(
+            expired.apply(&approve("bob"), 701),
+            Err(ApprovalError::Expired)
+        );
         assert_eq!(
             expired
                 .apply(
