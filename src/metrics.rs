@@ -553,6 +553,38 @@ mod tests {
     }
 
     #[test]
+    fn deny_code_all_names_every_code_once() {
+        // A new variant breaks this exhaustive match; its arm count (20) must then grow, and
+        // with it `DenyCode::ALL`, or the new code would go uncounted.
+        const ARMS: usize = 20;
+        let _exhaustive = |code: DenyCode| match code {
+            DenyCode::TokenTooLarge
+            | DenyCode::TokenMalformed
+            | DenyCode::TokenUnknownKey
+            | DenyCode::TokenKeyRetired
+            | DenyCode::TokenBadSignature
+            | DenyCode::TokenExpired
+            | DenyCode::TokenRevoked
+            | DenyCode::RevocationFeedStale
+            | DenyCode::RevocationFeedReset
+            | DenyCode::PolicyDenied
+            | DenyCode::PolicyRunLimit
+            | DenyCode::PolicyError
+            | DenyCode::ContainmentUnavailable
+            | DenyCode::Frozen
+            | DenyCode::RecoveryPoint
+            | DenyCode::RateLimited
+            | DenyCode::ApprovalInvalid
+            | DenyCode::AuditUnavailable
+            | DenyCode::UseBudgetExhausted
+            | DenyCode::ObligationsUnfulfilled => (),
+        };
+        let names: std::collections::HashSet<&str> =
+            DenyCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ARMS, "DenyCode::ALL must name each code once");
+    }
+
+    #[test]
     fn every_deny_code_has_its_own_counter() {
         let metrics = DecisionMetrics::new("t");
         for code in DenyCode::ALL {
