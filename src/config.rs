@@ -243,6 +243,9 @@ pub struct BrokerConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub containment: crate::containment::ContainmentConfig,
+    /// Approval notifications: webhook sinks, the console's public URL, the expiry sweep.
+    #[serde(default)]
+    pub notifications: crate::broker::webhooks::NotificationConfig,
     /// Where this file was read from; relative paths in it are resolved against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -356,6 +359,7 @@ impl BrokerConfig {
                 return Err("identity.jwt entries need an issuer and an audience".into());
             }
         }
+        self.notifications.validate()?;
         Ok(())
     }
 
@@ -383,6 +387,7 @@ impl Default for BrokerConfig {
             adapters: Vec::new(),
             store: StoreConfig::default(),
             containment: crate::containment::ContainmentConfig::default(),
+            notifications: Default::default(),
             source: None,
             overrides: StartOverrides::default(),
         }

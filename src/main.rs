@@ -152,14 +152,25 @@ enum AuditCommand {
         #[arg(long)]
         file: Option<PathBuf>,
     },
-    /// A readable history of one agent.
+    /// The newest records, readable; optionally of one agent or kind; `--follow` streams.
     Tail {
         #[command(flatten)]
         config: ConfigArg,
+        /// Only records whose actor is this agent (or operator).
         #[arg(long)]
-        agent: String,
+        agent: Option<String>,
+        /// Only records of this kind (decision, issuance, approval, revocation, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// How many of the newest (matching) records to show first.
         #[arg(short, default_value_t = 50)]
         n: usize,
+        /// Keep printing new records as they are appended (polls the store).
+        #[arg(long, short)]
+        follow: bool,
+        /// How often `--follow` looks for new records.
+        #[arg(long, default_value = "500ms")]
+        interval: humantime::Duration,
     },
     /// Print the trail as JSON lines (for `policy replay --audit`).
     Export(ConfigArg),
@@ -809,38 +820,43 @@ async fn audit_command(command: AuditCommand) -> CliResult {
                 Ok(ExitCode::FAILURE)
             }
         }
-        AuditCommand::Tail { config, agent, n } => {
+        AuditCommand::Tail {
+            config,
+            agent,
+            kind,
+            n,
+            follow,
+            interval,
+        } => {
             let config = load_config(&config)?;
-            let (records, _, _) = read_audit_store(&config).await?;
-            let mine: Vec<_> = records
-                .iter()
-                .filter(|r| r.event.actor.as_deref() == Some(agent.as_str()))
-                .collect();
-            for record in mine.iter().rev().take(n).rev() {
-                let at = capgate::token::rfc3339(capgate::token::from_unix_seconds(record.at));
-                let detail = &record.event.detail;
-                let what = match record.event.kind {
-                    capgate::containment::audit::AuditKind::Decision => format!(
-                        "{} {} {} -> {}",
-                        detail["adapter"].as_str().unwrap_or("?"),
-                        detail["verb"].as_str().unwrap_or("?"),
-                        detail["resource"]
-                            .as_str()
-                            .unwrap_or(detail["event"].as_str().unwrap_or("?")),
-                        detail["outcome"]["code"]
-                            .as_str()
-                            .or(detail["outcome"]["decision"].as_str())
-                            .unwrap_or("?")
-                    ),
-                    _ => detail.to_string(),
-                };
-                println!(
-                    "{at}  #{:<6} {:<10} {what}",
-                    record.seq,
-                    format!("{:?}", record.event.kind).to_lowercase()
-                );
+            let filter = TailFilter { agent, kind };
+            let store = capgate::store::open(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut last = tail_newest(store.as_ref(), &filter, n).await?;
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
+            let interval: Duration = interval.into();
+            let streaming = async {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let page = match store.audit_since(last, 1000).await {
+                        Ok(page) => page,
+                        Err(e) => return Err::<ExitCode, String>(e.to_string()),
+                    };
+                    for record in &page {
+                        last = last.max(record.seq);
+                        if filter.matches(record) {
+                            print_audit_record(record)?;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                result = streaming => result,
+                _ = shutdown_signal() => Ok(ExitCode::SUCCESS),
+            }
         }
         AuditCommand::Export(config) => {
             let config = load_config(&config)?;
@@ -854,6 +870,96 @@ async fn audit_command(command: AuditCommand) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `audit tail` shows; no field set shows everything.
+struct TailFilter {
+    agent: Option<String>,
+    kind: Option<String>,
+}
+
+impl TailFilter {
+    fn matches(&self, record: &capgate::containment::audit::AuditRecord) -> bool {
+        let kind = format!("{:?}", record.event.kind).to_lowercase();
+        self.agent
+            .as_deref()
+            .is_none_or(|agent| record.event.actor.as_deref() == Some(agent))
+            && self.kind.as_deref().is_none_or(|k| k == kind)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.agent.is_none() && self.kind.is_none()
+    }
+}
+
+/// Prints the newest `n` matching records, oldest first, and returns the store's head (what
+/// `--follow` continues from). Without a filter only the last `n` records are read.
+async fn tail_newest(
+    store: &dyn capgate::store::Store,
+    filter: &TailFilter,
+    n: usize,
+) -> Result<u64, String> {
+    let head = store.audit_head().await.map_err(|e| e.to_string())?;
+    let mut newest = std::collections::VecDeque::with_capacity(n.min(10_000));
+    let mut since = if filter.is_empty() {
+        head.saturating_sub(n as u64)
+    } else {
+        0
+    };
+    while since < head && n > 0 {
+        let page = store
+            .audit_since(since, 5000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last().map(|r| r.seq) else {
+            break;
+        };
+        since = last;
+        for record in page.into_iter().filter(|r| r.seq <= head) {
+            if filter.matches(&record) {
+                if newest.len() == n {
+                    newest.pop_front();
+                }
+                newest.push_back(record);
+            }
+        }
+    }
+    for record in &newest {
+        print_audit_record(record)?;
+    }
+    Ok(head)
+}
+
+fn print_audit_record(record: &capgate::containment::audit::AuditRecord) -> Result<(), String> {
+    use std::io::Write;
+    let at = capgate::token::rfc3339(capgate::token::from_unix_seconds(record.at));
+    let detail = &record.event.detail;
+    let what = match record.event.kind {
+        capgate::containment::audit::AuditKind::Decision => format!(
+            "{} {} {} -> {}",
+            detail["adapter"].as_str().unwrap_or("?"),
+            detail["verb"].as_str().unwrap_or("?"),
+            detail["resource"]
+                .as_str()
+                .unwrap_or(detail["event"].as_str().unwrap_or("?")),
+            detail["outcome"]["code"]
+                .as_str()
+                .or(detail["outcome"]["decision"].as_str())
+                .unwrap_or("?")
+        ),
+        _ => detail.to_string(),
+    };
+    let mut out = std::io::stdout().lock();
+    // Flushed per record so `--follow` piped into another program streams.
+    writeln!(
+        out,
+        "{at}  #{:<6} {:<10} {:<12} {what}",
+        record.seq,
+        format!("{:?}", record.event.kind).to_lowercase(),
+        record.event.actor.as_deref().unwrap_or("-"),
+    )
+    .and_then(|()| out.flush())
+    .map_err(|e| format!("cannot write: {e}"))
 }
 
 /// A guard over the data directory's keys and stored revocations, for offline explanations.

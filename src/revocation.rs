@@ -8,6 +8,7 @@
 //! denies every token (`FeedReset`) until it has caught up.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ struct ViewState {
 #[derive(Default)]
 pub struct RevocationView {
     state: RwLock<ViewState>,
+    /// Times the view was dropped to be read again, for `/metrics`.
+    resyncs: AtomicU64,
 }
 
 impl RevocationView {
@@ -97,6 +100,7 @@ impl RevocationView {
                     old = ?state.generation, new = generation, head, cursor = state.cursor,
                     "revocation feed reset: dropping the view and reading it again"
                 );
+                self.resyncs.fetch_add(1, Ordering::Relaxed);
                 *state = ViewState {
                     generation: Some(generation.to_owned()),
                     resetting: true,
@@ -119,6 +123,7 @@ impl RevocationView {
     /// The broker says its store is lost: drop everything and deny until the feed answers
     /// again and the view has caught up.
     pub fn reset(&self) {
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut state) = self.state.write() {
             *state = ViewState {
                 resetting: true,
@@ -126,6 +131,11 @@ impl RevocationView {
                 ..ViewState::default()
             };
         }
+    }
+
+    /// Times the view was dropped and read again from the start.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
     }
 
     /// Every revoked (kind, value) the view holds, e.g. to write back into a new store.

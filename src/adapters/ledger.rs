@@ -13,7 +13,9 @@ use crate::client::{Client, ClientError};
 use crate::containment::audit::AuditEvent;
 use crate::containment::Operation;
 use crate::guard::{Ledger, LedgerDenial};
+use crate::metrics::SpoolMetrics;
 use crate::scope::Verb;
+use std::sync::atomic::Ordering;
 
 pub struct BrokerLedger {
     client: Client,
@@ -149,6 +151,7 @@ impl Ledger for BrokerLedger {
 #[derive(Clone)]
 pub struct AuditSpool {
     queue: Arc<Mutex<Vec<SpoolCommand>>>,
+    metrics: Arc<SpoolMetrics>,
 }
 
 /// How long a decision may wait in memory before it is written to the spool.
@@ -170,6 +173,7 @@ impl AuditSpool {
     pub fn start(path: PathBuf, client: Client, adapter_key: Option<String>) -> Self {
         let spool = AuditSpool {
             queue: Arc::new(Mutex::new(Vec::new())),
+            metrics: Arc::new(SpoolMetrics::default()),
         };
         let (writer_path, queue) = (path.clone(), spool.queue.clone());
         let spawned = std::thread::Builder::new()
@@ -182,6 +186,11 @@ impl AuditSpool {
             tokio::spawn(ship_spool(path, client, key, spool.clone()));
         }
         spool
+    }
+
+    /// Depth, shipped records and shipping failures, for `/metrics`.
+    pub fn metrics(&self) -> &Arc<SpoolMetrics> {
+        &self.metrics
     }
 
     pub fn record(&self, event: AuditEvent) {
@@ -282,7 +291,7 @@ async fn ship_spool(path: PathBuf, client: Client, key: String, spool: AuditSpoo
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     loop {
         ticker.tick().await;
-        let shipped = ship(&path, &client, &key).await;
+        let shipped = ship(&path, &client, &key, &spool.metrics).await;
         if shipped > 0 {
             let (done, trimmed) = tokio::sync::oneshot::channel();
             spool.push(SpoolCommand::Trim(shipped, done));
@@ -300,22 +309,30 @@ const SHIP_BATCH_RECORDS: usize = 500;
 const SHIP_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 /// Ships what the spool holds; returns how many of its leading bytes the broker stored.
-async fn ship(path: &Path, client: &Client, key: &str) -> usize {
+async fn ship(path: &Path, client: &Client, key: &str, metrics: &SpoolMetrics) -> usize {
     let Ok(text) = tokio::fs::read_to_string(path).await else {
         return 0; // nothing spooled yet
     };
+    // Complete lines still to ship: the spool's depth, counted down as batches are stored.
+    let mut depth = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .count() as u64;
+    metrics.depth.store(depth, Ordering::Relaxed);
     // Ships whole batches in order and remembers how far the broker has stored them, so a
     // failure part-way leaves exactly the unstored tail spooled.
     let mut shipped = 0usize;
     let mut batch: Vec<AuditEvent> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut offset = 0usize;
+    let mut lines_in_batch = 0u64;
     let mut lines = text.split_inclusive('\n').peekable();
     while let Some(line) = lines.next() {
         offset += line.len();
         if !line.ends_with('\n') {
             break; // a record still being written
         }
+        lines_in_batch += 1;
         match serde_json::from_str::<AuditEvent>(line) {
             Ok(event) => {
                 batch.push(event);
@@ -327,10 +344,17 @@ async fn ship(path: &Path, client: &Client, key: &str) -> usize {
         if batch.len() >= SHIP_BATCH_RECORDS || batch_bytes >= SHIP_BATCH_BYTES || last {
             if !batch.is_empty() {
                 if let Err(e) = client.append_audit(key, &batch).await {
+                    metrics.ship_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "broker unreachable; audit records stay spooled");
                     break;
                 }
+                let stored = batch.len() as u64;
+                metrics.shipped.fetch_add(stored, Ordering::Relaxed);
             }
+            // Skipped unreadable lines leave the spool with the batch around them.
+            depth = depth.saturating_sub(lines_in_batch);
+            metrics.depth.store(depth, Ordering::Relaxed);
+            lines_in_batch = 0;
             shipped = offset;
             batch.clear();
             batch_bytes = 0;

@@ -24,6 +24,8 @@ pub struct AdapterRuntime {
     pub revocations: Arc<RevocationView>,
     pub containment: Arc<ContainmentView>,
     pub ledger: Arc<dyn Ledger>,
+    /// The audit spool's depth and shipping counters, for `/metrics`.
+    pub spool_metrics: Arc<crate::metrics::SpoolMetrics>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -49,14 +51,40 @@ impl AdapterRuntime {
             .map(|var| std::env::var(var).map_err(|_| RuntimeError::AdapterKey(var.to_owned())))
             .transpose()?;
         let spool = AuditSpool::start(spool, client.clone(), adapter_key.clone());
+        let spool_metrics = spool.metrics().clone();
         let ledger: Arc<dyn Ledger> = Arc::new(BrokerLedger::new(client, adapter_key, Some(spool)));
         Ok(AdapterRuntime {
             keys,
             revocations,
             containment,
             ledger,
+            spool_metrics,
             tasks,
         })
+    }
+}
+
+impl AdapterRuntime {
+    /// Serves `/metrics` on `addr` (bound before returning, so a bad address is a start
+    /// error): this guard's decisions, the revocation view and the audit spool.
+    pub async fn serve_metrics(
+        &self,
+        addr: std::net::SocketAddr,
+        guard: &crate::guard::Guard,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "metrics listening");
+        let sources = crate::metrics::Sources {
+            decisions: vec![guard.metrics().clone()],
+            revocations: Some(self.revocations.clone()),
+            spool: Some(self.spool_metrics.clone()),
+            ..Default::default()
+        };
+        Ok(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_adapter_metrics(listener, sources).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        }))
     }
 }
 

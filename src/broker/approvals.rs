@@ -164,6 +164,7 @@ pub async fn create(
     };
     state.store.create_approval(&approval).await?;
     record(&state, &verified.agent, &approval, "requested").await?;
+    state.announce("requested", &approval);
     tracing::warn!(approval_id = %approval.id, agent = %approval.agent, resource = %approval.operation.resource, verb = %approval.operation.verb, "approval requested");
     Ok((StatusCode::CREATED, Json(approval)))
 }
@@ -219,6 +220,7 @@ async fn decide(
         .map_err(update_error)?;
     record(state, &operator.name, &approval, what).await?;
     tracing::warn!(approval_id = %id, operator = %operator.name, status = ?approval.status, "{what}");
+    state.announce(what, &approval);
     Ok(Json(approval))
 }
 
@@ -369,5 +371,6 @@ pub async fn consume(
     .await
     .map_err(update_error)?;
     record(&state, &verified.agent, &used, "used").await?;
+    state.announce("used", &used);
     Ok(Json(used))
 }

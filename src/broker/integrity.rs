@@ -335,6 +335,7 @@ fn answers_while_lost(method: &Method, path: &str) -> bool {
     matches!(
         (method, path),
         (&Method::GET, "/v1/health")
+            | (&Method::GET, "/metrics")
             | (&Method::GET, "/v1/keys")
             | (&Method::GET, "/v1/containment")
             | (&Method::GET, "/v1/audit")

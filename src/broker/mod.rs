@@ -11,9 +11,11 @@ mod containment;
 mod health;
 mod integrity;
 mod keys;
+mod metrics;
 pub mod problem;
 mod revocations;
 mod tokens;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -65,6 +67,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Integrity(#[from] integrity::IntegrityError),
+    #[error(transparent)]
+    Webhook(#[from] webhooks::WebhookError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -93,6 +97,10 @@ pub struct BrokerState {
     revocation_cursor: watch::Sender<u64>,
     /// Bumped when something other than a revocation changes what the feed says (freeze).
     feed_epoch: watch::Sender<u64>,
+    /// Issuance, approval and webhook counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::BrokerMetrics>,
+    /// Approval events to webhook sinks, queued without waiting.
+    pub notifier: webhooks::Notifier,
 }
 
 impl BrokerState {
@@ -110,6 +118,7 @@ impl BrokerState {
         let adapter_policy = PolicySet::load_dir(&config.adapter_policies)?;
         let authenticator =
             Authenticator::with_adapters(&config.identity, &config.operators, &config.adapters)?;
+        let notifier = webhooks::Notifier::new(&config.notifications, config.listen)?;
         let store: Arc<dyn Store> = crate::store::open(&config).await?;
         let integrity = StoreIntegrity::open(&config, store.as_ref(), &keyring).await?;
         let keys: KeyView = Arc::new(RwLock::new(Arc::new(keyring.public_keys()?)));
@@ -149,6 +158,8 @@ impl BrokerState {
             integrity,
             revocation_cursor: watch::channel(0).0,
             feed_epoch: watch::channel(0).0,
+            metrics: Arc::new(crate::metrics::BrokerMetrics::new(notifier.sink_metrics())),
+            notifier,
         }))
     }
 
@@ -186,6 +197,79 @@ impl BrokerState {
                     "the audit trail cannot be written; nothing was done",
                 )
             })
+    }
+
+    /// Counts an approval event and queues it for the webhook sinks (never waits).
+    pub(crate) fn announce(&self, event: &str, approval: &crate::containment::approval::Approval) {
+        use crate::containment::approval::ApprovalStatus;
+        // The first of two approvals leaves the request pending: announced, not counted.
+        if !(event == "approved" && approval.status != ApprovalStatus::Approved) {
+            self.metrics.approval_event(event);
+        }
+        let kind = match event {
+            "requested" => "approval.requested",
+            "expired" => "approval.expired",
+            "used" => return,
+            _ => "approval.decided",
+        };
+        let environment = self
+            .config
+            .environments
+            .iter()
+            .find(|env| {
+                env.resources
+                    .iter()
+                    .any(|r| r.covers(&approval.operation.resource))
+            })
+            .map(|env| env.name.clone());
+        self.notifier.publish(kind, approval, environment);
+    }
+
+    /// Marks pending approvals past their expiry as expired and announces each. Several
+    /// brokers may sweep the same store: the compare-and-set lets exactly one move each.
+    async fn sweep_expired(&self) {
+        use crate::containment::approval::{ApprovalAction, ApprovalStatus};
+        let now = crate::token::unix_seconds_now();
+        let approvals = match self.store.approvals().await {
+            Ok(approvals) => approvals,
+            Err(e) => {
+                tracing::warn!(error = %e, "expiry sweep: cannot list approvals");
+                return;
+            }
+        };
+        for approval in approvals {
+            if approval.status != ApprovalStatus::Pending || now < approval.expires_at {
+                continue;
+            }
+            let expired = crate::store::update_approval(
+                self.store.as_ref(),
+                &approval.id,
+                &ApprovalAction::Expire,
+                now,
+            )
+            .await;
+            match expired {
+                Ok(expired) => {
+                    let recorded = self
+                        .audit(
+                            crate::containment::audit::AuditKind::Approval,
+                            None,
+                            serde_json::json!({"event": "expired", "approval": expired}),
+                        )
+                        .await;
+                    if recorded.is_err() {
+                        tracing::error!(approval_id = %expired.id, "expired approval not recorded in the audit trail");
+                    }
+                    tracing::warn!(approval_id = %expired.id, agent = %expired.agent, "approval expired undecided");
+                    self.announce("expired", &expired);
+                }
+                // Another broker (or an operator) moved it first: nothing to announce here.
+                Err(crate::store::UpdateError::Rejected(_)) => {}
+                Err(e) => {
+                    tracing::warn!(approval_id = %approval.id, error = %e, "expiry sweep failed")
+                }
+            }
+        }
     }
 
     /// Wakes long-polling feed readers so they pick up a changed freeze flag at once.
@@ -257,6 +341,7 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
         (Method::GET, "/v1/revocations", get(revocations::feed)),
         (Method::POST, "/v1/authorize", post(authorize::dry_run)),
         (Method::GET, "/v1/health", get(health::health)),
+        (Method::GET, "/metrics", get(metrics::scrape)),
         (Method::GET, "/v1/containment", get(containment::document)),
         (Method::POST, "/v1/velocity", post(containment::count)),
         (Method::POST, "/v1/uses", post(containment::count_use)),
@@ -387,6 +472,17 @@ pub async fn run(
             }
         }
     });
+    let sweeping = state.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(sweeping.config.notifications.expiry_sweep);
+        loop {
+            ticker.tick().await;
+            if sweeping.integrity.lost().is_none() {
+                sweeping.sweep_expired().await;
+            }
+        }
+    });
+    let deliveries = state.notifier.spawn();
     let last_checkpoint = state.clone();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "capgate broker listening");
@@ -397,6 +493,10 @@ pub async fn run(
         .map_err(StartError::Serve);
     refresher.abort();
     checkpointer.abort();
+    sweeper.abort();
+    for delivery in deliveries {
+        delivery.abort();
+    }
     // What was appended since the last tick is pinned before the broker goes away.
     if let Err(e) = last_checkpoint
         .integrity

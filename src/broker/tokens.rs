@@ -87,6 +87,24 @@ pub struct TokenResponse {
 pub async fn issue(
     State(state): State<Arc<BrokerState>>,
     headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    let issued = issue_token(&state, headers, body).await;
+    match &issued {
+        Ok(_) => {
+            state
+                .metrics
+                .tokens_issued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(e) => state.metrics.token_refused(e.code),
+    }
+    issued
+}
+
+async fn issue_token(
+    state: &BrokerState,
+    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
     let request = match content_type(&headers).as_deref() {

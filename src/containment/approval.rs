@@ -1,6 +1,8 @@
 //! Approval requests and their life: pending → approved (by enough distinct operators) →
-//! used once; or denied, or cancelled (also during a staged delay). Transitions are pure
-//! functions; stores apply them atomically (compare-and-set on `version`).
+//! used once; or denied, or cancelled (also during a staged delay), or expired (nobody
+//! decided in time). Transitions are pure functions; stores apply them atomically
+//! (compare-and-set on `version`), so of several brokers sweeping expired requests exactly
+//! one moves each and tells anyone.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +16,8 @@ pub enum ApprovalStatus {
     Denied,
     Cancelled,
     Used,
+    /// Still pending when it expired; marked by the broker's expiry sweep.
+    Expired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +65,8 @@ pub enum ApprovalAction {
         digest: String,
         requester: Requester,
     },
+    /// A pending request past its expiry becomes `Expired`; refused before then.
+    Expire,
 }
 
 /// Who is collecting or using an approval: the session and token lineage of the token
@@ -91,6 +97,8 @@ pub enum ApprovalError {
     OtherSession,
     #[error("approval was stored before approvals were bound to their session; request a new one")]
     Unbound,
+    #[error("approval has not expired yet")]
+    NotExpired,
 }
 
 impl ApprovalError {
@@ -106,6 +114,7 @@ impl ApprovalError {
             ApprovalError::AlreadyUsed => "approval_used",
             ApprovalError::OtherSession => "approval_other_session",
             ApprovalError::Unbound => "approval_unbound",
+            ApprovalError::NotExpired => "approval_not_expired",
         }
     }
 
@@ -184,11 +193,24 @@ impl Approval {
                 next.status = ApprovalStatus::Used;
                 next.used_at = Some(now);
             }
+            ApprovalAction::Expire => {
+                if self.status != ApprovalStatus::Pending {
+                    return Err(ApprovalError::NotPending(self.status));
+                }
+                if now < self.expires_at {
+                    return Err(ApprovalError::NotExpired);
+                }
+                next.status = ApprovalStatus::Expired;
+            }
         }
         Ok(next)
     }
 
     fn require_pending(&self, now: u64) -> Result<(), ApprovalError> {
+        // Swept or not, an expired request answers the same.
+        if self.status == ApprovalStatus::Expired {
+            return Err(ApprovalError::Expired);
+        }
         if self.status != ApprovalStatus::Pending {
             return Err(ApprovalError::NotPending(self.status));
         }
@@ -331,6 +353,43 @@ mod tests {
         assert_eq!(
             pending(1, 0).apply(&approve("bob"), 800),
             Err(ApprovalError::Expired)
+        );
+    }
+
+    #[test]
+    fn only_a_pending_request_past_its_expiry_expires_and_only_once() {
+        let a = pending(1, 0);
+        assert_eq!(
+            a.apply(&ApprovalAction::Expire, 699),
+            Err(ApprovalError::NotExpired)
+        );
+        let expired = a.apply(&ApprovalAction::Expire, 700).expect("expire");
+        assert_eq!(expired.status, ApprovalStatus::Expired);
+        assert_eq!(expired.version, 1);
+        // A second sweeper (another broker) loses: the state already moved.
+        assert_eq!(
+            expired.apply(&ApprovalAction::Expire, 701),
+            Err(ApprovalError::NotPending(ApprovalStatus::Expired))
+        );
+        assert_eq!(
+            expired.apply(&approve("bob"), 701),
+            Err(ApprovalError::Expired)
+        );
+        assert_eq!(
+            expired
+                .apply(
+                    &ApprovalAction::Deny {
+                        operator: "bob".into()
+                    },
+                    701
+                )
+                .map_err(|e| e.code()),
+            Err("approval_expired")
+        );
+        let approved = a.apply(&approve("alice"), 110).expect("approve");
+        assert_eq!(
+            approved.apply(&ApprovalAction::Expire, 10_000),
+            Err(ApprovalError::NotPending(ApprovalStatus::Approved))
         );
     }
 

@@ -68,6 +68,30 @@ pub enum DenyCode {
 }
 
 impl DenyCode {
+    /// Every code, for counters that need one slot each.
+    pub const ALL: [DenyCode; 20] = [
+        DenyCode::TokenTooLarge,
+        DenyCode::TokenMalformed,
+        DenyCode::TokenUnknownKey,
+        DenyCode::TokenKeyRetired,
+        DenyCode::TokenBadSignature,
+        DenyCode::TokenExpired,
+        DenyCode::TokenRevoked,
+        DenyCode::RevocationFeedStale,
+        DenyCode::RevocationFeedReset,
+        DenyCode::PolicyDenied,
+        DenyCode::PolicyRunLimit,
+        DenyCode::PolicyError,
+        DenyCode::ContainmentUnavailable,
+        DenyCode::Frozen,
+        DenyCode::RecoveryPoint,
+        DenyCode::RateLimited,
+        DenyCode::ApprovalInvalid,
+        DenyCode::AuditUnavailable,
+        DenyCode::UseBudgetExhausted,
+        DenyCode::ObligationsUnfulfilled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DenyCode::TokenTooLarge => "token_too_large",
@@ -213,6 +237,8 @@ pub struct Guard {
     policy_texts: Vec<String>,
     cache: VerifiedCache,
     ids: DecisionIds,
+    /// Counted after every final decision, in atomics (no lock on the request path).
+    metrics: Arc<crate::metrics::DecisionMetrics>,
 }
 
 /// Decision ids: unique, cheap, and not guessable across processes (random prefix).
@@ -249,6 +275,7 @@ impl Guard {
             containment: Arc::new(ContainmentView::new()),
             policy_texts: authorizer_policies(&policy),
             cache: VerifiedCache::new(config.cache_capacity),
+            metrics: Arc::new(crate::metrics::DecisionMetrics::new(&config.adapter)),
             config,
             keys,
             revocations,
@@ -270,6 +297,11 @@ impl Guard {
 
     pub fn cache(&self) -> &VerifiedCache {
         &self.cache
+    }
+
+    /// This guard's decision counters and latency, for `/metrics`.
+    pub fn metrics(&self) -> &Arc<crate::metrics::DecisionMetrics> {
+        &self.metrics
     }
 
     /// Decides at a given instant, without logging (tests and benchmarks).
@@ -335,8 +367,11 @@ impl Guard {
 
     /// Decides, logs the decision, and returns it.
     pub fn decide(&self, token: &str, request: &Request) -> Decision {
-        let (decision, _) = self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let started = Instant::now();
+        let (decision, _) = self.evaluate(token, request, SystemTime::now(), started);
         log_decision(&self.config.adapter, request, &decision, "enforce");
+        self.metrics
+            .record(request.verb, &decision.outcome, started);
         decision
     }
 
@@ -347,7 +382,16 @@ impl Guard {
         request: &Request,
         payload: T,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        into_authorized(self.decide(token, request), payload)
+        let started = Instant::now();
+        let (decision, _) = self.evaluate(token, request, SystemTime::now(), started);
+        log_decision(&self.config.adapter, request, &decision, "enforce");
+        let authorized = into_authorized(decision, payload);
+        let outcome = match &authorized {
+            Ok(_) => &Outcome::Allow,
+            Err(decision) => &decision.outcome,
+        };
+        self.metrics.record(request.verb, outcome, started);
+        authorized
     }
 
     /// Decides, then fulfils what an allow still requires through `ledger` (consume the
@@ -361,8 +405,8 @@ impl Guard {
         payload: T,
         ledger: &dyn Ledger,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        let (mut decision, verified) =
-            self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let started = Instant::now();
+        let (mut decision, verified) = self.evaluate(token, request, SystemTime::now(), started);
         let verified = verified.as_deref();
         let recorded_synchronously = decision.obligations.contains(&Obligation::Audit);
         match &decision.outcome {
@@ -422,6 +466,8 @@ impl Guard {
             Outcome::Deny { .. } => {}
         }
         log_decision(&self.config.adapter, request, &decision, "enforce");
+        self.metrics
+            .record(request.verb, &decision.outcome, started);
         if !(recorded_synchronously && decision.is_allow()) {
             ledger.record_later(decision_event(
                 &self.config.adapter,
@@ -444,8 +490,8 @@ impl Guard {
         payload: T,
         ledger: Option<&dyn Ledger>,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        let (mut decision, verified) =
-            self.evaluate(token, request, SystemTime::now(), Instant::now());
+        let started = Instant::now();
+        let (mut decision, verified) = self.evaluate(token, request, SystemTime::now(), started);
         log_decision(&self.config.adapter, request, &decision, "shadow");
         let mut event = decision_event(
             &self.config.adapter,
@@ -476,8 +522,13 @@ impl Guard {
         };
         if let Err((code, reason)) = recorded {
             decision.outcome = Outcome::Deny { code, reason };
+            self.metrics
+                .record(request.verb, &decision.outcome, started);
             return Err(Box::new(decision));
         }
+        // Shadow mode counts what enforce mode would have decided.
+        self.metrics
+            .record(request.verb, &decision.outcome, started);
         let decision_id = decision.id.clone();
         Ok(Authorized {
             inner: payload,

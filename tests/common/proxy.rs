@@ -107,6 +107,26 @@ pub async fn start_proxy_configured(
     env: &[(&str, &str)],
     upstream_extra: &str,
 ) -> ProxyProcess {
+    start_proxy_full(
+        broker_url,
+        upstream_port,
+        environment,
+        env,
+        upstream_extra,
+        "",
+    )
+    .await
+}
+
+/// As `start_proxy_configured`, with extra top-level TOML lines (`metrics_listen`, say).
+pub async fn start_proxy_full(
+    broker_url: &str,
+    upstream_port: u16,
+    environment: &str,
+    env: &[(&str, &str)],
+    upstream_extra: &str,
+    top_extra: &str,
+) -> ProxyProcess {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = format!(
@@ -119,6 +139,7 @@ adapter_policies = "{policies}"
 max_staleness = "2s"
 adapter_key_env = "CAPGATE_TEST_ADAPTER_KEY"
 audit_spool = "{spool}"
+{top_extra}
 
 [upstream]
 url = "http://127.0.0.1:{upstream_port}"

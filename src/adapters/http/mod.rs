@@ -127,6 +127,10 @@ pub struct ProxyConfig {
     /// Local spool for decisions recorded off the request path.
     #[serde(default = "ProxyConfig::default_spool")]
     pub audit_spool: PathBuf,
+    /// Serve Prometheus `/metrics` on this address. Never on `listen`: agents reach that
+    /// one, and any path reserved there could shadow an upstream route.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     pub upstream: UpstreamConfig,
     pub routes: Vec<RouteConfig>,
 }
@@ -521,13 +525,22 @@ pub async fn serve(
         config.audit_spool.clone(),
     )?;
     let addr = config.listen;
+    let metrics_listen = config.metrics_listen;
     let proxy = Arc::new(Proxy::new(
         config,
-        runtime.keys,
-        runtime.revocations,
-        runtime.containment,
-        runtime.ledger,
+        runtime.keys.clone(),
+        runtime.revocations.clone(),
+        runtime.containment.clone(),
+        runtime.ledger.clone(),
     )?);
+    let mut tasks = Vec::new();
+    if let Some(addr) = metrics_listen {
+        let server = runtime
+            .serve_metrics(addr, &proxy.guard)
+            .await
+            .map_err(|source| ProxyError::Listen { addr, source })?;
+        tasks.push(server);
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ProxyError::Listen { addr, source })?;
@@ -536,7 +549,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ProxyError::Serve);
-    for task in runtime.tasks {
+    for task in runtime.tasks.into_iter().chain(tasks) {
         task.abort();
     }
     result

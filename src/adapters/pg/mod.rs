@@ -91,6 +91,9 @@ pub struct PgProxyConfig {
     pub adapter_key_env: Option<String>,
     #[serde(default = "PgProxyConfig::default_spool")]
     pub audit_spool: PathBuf,
+    /// Serve Prometheus `/metrics` on this address (never on the PostgreSQL listener).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     pub upstream: PgUpstreamConfig,
 }
 
@@ -278,14 +281,20 @@ pub async fn serve(config: PgProxyConfig) -> Result<(), PgProxyError> {
         .await
         .map_err(|source| PgProxyError::Listen { addr, source })?;
     tracing::info!(%addr, "capgate pg proxy listening");
-    Arc::new(PgProxy::new(
+    let metrics_listen = config.metrics_listen;
+    let proxy = Arc::new(PgProxy::new(
         config,
-        runtime.keys,
-        runtime.revocations,
-        runtime.containment,
-        runtime.ledger,
-    )?)
-    .serve(listener)
-    .await;
+        runtime.keys.clone(),
+        runtime.revocations.clone(),
+        runtime.containment.clone(),
+        runtime.ledger.clone(),
+    )?);
+    if let Some(addr) = metrics_listen {
+        runtime
+            .serve_metrics(addr, &proxy.guard)
+            .await
+            .map_err(|source| PgProxyError::Listen { addr, source })?;
+    }
+    proxy.serve(listener).await;
     Ok(())
 }
