@@ -122,7 +122,10 @@ fn every_json_body_route_documents_its_body_refusals() {
             }
         }
     }
-    assert!(missing.is_empty(), "undocumented body refusals: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "undocumented body refusals: {missing:?}"
+    );
 }
 
 /// Query bounds the description states are the server's: outside them is a 400
@@ -131,15 +134,20 @@ fn every_json_body_route_documents_its_body_refusals() {
 #[tokio::test]
 async fn query_values_outside_the_documented_bounds_are_refused() {
     let broker = common::Broker::start().await;
-    for path in [
-        "/v1/audit?limit=10001",
-        "/v1/audit?limit=0",
-    ] {
+    for path in ["/v1/audit?limit=10001", "/v1/audit?limit=0"] {
         let (status, body) = broker.get_as(path, common::OPERATOR_KEY).await;
-        assert_eq!((status, body["code"].as_str()), (400, Some("invalid_query")), "{path}: {body}");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{path}: {body}"
+        );
     }
     let (status, body) = broker.get("/v1/revocations?wait=31").await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_query")), "wait=31: {body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_query")),
+        "wait=31: {body}"
+    );
     // The bounds themselves are accepted.
     let (status, body) = broker
         .get_as("/v1/audit?limit=10000", common::OPERATOR_KEY)
@@ -171,5 +179,35 @@ async fn revocation_lengths_count_characters_as_the_description_does() {
             serde_json::json!({"kind": "session", "value": "é".repeat(65)}),
         )
         .await;
-    assert_eq!((status, body["code"].as_str()), (422, Some("invalid_revocation")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid_revocation")),
+        "{body}"
+    );
+}
+
+/// An adapter's decision must carry an object as `detail`, as the description says: an array
+/// was stored and then served by `GET /v1/audit` in breach of its own response schema
+/// (schemathesis).
+#[tokio::test]
+async fn an_audit_event_whose_detail_is_not_an_object_is_refused() {
+    let broker = common::Broker::start().await;
+    let (status, body) = broker
+        .post_json(
+            "/v1/audit",
+            Some(common::ADAPTER_KEY),
+            serde_json::json!({"events": [{"kind": "decision", "actor": null, "detail": [null, null]}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid_event")),
+        "{body}"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("object")),
+        "the refusal names the object requirement: {body}"
+    );
 }
