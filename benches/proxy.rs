@@ -180,6 +180,7 @@ async fn main() {
         datalog: RunLimits::default(),
         adapter_key_env: None,
         audit_spool: dir.path().join("spool.jsonl"),
+        connections: Default::default(),
         upstream: UpstreamConfig {
             url: format!("http://{upstream}"),
             credential_header: "authorization".into(),

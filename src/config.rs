@@ -238,6 +238,9 @@ pub struct BrokerConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub containment: crate::containment::ContainmentConfig,
+    /// Timeouts and the connection cap (`[connections]`).
+    #[serde(default)]
+    pub connections: crate::connections::ConnectionLimits,
     /// Where this file was read from; relative paths in it are resolved against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -378,6 +381,7 @@ impl Default for BrokerConfig {
             adapters: Vec::new(),
             store: StoreConfig::default(),
             containment: crate::containment::ContainmentConfig::default(),
+            connections: crate::connections::ConnectionLimits::default(),
             source: None,
             overrides: StartOverrides::default(),
         }

@@ -58,8 +58,7 @@ fn closed_by_server(sockets: &[TcpStream]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_idle_connections_beyond_the_file_limit_leaves_health_and_issuance_answering()
-{
+async fn a_flood_of_idle_connections_beyond_the_file_limit_leaves_health_and_issuance_answering() {
     raise_own_file_limit(4096);
     let broker = Broker::start_under_file_limit("", NOFILE).await;
     let started = Instant::now();
@@ -86,7 +85,11 @@ async fn a_flood_of_idle_connections_beyond_the_file_limit_leaves_health_and_iss
     )
     .await
     .expect("token issuance must answer during the flood");
-    assert_eq!(issued.0, 201, "token refused during the flood: {}", issued.1);
+    assert_eq!(
+        issued.0, 201,
+        "token refused during the flood: {}",
+        issued.1
+    );
 
     // The broker made room by shedding the idle connections: what it still holds fits under
     // its cap (file limit minus the default reserve of 128).
@@ -107,7 +110,12 @@ async fn a_flood_of_idle_connections_beyond_the_file_limit_leaves_health_and_iss
 
 /// Sends `head` then dribbles `drip` every 200 ms; returns how long until the server closed
 /// the connection (None: still open after `patience`) and what it answered.
-async fn dribble(port: u16, head: &str, drip: &str, patience: Duration) -> (Option<Duration>, String) {
+async fn dribble(
+    port: u16,
+    head: &str,
+    drip: &str,
+    patience: Duration,
+) -> (Option<Duration>, String) {
     let mut socket = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -295,11 +303,18 @@ async fn a_flood_of_unfinished_pg_startups_leaves_a_real_client_able_to_log_in_a
     raise_own_file_limit(4096);
     let broker = Broker::start().await;
     let proxy = start_pg_proxy(&broker, "", NOFILE);
-    let token = token_of(&broker.issue(READER_KEY, &["pg://staging/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    );
     // The proxy syncs keys from the broker first: log in once before the flood.
     let deadline = Instant::now() + Duration::from_secs(10);
     while pg_login(proxy.port, &token).await.is_err() {
-        assert!(Instant::now() < deadline, "the proxy never accepted the token");
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never accepted the token"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let started = Instant::now();
@@ -397,20 +412,29 @@ async fn a_logged_in_pg_session_idle_past_the_session_idle_timeout_is_ended() {
         "[connections]\nsession_idle_timeout = \"1s\"\n",
         4096,
     );
-    let token = token_of(&broker.issue(READER_KEY, &["pg://staging/:read"], None).await);
+    let token = token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    );
     let config = format!(
         "host=127.0.0.1 port={} user=reporting-bot password={token} dbname=staging connect_timeout=5",
         proxy.port
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let client = loop {
-        if let Ok((client, connection)) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await {
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&config, tokio_postgres::NoTls).await
+        {
             tokio::spawn(async move {
                 let _ = connection.await;
             });
             break client;
         }
-        assert!(Instant::now() < deadline, "the proxy never accepted the token");
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never accepted the token"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // A statement that takes longer than the idle limit is not idleness.

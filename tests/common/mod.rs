@@ -414,7 +414,10 @@ pub fn under_file_limit(program: &str, nofile: Option<u64>) -> Command {
     match nofile {
         Some(n) => {
             let mut command = Command::new("prlimit");
-            command.arg(format!("--nofile={n}:{n}")).arg("--").arg(program);
+            command
+                .arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(program);
             command
         }
         None => Command::new(program),

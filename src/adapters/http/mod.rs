@@ -128,6 +128,9 @@ pub struct ProxyConfig {
     #[serde(default = "ProxyConfig::default_spool")]
     pub audit_spool: PathBuf,
     pub upstream: UpstreamConfig,
+    /// Timeouts and the connection cap (`[connections]`).
+    #[serde(default)]
+    pub connections: crate::connections::ConnectionLimits,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -532,8 +535,9 @@ pub async fn serve(
         .await
         .map_err(|source| ProxyError::Listen { addr, source })?;
     tracing::info!(%addr, "capgate http proxy listening");
-    let result = axum::serve(listener, proxy.router())
-        .with_graceful_shutdown(shutdown)
+    let limits = proxy.config.connections.clone();
+    // Two descriptors per client connection: its own and the upstream one it is relayed to.
+    let result = crate::connections::http::serve(listener, proxy.router(), limits, 2, shutdown)
         .await
         .map_err(ProxyError::Serve);
     for task in runtime.tasks {
