@@ -181,6 +181,7 @@ async fn main() {
         adapter_key_env: None,
         audit_spool: dir.path().join("spool.jsonl"),
         metrics_listen: None,
+        connections: Default::default(),
         upstream: UpstreamConfig {
             url: format!("http://{upstream}"),
             credential_header: "authorization".into(),

@@ -246,6 +246,9 @@ pub struct BrokerConfig {
     /// Approval notifications: webhook sinks, the console's public URL, the expiry sweep.
     #[serde(default)]
     pub notifications: crate::broker::webhooks::NotificationConfig,
+    /// Timeouts and the connection cap (`[connections]`).
+    #[serde(default)]
+    pub connections: crate::connections::ConnectionLimits,
     /// Where this file was read from; relative paths in it are resolved against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -388,6 +391,7 @@ impl Default for BrokerConfig {
             store: StoreConfig::default(),
             containment: crate::containment::ContainmentConfig::default(),
             notifications: Default::default(),
+            connections: crate::connections::ConnectionLimits::default(),
             source: None,
             overrides: StartOverrides::default(),
         }

@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod containment;
 pub mod guard;
 pub mod identity;

@@ -14,6 +14,9 @@ use super::BrokerState;
 use crate::containment::audit::{AuditEvent, AuditKind, AuditRecord};
 use crate::identity::AuthError;
 
+/// Most records one page of `GET /v1/audit` returns.
+const MAX_AUDIT_PAGE: usize = 10_000;
+
 const MAX_BATCH: usize = 500;
 
 #[derive(Debug, Deserialize)]
@@ -55,9 +58,15 @@ pub async fn append(
                 "adapters report decisions only",
             ));
         }
-        if let Some(detail) = event.detail.as_object_mut() {
-            detail.insert("reported_by".into(), adapter.clone().into());
-        }
+        // The trail's records promise an object here (openapi.yaml's AuditEvent).
+        let Some(detail) = event.detail.as_object_mut() else {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_event",
+                "an event's detail must be a JSON object",
+            ));
+        };
+        detail.insert("reported_by".into(), adapter.clone().into());
     }
     let head = state.store.append_audit_batch(events).await?;
     Ok((
@@ -98,10 +107,14 @@ pub async fn read(
 ) -> Result<Json<AuditPage>, ApiError> {
     operator(&state, &headers)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    // The bounds openapi.yaml states: a value outside them is refused, not quietly clamped.
+    if !(1..=MAX_AUDIT_PAGE).contains(&query.limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_AUDIT_PAGE}"),
+        ));
+    }
     let head = state.store.audit_head().await?;
-    let records = state
-        .store
-        .audit_since(query.since, query.limit.min(10_000))
-        .await?;
+    let records = state.store.audit_since(query.since, query.limit).await?;
     Ok(Json(AuditPage { records, head }))
 }

@@ -487,8 +487,9 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "capgate broker listening");
     }
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    let limits = state.config.connections.clone();
+    // One descriptor per client connection: the broker opens none per request.
+    let result = crate::connections::http::serve(listener, router(state), limits, 1, shutdown)
         .await
         .map_err(StartError::Serve);
     refresher.abort();

@@ -114,7 +114,13 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             .await
             .map(Body)
             .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                if crate::connections::http::is_body_timeout(&rejection) {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "request body not received within the body read timeout",
+                    )
+                } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "body_too_large",

@@ -54,7 +54,9 @@ pub async fn create(
             Some(unix_seconds_now() + max_ttl)
         }
         RevocationKind::Session => {
-            if request.value.is_empty() || request.value.len() > 64 {
+            // Characters, as openapi.yaml's maxLength counts them.
+            let length = request.value.chars().count();
+            if length == 0 || length > 64 {
                 return Err(invalid("a session id is 1 to 64 characters"));
             }
             // Unknown sessions are revoked all the same: the entry costs nothing and fails closed.
@@ -71,8 +73,8 @@ pub async fn create(
         }
     };
     let reason = request.reason.unwrap_or_default();
-    if reason.len() > 1024 {
-        return Err(invalid("reason is longer than 1024 bytes"));
+    if reason.chars().count() > 1024 {
+        return Err(invalid("reason is longer than 1024 characters"));
     }
     let entry = state
         .store
@@ -133,7 +135,14 @@ pub async fn feed(
     query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<FeedPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let wait = Duration::from_secs(query.wait).min(MAX_WAIT);
+    // The bound openapi.yaml states: a longer wait is refused, not quietly shortened.
+    if query.wait > MAX_WAIT.as_secs() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("wait is at most {} seconds", MAX_WAIT.as_secs()),
+        ));
+    }
+    let wait = Duration::from_secs(query.wait);
     let mut news = state.revocation_cursor.subscribe();
     let mut epoch = state.feed_epoch.subscribe();
     epoch.borrow_and_update();

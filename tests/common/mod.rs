@@ -208,6 +208,20 @@ impl Broker {
         Self::launch(dir, port, "broker").await
     }
 
+    /// Extra configuration (a `[connections]` table, say), with the broker's process held to
+    /// `nofile` open files by `prlimit` (a flood test's file limit).
+    pub async fn start_under_file_limit(extra_config: &str, nofile: u64) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let policies = repo().join("policies");
+        let text = format!(
+            "{}\n{extra_config}\n",
+            config_text(port, &dir.path().join("data"), &policies)
+        );
+        std::fs::write(dir.path().join("capgate.toml"), text).expect("write config");
+        Self::launch_with(dir, port, "limited", Some(nofile)).await
+    }
+
     /// Starts a killed broker again from its own directory and configuration, on its old
     /// port, as a supervisor would: adapters configured with its address find it again.
     pub async fn restart(dir: tempfile::TempDir, port: u16) -> Broker {
@@ -216,9 +230,18 @@ impl Broker {
 
     /// Runs `capgate serve` on the configuration in `dir` and waits until it is healthy.
     async fn launch(dir: tempfile::TempDir, port: u16, log_name: &str) -> Broker {
+        Self::launch_with(dir, port, log_name, None).await
+    }
+
+    async fn launch_with(
+        dir: tempfile::TempDir,
+        port: u16,
+        log_name: &str,
+        nofile: Option<u64>,
+    ) -> Broker {
         let config = dir.path().join("capgate.toml");
         let log = dir.path().join(format!("{log_name}-{port}.log"));
-        let child = spawn_serve(&config, &log);
+        let child = spawn_serve_under(&config, &log, nofile);
         let broker = Broker {
             url: format!("http://127.0.0.1:{port}"),
             port,
@@ -347,8 +370,13 @@ impl Drop for Broker {
 }
 
 pub fn spawn_serve(config: &Path, log: &Path) -> Child {
+    spawn_serve_under(config, log, None)
+}
+
+/// `capgate serve`, under `prlimit --nofile=N:N` when a file limit is given.
+pub fn spawn_serve_under(config: &Path, log: &Path, nofile: Option<u64>) -> Child {
     let log_file = std::fs::File::create(log).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_capgate"))
+    under_file_limit(env!("CARGO_BIN_EXE_capgate"), nofile)
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
@@ -379,6 +407,50 @@ pub fn serve_refusal(config: &Path, flags: &[&str]) -> Option<std::process::Outp
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// A command for `program`, run under `prlimit --nofile=N:N` (util-linux) when `nofile` is
+/// given: the limit is set before the program starts, without unsafe code in the test.
+pub fn under_file_limit(program: &str, nofile: Option<u64>) -> Command {
+    match nofile {
+        Some(n) => {
+            let mut command = Command::new("prlimit");
+            command
+                .arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Raises this test process's own soft file limit to at least `wanted` (a flood opens more
+/// sockets than the default 1,024), failing loudly when the hard limit does not allow it.
+pub fn raise_own_file_limit(wanted: u64) {
+    let status = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={wanted}:"))
+        .status()
+        .expect("prlimit (util-linux) is needed by the flood tests");
+    if !status.success() {
+        // The soft limit may already be higher, or the hard limit lower: say which.
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or("unknown");
+        let soft: u64 = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            soft >= wanted,
+            "cannot raise this test's open-file limit to {wanted}: {line}"
+        );
+    }
 }
 
 pub fn details(scopes: &[&str]) -> Value {

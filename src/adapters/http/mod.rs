@@ -132,6 +132,9 @@ pub struct ProxyConfig {
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     pub upstream: UpstreamConfig,
+    /// Timeouts and the connection cap (`[connections]`).
+    #[serde(default)]
+    pub connections: crate::connections::ConnectionLimits,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -545,8 +548,9 @@ pub async fn serve(
         .await
         .map_err(|source| ProxyError::Listen { addr, source })?;
     tracing::info!(%addr, "capgate http proxy listening");
-    let result = axum::serve(listener, proxy.router())
-        .with_graceful_shutdown(shutdown)
+    let limits = proxy.config.connections.clone();
+    // Two descriptors per client connection: its own and the upstream one it is relayed to.
+    let result = crate::connections::http::serve(listener, proxy.router(), limits, 2, shutdown)
         .await
         .map_err(ProxyError::Serve);
     for task in runtime.tasks.into_iter().chain(tasks) {

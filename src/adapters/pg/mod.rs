@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use crate::config::{duration, RunLimits};
+use crate::connections::{accept_backoff, Tracker};
 use crate::guard::{ContainmentView, Guard, GuardConfig, KeyView, Ledger};
 use crate::policy::PolicySet;
 use crate::revocation::RevocationView;
@@ -95,6 +96,9 @@ pub struct PgProxyConfig {
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     pub upstream: PgUpstreamConfig,
+    /// Startup and idle timeouts and the connection cap (`[connections]`).
+    #[serde(default)]
+    pub connections: crate::connections::ConnectionLimits,
 }
 
 impl PgProxyConfig {
@@ -180,17 +184,48 @@ impl PgProxy {
         })
     }
 
-    /// Accepts sessions until the listener fails.
+    /// Accepts sessions for as long as the process runs. At the connection cap the
+    /// connection longest in startup is shed for a newcomer (a flood of half-open logins
+    /// cannot lock out a real client); logged-in sessions are never shed.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let limits = &self.config.connections;
+        // Two descriptors per session: the client's and its upstream connection.
+        let tracker = Tracker::new(limits.cap(2));
+        tracing::info!(
+            max_connections = tracker.cap(),
+            startup_timeout = ?limits.startup_timeout,
+            "connection limits"
+        );
+        let mut failures = 0u32;
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => {
+                    failures = 0;
+                    accepted
+                }
+                Err(e) => {
+                    accept_backoff(&e, &mut failures).await;
+                    continue;
+                }
+            };
+            let Some(admission) = tracker.admit() else {
+                tracing::warn!(%peer, "connection cap reached with every session logged in: refused");
                 continue;
             };
             let proxy = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = session::run(stream, peer, proxy).await {
-                    tracing::debug!(%peer, error = %e, "pg session ended");
+                let activity = admission.activity.clone();
+                tokio::select! {
+                    ended = session::run(stream, peer, proxy, activity.clone()) => {
+                        if let Err(e) = ended {
+                            tracing::debug!(%peer, error = %e, "pg session ended");
+                        }
+                    }
+                    () = activity.shed() => {
+                        tracing::debug!(%peer, "connection in startup shed at the cap");
+                    }
                 }
+                drop(admission);
             });
         }
     }

@@ -22,6 +22,7 @@ use super::names::{self, Names, Owes, Step};
 use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
+use crate::connections::Activity;
 use crate::containment::audit::AuditEvent;
 
 use crate::scope::Verb;
@@ -46,14 +47,70 @@ struct Denial {
     message: String,
 }
 
+/// A client that finished startup and login: its upstream session and cancel key.
+struct Established {
+    upstream: TcpStream,
+    token: String,
+    /// Pure built-ins' names the session's schema overloads (see `upstream::overloaded_builtins`).
+    overloaded: HashSet<String>,
+    _cancel: CancelKey,
+}
+
+/// A cancel key minted for a session; dropping it (the session ended, or its startup timed
+/// out after the key was minted) forgets the mapping to the real backend.
+struct CancelKey {
+    proxy: Arc<PgProxy>,
+    minted: (i32, i32),
+}
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        self.proxy.unregister_cancel(self.minted);
+    }
+}
+
 pub async fn run(
     mut client: TcpStream,
     peer: SocketAddr,
     proxy: Arc<PgProxy>,
+    activity: Arc<Activity>,
 ) -> Result<(), WireError> {
     let _ = client.set_nodelay(true);
+    let timeout = proxy.config.connections.startup_timeout;
+    let established = match tokio::time::timeout(timeout, start(&mut client, peer, &proxy)).await {
+        Ok(Ok(Some(established))) => established,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::warn!(%peer, ?timeout, "pg startup not completed in time: connection closed");
+            let message = format!("capgate: startup and login not completed within {timeout:?}");
+            let answer = refuse(&mut client, "08P01", &message);
+            let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+            return Ok(());
+        }
+    };
+    // A logged-in session is never shed to make room: only connections still in startup are.
+    let _busy = activity.begin();
+    activity.establish();
+    relay(
+        client,
+        established.upstream,
+        established.token,
+        established.overloaded,
+        proxy,
+    )
+    .await
+}
+
+/// Startup and login, bounded by the caller's startup timeout. `None`: the client was
+/// answered (refused, or a cancel request) and the connection ends.
+async fn start(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    proxy: &Arc<PgProxy>,
+) -> Result<Option<Established>, WireError> {
     let parameters = loop {
-        let (code, body) = read_startup(&mut client).await?;
+        let (code, body) = read_startup(client).await?;
         match code {
             // No TLS or GSS encryption in this version: say so, and the client continues in
             // plaintext (or gives up). Nothing sent before this answer is ever processed.
@@ -64,16 +121,12 @@ pub async fn run(
                     let secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
                     proxy.forward_cancel(pid, secret).await;
                 }
-                return Ok(());
+                return Ok(None);
             }
             wire::PROTOCOL_3_0 => break wire::parse_parameters(&body)?,
             _ => {
-                return refuse(
-                    &mut client,
-                    "0A000",
-                    "unsupported frontend protocol version",
-                )
-                .await;
+                return refuse_startup(client, "0A000", "unsupported frontend protocol version")
+                    .await;
             }
         }
     };
@@ -88,48 +141,43 @@ pub async fn run(
         .find(|(k, _)| !ALLOWED_PARAMETERS.contains(&k.to_ascii_lowercase().as_str()))
     {
         let message = format!("startup parameter {key:?} is not accepted by the Capgate proxy");
-        return refuse(&mut client, "42501", &message).await;
+        return refuse_startup(client, "42501", &message).await;
     }
     if let Some(encoding) = get("client_encoding") {
         if !["utf8", "utf-8", "unicode"].contains(&encoding.to_ascii_lowercase().as_str()) {
-            return refuse(
-                &mut client,
-                "42501",
-                "only client_encoding UTF8 is accepted",
-            )
-            .await;
+            return refuse_startup(client, "42501", "only client_encoding UTF8 is accepted").await;
         }
     }
     let Some(user) = get("user").map(str::to_owned) else {
-        return refuse(&mut client, "28000", "no user given").await;
+        return refuse_startup(client, "28000", "no user given").await;
     };
     if get("database").is_some_and(|db| db != proxy.config.database) {
         let message = format!(
             "this proxy serves database {:?} only",
             proxy.config.database
         );
-        return refuse(&mut client, "3D000", &message).await;
+        return refuse_startup(client, "3D000", &message).await;
     }
     if !peer.ip().is_loopback() && !proxy.config.allow_non_loopback_plaintext {
-        return refuse(
-            &mut client,
+        return refuse_startup(
+            client,
             "28000",
             "plaintext password from a non-loopback client refused (configure TLS)",
         )
         .await;
     }
-    wire::write_message(&mut client, &wire::authentication(3)).await?;
-    let password = read_message(&mut client, 64 * 1024).await?;
+    wire::write_message(client, &wire::authentication(3)).await?;
+    let password = read_message(client, 64 * 1024).await?;
     if password.tag != b'p' {
-        return refuse(&mut client, "08P01", "expected a password message").await;
+        return refuse_startup(client, "08P01", "expected a password message").await;
     }
     let token = cstr(&password.body)?.0.to_owned();
     let verified = match proxy.guard.verify_token(&token) {
         Ok(verified) => verified,
         Err((code, reason)) => {
             tracing::warn!(%peer, code = code.as_str(), %reason, "pg login refused");
-            return refuse(
-                &mut client,
+            return refuse_startup(
+                client,
                 "28P01",
                 &format!("Capgate token refused: {} ({reason})", code.as_str()),
             )
@@ -137,7 +185,7 @@ pub async fn run(
         }
     };
     if verified.agent != user {
-        return refuse(&mut client, "28000", "user name must be the token's agent").await;
+        return refuse_startup(client, "28000", "user name must be the token's agent").await;
     }
     let read_only = !proxy.token_may_change_database(&verified);
     let application_name = get("application_name").unwrap_or("capgate").to_owned();
@@ -155,8 +203,8 @@ pub async fn run(
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::error!(error = %e, "upstream connection failed");
-            return refuse(
-                &mut client,
+            return refuse_startup(
+                client,
                 "08006",
                 "the database behind Capgate is unavailable",
             )
@@ -171,25 +219,40 @@ pub async fn run(
             Ok(overloaded) => overloaded,
             Err(e) => {
                 tracing::error!(error = %e, "reading the session schema's functions failed");
-                return refuse(
-                    &mut client,
+                return refuse_startup(
+                    client,
                     "08006",
                     "the database behind Capgate did not say which functions it defines",
                 )
                 .await;
             }
         };
-    wire::write_message(&mut client, &wire::authentication(0)).await?;
+    wire::write_message(client, &wire::authentication(0)).await?;
     for status in &upstream.parameters {
-        wire::write_message(&mut client, status).await?;
+        wire::write_message(client, status).await?;
     }
     let minted = proxy.register_cancel(upstream.backend_key);
-    wire::write_message(&mut client, &wire::backend_key(minted.0, minted.1)).await?;
-    wire::write_message(&mut client, &wire::ready_for_query(b'I')).await?;
+    let cancel = CancelKey {
+        proxy: proxy.clone(),
+        minted,
+    };
+    wire::write_message(client, &wire::backend_key(minted.0, minted.1)).await?;
+    wire::write_message(client, &wire::ready_for_query(b'I')).await?;
     tracing::info!(%peer, agent = %user, read_only, "pg session started");
-    let result = relay(client, upstream.stream, token, overloaded, proxy.clone()).await;
-    proxy.unregister_cancel(minted);
-    result
+    Ok(Some(Established {
+        upstream: upstream.stream,
+        token,
+        overloaded,
+        _cancel: cancel,
+    }))
+}
+
+async fn refuse_startup(
+    client: &mut TcpStream,
+    sqlstate: &str,
+    message: &str,
+) -> Result<Option<Established>, WireError> {
+    refuse(client, sqlstate, message).await.map(|()| None)
 }
 
 async fn refuse(client: &mut TcpStream, sqlstate: &str, message: &str) -> Result<(), WireError> {
@@ -412,8 +475,28 @@ impl Session<'_> {
 
     async fn serve_messages(&mut self, mut client: ReadHalf<'_>) -> Result<(), WireError> {
         let mut framer = wire::Framer::new(self.proxy.config.max_frame_bytes);
+        let idle_limit = self.proxy.config.connections.session_idle_timeout;
         loop {
-            let frame = match framer.read(&mut client).await {
+            let next = loop {
+                let Some(limit) = idle_limit else {
+                    break framer.read(&mut client).await;
+                };
+                // The framer's read is cancel-safe: a timeout loses no half-read frame.
+                match tokio::time::timeout(limit, framer.read(&mut client)).await {
+                    Ok(next) => break next,
+                    // Waiting on upstream's answer is not idleness.
+                    Err(_) if self.shared.in_flight.load(Ordering::SeqCst) > 0 => continue,
+                    Err(_) => {
+                        tracing::info!(?limit, "pg session idle too long: ended");
+                        self.reply(error_response(
+                            "57P05",
+                            "capgate: terminating connection due to idle-session timeout",
+                        ));
+                        return Ok(());
+                    }
+                }
+            };
+            let frame = match next {
                 Ok(frame) => frame,
                 Err(WireError::Io(_)) => return Ok(()),
                 Err(e) => {
