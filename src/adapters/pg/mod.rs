@@ -6,6 +6,7 @@
 
 pub mod classify;
 mod names;
+mod parameters;
 mod resource;
 mod session;
 mod upstream;
