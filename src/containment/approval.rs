@@ -77,6 +77,8 @@ pub enum ApprovalError {
     NotPending(ApprovalStatus),
     #[error("operator {0} has already approved; a second approval must come from someone else")]
     SameOperator(String),
+    #[error("operator {0} cannot approve a request made under its own name: the requester may not be an approver")]
+    SelfApproval(String),
     #[error("approval has expired")]
     Expired,
     #[error("approval is bound to a different operation")]
@@ -98,6 +100,7 @@ impl ApprovalError {
         match self {
             ApprovalError::NotPending(_) => "approval_not_pending",
             ApprovalError::SameOperator(_) => "approval_same_operator",
+            ApprovalError::SelfApproval(_) => "approval_self",
             ApprovalError::Expired => "approval_expired",
             ApprovalError::DigestMismatch => "approval_digest_mismatch",
             ApprovalError::NotApproved(ApprovalStatus::Cancelled) => "approval_cancelled",
@@ -112,7 +115,10 @@ impl ApprovalError {
     /// Whether the caller is the wrong party (403) rather than the approval in the wrong
     /// state (409).
     pub fn is_forbidden(&self) -> bool {
-        matches!(self, ApprovalError::OtherSession | ApprovalError::Unbound)
+        matches!(
+            self,
+            ApprovalError::OtherSession | ApprovalError::Unbound | ApprovalError::SelfApproval(_)
+        )
     }
 }
 
@@ -139,6 +145,11 @@ impl Approval {
                 ttl_seconds,
             } => {
                 self.require_pending(now)?;
+                // Operator and agent names share one namespace: a person holding both
+                // credentials under one name would otherwise approve their own agent.
+                if *operator == self.agent {
+                    return Err(ApprovalError::SelfApproval(operator.clone()));
+                }
                 if self.approvers.contains(operator) {
                     return Err(ApprovalError::SameOperator(operator.clone()));
                 }
@@ -265,6 +276,33 @@ mod tests {
         let twice = once.apply(&approve("bob"), 112).expect("second");
         assert_eq!(twice.status, ApprovalStatus::Approved);
         assert_eq!(twice.version, 2);
+    }
+
+    #[test]
+    fn the_requesting_agent_cannot_approve_under_an_operator_key() {
+        for required in [1, 2] {
+            let a = pending(required, 0);
+            assert_eq!(
+                a.apply(&approve("bot"), 110)
+                    .map_err(|e| (e.code(), e.is_forbidden())),
+                Err(("approval_self", true)),
+                "{required} required"
+            );
+        }
+        let once = pending(2, 0).apply(&approve("alice"), 110).expect("first");
+        assert_eq!(
+            once.apply(&approve("bot"), 111),
+            Err(ApprovalError::SelfApproval("bot".into())),
+            "not the second person either"
+        );
+        // Denying one's own request stays possible: it only makes things safer.
+        let denied = pending(1, 0).apply(
+            &ApprovalAction::Deny {
+                operator: "bot".into(),
+            },
+            110,
+        );
+        assert_eq!(denied.map(|d| d.status), Ok(ApprovalStatus::Denied));
     }
 
     #[test]
