@@ -114,3 +114,218 @@ async fn an_approval_binds_the_parameter_values_of_the_statement() {
         "{requested}"
     );
 }
+
+/// A token of ops-bot (granted whatever it asks) for the staging database.
+async fn ops_token(broker: &Broker) -> String {
+    token_of(
+        &broker
+            .issue(
+                OPS_KEY,
+                &[
+                    "pg://staging/:delete",
+                    "pg://staging/:write",
+                    "pg://staging/:read",
+                ],
+                None,
+            )
+            .await,
+    )
+}
+
+/// Waits until approval `id` carries the proxy's preview, and returns its text.
+async fn preview_of(broker: &Broker, id: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let body = approval(broker, id).await;
+        if let Some(text) = body["preview"]["text"].as_str() {
+            assert_eq!(body["preview"]["by"], "pg-staging", "{body}");
+            return text.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no preview attached: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks for `sql` (simple protocol), returns the approval id and the preview attached to it.
+async fn ask(broker: &Broker, client: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    let denied = client.batch_execute(sql).await.expect_err("needs approval");
+    let message = db_message(&denied);
+    let id = approval_id(&message).unwrap_or_else(|| panic!("approval id in {message}"));
+    let preview = preview_of(broker, &id).await;
+    (id, preview)
+}
+
+/// "48,211 of 48,230 rows" -> (48211, 48230).
+fn counts(preview: &str) -> (u64, u64) {
+    let number = |s: &str| s.replace(',', "").parse::<u64>().expect(preview);
+    let (matched, rest) = preview.split_once(" of ").expect(preview);
+    (number(matched), number(rest.trim_end_matches(" rows")))
+}
+
+/// Rows a simple-protocol statement reports changed.
+async fn changed(client: &tokio_postgres::Client, sql: &str) -> u64 {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", db_message(&e)))
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .expect("a command tag")
+}
+
+/// The preview's count is the number of rows the statement changes once approved and run:
+/// a plain DELETE, an UPDATE joined through a CTE (rows matched twice count once) with
+/// extended-protocol parameters, and a DROP TABLE with its dependents.
+#[tokio::test]
+async fn the_preview_counts_what_the_approved_statement_then_changes() {
+    let broker = Broker::start_custom(OPS_POLICY, APPROVE_WRITES).await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table_with(10).await;
+    let u = table_with(4).await;
+    let token = ops_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "ops-bot", &token).await;
+
+    let delete = format!("DELETE FROM {t} WHERE id > 7");
+    let (id, preview) = ask(&broker, &client, &delete).await;
+    assert_eq!(preview, "3 of 10 rows");
+    let approved = approve_and_collect(&broker, &id, &token).await;
+    let retry = connect_when_ready(proxy.port, "ops-bot", &approved).await;
+    assert_eq!(changed(&retry, &delete).await, counts(&preview).0);
+    assert_eq!(rows(&t).await, 7);
+
+    // u's rows 1..4 each appear twice in the join: the update still changes each t row once.
+    let update = format!(
+        "WITH k AS (SELECT id FROM {u} UNION ALL SELECT id FROM {u}) \
+         UPDATE {t} SET v = 'x' FROM k WHERE {t}.id = k.id AND {t}.id % $1 = 0"
+    );
+    let denied = client
+        .query_typed(&update, &[(&2i32, Type::INT4)])
+        .await
+        .expect_err("needs approval");
+    let id = approval_id(&db_message(&denied)).expect("approval id");
+    let preview = preview_of(&broker, &id).await;
+    assert_eq!(preview, "2 of 7 rows");
+    let approved = approve_and_collect(&broker, &id, &token).await;
+    let retry = connect_when_ready(proxy.port, "ops-bot", &approved).await;
+    let updated = retry
+        .execute_typed(&update, &[(&2i32, Type::INT4)])
+        .await
+        .expect("the approved update runs");
+    assert_eq!(updated, counts(&preview).0);
+
+    let w = table_with(3).await;
+    direct()
+        .await
+        .batch_execute(&format!("CREATE VIEW {w}_v AS SELECT id FROM {w}"))
+        .await
+        .expect("view");
+    let drop = format!("DROP TABLE {w} CASCADE");
+    let (_, preview) = ask(&broker, &client, &drop).await;
+    assert!(
+        preview.starts_with(&format!("DROP TABLE {w}: 3 rows; dependents: ")),
+        "{preview}"
+    );
+    assert!(
+        preview.contains(&format!("view {w}_v")) && preview.contains(&format!("index {w}_pkey")),
+        "{preview}"
+    );
+}
+
+/// Nothing the preview runs changes data: statements whose count could run a function with
+/// effects (a user function, a volatile built-in, a trigger, a view calling a function) or
+/// would not see what the statement does (row-level security) are not measured and say why,
+/// and afterwards a direct connection finds every table as it was.
+#[tokio::test]
+async fn the_preview_never_changes_data() {
+    let broker = Broker::start_custom(OPS_POLICY, APPROVE_WRITES).await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table_with(5).await;
+    let with_trigger = table_with(2).await;
+    let secured = table_with(2).await;
+    let log = format!("{t}_log");
+    let fx = format!("{t}_fx");
+    direct()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {log} (at timestamptz default now());
+             CREATE FUNCTION {fx}() RETURNS boolean VOLATILE LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO {log} DEFAULT VALUES; RETURN true; END $$;
+             CREATE VIEW {t}_calls AS SELECT id FROM {t} WHERE {fx}();
+             CREATE FUNCTION {fx}_trg() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO {log} DEFAULT VALUES; RETURN OLD; END $$;
+             CREATE TRIGGER audit_delete BEFORE DELETE ON {with_trigger}
+               FOR EACH ROW EXECUTE FUNCTION {fx}_trg();
+             ALTER TABLE {secured} ENABLE ROW LEVEL SECURITY;"
+        ))
+        .await
+        .expect("setup");
+    let before = |table: String| async move {
+        direct()
+            .await
+            .query(&format!("SELECT id, v FROM {table} ORDER BY id"), &[])
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+    };
+    let snapshot = (
+        before(t.clone()).await,
+        before(with_trigger.clone()).await,
+        before(secured.clone()).await,
+    );
+    let token = ops_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "ops-bot", &token).await;
+    let cases = [
+        (
+            format!("DELETE FROM {t} WHERE id = 1 AND {fx}()"),
+            format!("not measured: the statement calls functions not known to be pure: {fx}"),
+        ),
+        (
+            format!("UPDATE {t} SET v = 'y' WHERE random() < 2"),
+            "not measured: the statement calls functions not known to be pure: random".into(),
+        ),
+        (
+            format!("DELETE FROM {with_trigger} WHERE id = 1"),
+            format!("not measured: {with_trigger} has triggers (audit_delete) that would also run"),
+        ),
+        (
+            format!("DELETE FROM {t} WHERE id IN (SELECT id FROM {t}_calls)"),
+            format!("not measured: view public.{t}_calls calls functions not known to be pure ({fx})"),
+        ),
+        (
+            format!("DELETE FROM {secured}"),
+            format!("not measured: {secured} has row-level security: a count here may not see what the statement would"),
+        ),
+        (format!("DELETE FROM {t} WHERE id > 3"), "2 of 5 rows".into()),
+    ];
+    for (sql, expected) in &cases {
+        let (_, preview) = ask(&broker, &client, sql).await;
+        assert_eq!(&preview, expected, "{sql}");
+    }
+    let (_, truncate) = ask(&broker, &client, &format!("TRUNCATE {t}")).await;
+    assert!(
+        truncate.starts_with(&format!("TRUNCATE {t}: 5 rows; dependents: ")),
+        "{truncate}"
+    );
+    assert_eq!(
+        (
+            before(t.clone()).await,
+            before(with_trigger.clone()).await,
+            before(secured.clone()).await,
+        ),
+        snapshot,
+        "no table changed"
+    );
+    assert_eq!(
+        rows(&log).await,
+        0,
+        "the function and the trigger never ran"
+    );
+}

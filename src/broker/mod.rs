@@ -7,6 +7,7 @@
 mod approvals;
 mod audit;
 mod authorize;
+mod console;
 mod containment;
 mod health;
 mod integrity;
@@ -93,6 +94,8 @@ pub struct BrokerState {
     revocation_cursor: watch::Sender<u64>,
     /// Bumped when something other than a revocation changes what the feed says (freeze).
     feed_epoch: watch::Sender<u64>,
+    /// Operators signed in to the approvals console.
+    console: console::Sessions,
 }
 
 impl BrokerState {
@@ -149,6 +152,7 @@ impl BrokerState {
             integrity,
             revocation_cursor: watch::channel(0).0,
             feed_epoch: watch::channel(0).0,
+            console: console::Sessions::default(),
         }))
     }
 
@@ -292,12 +296,29 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
         ),
         (
             Method::POST,
+            "/v1/approvals/{id}/preview",
+            post(approvals::attach_preview),
+        ),
+        (
+            Method::POST,
             "/v1/audit",
             post(audit::append).layer(DefaultBodyLimit::max(MAX_AUDIT_BODY_BYTES)),
         ),
         (Method::GET, "/v1/audit", get(audit::read)),
         (Method::GET, "/v1/audit/checkpoint", get(integrity::latest)),
         (Method::POST, "/v1/store/recover", post(integrity::recover)),
+        // The approvals console: HTML for operators in a browser (console/mod.rs).
+        (Method::GET, "/ui", get(console::home)),
+        (Method::GET, "/ui/login", get(console::login_form)),
+        (Method::POST, "/ui/login", post(console::login)),
+        (Method::POST, "/ui/logout", post(console::logout)),
+        (Method::POST, "/ui/freeze", post(console::freeze)),
+        (
+            Method::POST,
+            "/ui/approvals/{id}/approve",
+            post(console::approve),
+        ),
+        (Method::POST, "/ui/approvals/{id}/deny", post(console::deny)),
     ]
 }
 

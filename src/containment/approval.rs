@@ -43,6 +43,22 @@ pub struct Approval {
     pub used_at: Option<u64>,
     /// Incremented by every change; stores compare-and-set on it.
     pub version: u64,
+    /// What the operation would touch, measured by the adapter without running it (a SQL
+    /// statement's row count), or why it was not measured. Shown to approvers; outside the
+    /// digest, so it can never change what is approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Preview>,
+}
+
+/// An adapter's measurement of what an approval's operation would touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preview {
+    /// "48,211 of 48,230 rows", or "not measured: <why>".
+    pub text: String,
+    /// The adapter that measured it.
+    pub by: String,
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +76,10 @@ pub enum ApprovalAction {
     Consume {
         digest: String,
         requester: Requester,
+    },
+    /// The adapter attaches its measurement while the request is pending.
+    AttachPreview {
+        preview: Preview,
     },
 }
 
@@ -195,6 +215,10 @@ impl Approval {
                 next.status = ApprovalStatus::Used;
                 next.used_at = Some(now);
             }
+            ApprovalAction::AttachPreview { preview } => {
+                self.require_pending(now)?;
+                next.preview = Some(preview.clone());
+            }
         }
         Ok(next)
     }
@@ -240,6 +264,7 @@ mod tests {
             delay_seconds: delay,
             used_at: None,
             version: 0,
+            preview: None,
         }
     }
 

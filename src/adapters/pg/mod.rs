@@ -7,6 +7,7 @@
 pub mod classify;
 mod names;
 mod parameters;
+mod preview;
 mod resource;
 mod session;
 mod upstream;

@@ -64,11 +64,18 @@ pub(super) enum Phase<'a> {
     Run {
         /// The bound values as shown to approvers (none for a simple Query).
         parameters: Option<&'a str>,
+        /// What the statement runs with, for a preview of its effect.
+        types: &'a [u32],
+        values: &'a [parameters::Value],
     },
 }
 
 impl Phase<'_> {
-    const SIMPLE: Phase<'static> = Phase::Run { parameters: None };
+    const SIMPLE: Phase<'static> = Phase::Run {
+        parameters: None,
+        types: &[],
+        values: &[],
+    };
 }
 
 /// A name that may hold anything: its use is a deny.
@@ -390,7 +397,11 @@ impl Session<'_> {
                             accesses.dedup();
                             let shown = parameters::render(&bound.values, &parsed.param_types);
                             let parameters = (!shown.is_empty()).then_some(shown.as_str());
-                            let phase = Phase::Run { parameters };
+                            let phase = Phase::Run {
+                                parameters,
+                                types: &parsed.param_types,
+                                values: &bound.values,
+                            };
                             self.authorize_all(&accesses, &parsed.text, control, phase)
                                 .await?;
                         }
@@ -561,8 +572,38 @@ impl Session<'_> {
             .await
         {
             Ok(_) => Ok(false),
-            Err(decision) => Err(denial_of(&decision, &request)),
+            Err(decision) => {
+                if let (
+                    Outcome::ApprovalRequired {
+                        approval_id: Some(id),
+                        ..
+                    },
+                    Phase::Run { types, values, .. },
+                ) = (&decision.outcome, phase)
+                {
+                    self.preview(id, sql, types, values);
+                }
+                Err(denial_of(&decision, &request))
+            }
         }
+    }
+
+    /// Measures what the statement would touch and attaches it to approval `id`, off the
+    /// request path: the denial goes back to the client at once.
+    fn preview(&self, id: &str, sql: &str, types: &[u32], values: &[parameters::Value]) {
+        let proxy = self.proxy.clone();
+        let (id, sql, types, values) = (
+            id.to_owned(),
+            sql.to_owned(),
+            types.to_vec(),
+            values.to_vec(),
+        );
+        tokio::spawn(async move {
+            let text = super::super::preview::measure(&proxy, &sql, &types, &values).await;
+            if let Err(e) = proxy.ledger.attach_preview(&id, &text).await {
+                tracing::warn!(approval_id = %id, error = %e, "cannot attach the preview");
+            }
+        });
     }
 }
 
