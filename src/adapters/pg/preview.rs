@@ -674,7 +674,7 @@ mod tests {
         );
         assert_eq!(
             count,
-            "WITH old AS (SELECT id FROM trips WHERE day < (now() - '1 year'::interval)) \
+            "WITH old AS (SELECT id FROM trips WHERE day < now() - '1 year'::interval) \
              SELECT pg_catalog.count(DISTINCT b.ctid) FROM ONLY s.bookings b, old WHERE b.trip = old.id"
         );
         assert_eq!(total, "SELECT pg_catalog.count(*) FROM ONLY s.bookings");
