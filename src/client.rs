@@ -245,6 +245,21 @@ impl Client {
             .await
     }
 
+    /// Adapter: attaches what a pending approval's operation would touch.
+    pub async fn attach_preview(
+        &self,
+        adapter_key: &str,
+        id: &str,
+        preview: &str,
+    ) -> Result<Approval, ClientError> {
+        self.post_json(
+            &format!("/v1/approvals/{id}/preview"),
+            adapter_key,
+            &json!({ "preview": preview }),
+        )
+        .await
+    }
+
     /// Agent: the approval's state, and once approved, the token carrying the approval block.
     pub async fn approval(&self, token: &str, id: &str) -> Result<Approval, ClientError> {
         self.get_json(&format!("/v1/approvals/{id}"), Some(token))

@@ -414,6 +414,9 @@ async fn run(command: Command) -> CliResult {
                         for (k, v) in &a.operation.detail {
                             println!("    {k}: {v}");
                         }
+                        if let Some(preview) = &a.preview {
+                            println!("    preview: {} (measured by {})", preview.text, preview.by);
+                        }
                     }
                     return Ok(ExitCode::SUCCESS);
                 }

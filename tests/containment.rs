@@ -852,3 +852,57 @@ async fn an_approval_is_bound_to_the_session_that_asked() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(s.upstream.seen().len(), 1);
 }
+
+/// An operator who shares the requesting agent's name cannot approve its request (a person
+/// running both an agent and an operator key under one name), with one operator required
+/// or under the two-person rule, where it does not count as either person.
+#[tokio::test]
+async fn an_operator_cannot_approve_a_request_made_under_its_own_name() {
+    const SELF_OPERATOR_KEY: &str = "cgo_test_self_ops_bot_0123456789abcd";
+    let operator = format!(
+        "approvers_required = 2\n\n[[operators]]\nname = \"ops-bot\"\nsha256 = \"{}\"\n",
+        sha256(SELF_OPERATOR_KEY)
+    );
+    let s = setup(&operator, &DELETE_SCOPES).await;
+    let (_, _, id) = send(&s.proxy, "DELETE", "/v2/volumes/vol_1", &s.token).await;
+    let id = id.expect("id");
+    let refused = |body: &Value| {
+        assert_eq!(body["code"], "approval_self", "{body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("ops-bot") && detail.contains("own"),
+            "the reason names who and why: {body}"
+        );
+    };
+    let (status, body) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/approve"), SELF_OPERATOR_KEY)
+        .await;
+    assert_eq!(status, 403, "{body}");
+    refused(&body);
+    let (_, first) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/approve"), OPERATOR_KEY)
+        .await;
+    assert_eq!(first["status"], "pending", "{first}");
+    // Not the second person either.
+    let (status, body) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/approve"), SELF_OPERATOR_KEY)
+        .await;
+    assert_eq!(status, 403, "{body}");
+    refused(&body);
+    let (_, shown) = s
+        .broker
+        .get_as(&format!("/v1/approvals/{id}"), OPERATOR_KEY)
+        .await;
+    assert_eq!(
+        (shown["status"].clone(), shown["approvers"].clone()),
+        (json!("pending"), json!(["alice"]))
+    );
+    let (_, second) = s
+        .broker
+        .post_as(&format!("/v1/approvals/{id}/approve"), OPERATOR_BOB_KEY)
+        .await;
+    assert_eq!(second["status"], "approved", "{second}");
+}

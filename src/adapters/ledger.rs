@@ -136,6 +136,20 @@ impl Ledger for BrokerLedger {
             .map_err(denial)
     }
 
+    async fn attach_preview(&self, approval_id: &str, preview: &str) -> Result<(), LedgerDenial> {
+        let Some(key) = &self.adapter_key else {
+            return Err(LedgerDenial {
+                code: "preview_unavailable",
+                reason: "this adapter has no adapter key configured".into(),
+            });
+        };
+        self.client
+            .attach_preview(key, approval_id, preview)
+            .await
+            .map(|_| ())
+            .map_err(denial)
+    }
+
     fn record_later(&self, event: AuditEvent) {
         if let Some(spool) = &self.spool {
             spool.record(event);

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::problem::{bearer, parse_json, require_json, ApiError, Body};
 use super::BrokerState;
 use crate::containment::approval::{
-    Approval, ApprovalAction, ApprovalError, ApprovalStatus, Requester,
+    Approval, ApprovalAction, ApprovalError, ApprovalStatus, Preview, Requester,
 };
 use crate::containment::audit::AuditKind;
 use crate::containment::{destroys_recovery_point, Operation};
@@ -29,6 +29,15 @@ use crate::token::{from_unix_seconds, random_id, unix_seconds_now, VerifiedToken
 #[serde(deny_unknown_fields)]
 struct CreateRequest {
     operation: Operation,
+}
+
+/// Longest preview text an adapter may attach.
+const MAX_PREVIEW_CHARS: usize = 2000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewRequest {
+    preview: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +170,7 @@ pub async fn create(
         delay_seconds: containment.approval_delay.as_secs(),
         used_at: None,
         version: 0,
+        preview: None,
     };
     state.store.create_approval(&approval).await?;
     record(&state, &verified.agent, &approval, "requested").await?;
@@ -214,14 +224,27 @@ async fn decide(
     what: &str,
 ) -> Result<Json<Approval>, ApiError> {
     let operator = operator(state, headers)?;
-    let action = action(operator.name.clone());
+    decide_as(state, &operator, id, action(operator.name.clone()), what)
+        .await
+        .map(Json)
+}
+
+/// An operator's decision, by the API or the console: the same transition, the same rules
+/// (no self-approval, distinct approvers), the same audit record.
+pub(super) async fn decide_as(
+    state: &BrokerState,
+    operator: &Operator,
+    id: &str,
+    action: ApprovalAction,
+    what: &str,
+) -> Result<Approval, ApiError> {
     let approval = update_approval(state.store.as_ref(), id, &action, unix_seconds_now())
         .await
         .map_err(update_error)?;
     record(state, &operator.name, &approval, what).await?;
     tracing::warn!(approval_id = %id, operator = %operator.name, status = ?approval.status, "{what}");
     state.announce(what, &approval);
-    Ok(Json(approval))
+    Ok(approval)
 }
 
 pub async fn approve(
@@ -373,4 +396,41 @@ pub async fn consume(
     record(&state, &verified.agent, &used, "used").await?;
     state.announce("used", &used);
     Ok(Json(used))
+}
+
+/// An adapter attaches what the pending request's operation would touch (`POST
+/// /v1/approvals/{id}/preview`, adapter key). Outside the digest: it informs the approver
+/// and cannot change what is approved; the agent cannot write it.
+pub async fn attach_preview(
+    State(state): State<Arc<BrokerState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Json<Approval>, ApiError> {
+    let credential = bearer(&headers).ok_or(AuthError::MissingCredential)?;
+    let adapter = state.authenticator.authenticate_adapter(credential)?;
+    require_json(&headers)?;
+    let request: PreviewRequest = parse_json(&body)?;
+    if request.preview.chars().count() > MAX_PREVIEW_CHARS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "preview_too_long",
+            format!("a preview has at most {MAX_PREVIEW_CHARS} characters"),
+        ));
+    }
+    let preview = Preview {
+        text: request.preview,
+        by: adapter.clone(),
+        at: unix_seconds_now(),
+    };
+    let approval = update_approval(
+        state.store.as_ref(),
+        &id,
+        &ApprovalAction::AttachPreview { preview },
+        unix_seconds_now(),
+    )
+    .await
+    .map_err(update_error)?;
+    record(&state, &adapter, &approval, "previewed").await?;
+    Ok(Json(approval))
 }

@@ -146,16 +146,22 @@ pub async fn set_freeze(
     let operator = operator(&state, &headers)?;
     require_json(&headers)?;
     let request: FreezeState = parse_json(&body)?;
-    state.store.set_frozen(request.frozen).await?;
+    freeze_as(&state, &operator.name, request.frozen).await?;
+    Ok(Json(request))
+}
+
+/// Switches the freeze, by the API or the console, and records who did.
+pub(super) async fn freeze_as(
+    state: &BrokerState,
+    operator: &str,
+    frozen: bool,
+) -> Result<(), ApiError> {
+    state.store.set_frozen(frozen).await?;
     state
-        .audit(
-            AuditKind::Freeze,
-            Some(&operator.name),
-            json!({"frozen": request.frozen}),
-        )
+        .audit(AuditKind::Freeze, Some(operator), json!({"frozen": frozen}))
         .await?;
     // Feed readers learn the new state on their next page; wake them now.
     state.wake_feed();
-    tracing::warn!(operator = %operator.name, frozen = request.frozen, "freeze switched");
-    Ok(Json(request))
+    tracing::warn!(%operator, frozen, "freeze switched");
+    Ok(())
 }

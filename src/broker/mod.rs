@@ -7,6 +7,7 @@
 mod approvals;
 mod audit;
 mod authorize;
+mod console;
 mod containment;
 mod health;
 mod integrity;
@@ -101,6 +102,8 @@ pub struct BrokerState {
     pub metrics: Arc<crate::metrics::BrokerMetrics>,
     /// Approval events to webhook sinks, queued without waiting.
     pub notifier: webhooks::Notifier,
+    /// Operators signed in to the approvals console.
+    console: console::Sessions,
 }
 
 impl BrokerState {
@@ -160,6 +163,7 @@ impl BrokerState {
             feed_epoch: watch::channel(0).0,
             metrics: Arc::new(crate::metrics::BrokerMetrics::new(notifier.sink_metrics())),
             notifier,
+            console: console::Sessions::default(),
         }))
     }
 
@@ -377,12 +381,29 @@ pub fn route_table() -> Vec<(Method, &'static str, MethodRouter<Arc<BrokerState>
         ),
         (
             Method::POST,
+            "/v1/approvals/{id}/preview",
+            post(approvals::attach_preview),
+        ),
+        (
+            Method::POST,
             "/v1/audit",
             post(audit::append).layer(DefaultBodyLimit::max(MAX_AUDIT_BODY_BYTES)),
         ),
         (Method::GET, "/v1/audit", get(audit::read)),
         (Method::GET, "/v1/audit/checkpoint", get(integrity::latest)),
         (Method::POST, "/v1/store/recover", post(integrity::recover)),
+        // The approvals console: HTML for operators in a browser (console/mod.rs).
+        (Method::GET, "/ui", get(console::home)),
+        (Method::GET, "/ui/login", get(console::login_form)),
+        (Method::POST, "/ui/login", post(console::login)),
+        (Method::POST, "/ui/logout", post(console::logout)),
+        (Method::POST, "/ui/freeze", post(console::freeze)),
+        (
+            Method::POST,
+            "/ui/approvals/{id}/approve",
+            post(console::approve),
+        ),
+        (Method::POST, "/ui/approvals/{id}/deny", post(console::deny)),
     ]
 }
 

@@ -47,6 +47,22 @@ pub struct Approval {
     pub used_at: Option<u64>,
     /// Incremented by every change; stores compare-and-set on it.
     pub version: u64,
+    /// What the operation would touch, measured by the adapter without running it (a SQL
+    /// statement's row count), or why it was not measured. Shown to approvers; outside the
+    /// digest, so it can never change what is approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Preview>,
+}
+
+/// An adapter's measurement of what an approval's operation would touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preview {
+    /// "48,211 of 48,230 rows", or "not measured: <why>".
+    pub text: String,
+    /// The adapter that measured it.
+    pub by: String,
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +83,10 @@ pub enum ApprovalAction {
     },
     /// A pending request past its expiry becomes `Expired`; refused before then.
     Expire,
+    /// The adapter attaches its measurement while the request is pending.
+    AttachPreview {
+        preview: Preview,
+    },
 }
 
 /// Who is collecting or using an approval: the session and token lineage of the token
@@ -83,6 +103,8 @@ pub enum ApprovalError {
     NotPending(ApprovalStatus),
     #[error("operator {0} has already approved; a second approval must come from someone else")]
     SameOperator(String),
+    #[error("operator {0} cannot approve a request made under its own name: the requester may not be an approver")]
+    SelfApproval(String),
     #[error("approval has expired")]
     Expired,
     #[error("approval is bound to a different operation")]
@@ -106,6 +128,7 @@ impl ApprovalError {
         match self {
             ApprovalError::NotPending(_) => "approval_not_pending",
             ApprovalError::SameOperator(_) => "approval_same_operator",
+            ApprovalError::SelfApproval(_) => "approval_self",
             ApprovalError::Expired => "approval_expired",
             ApprovalError::DigestMismatch => "approval_digest_mismatch",
             ApprovalError::NotApproved(ApprovalStatus::Cancelled) => "approval_cancelled",
@@ -121,7 +144,10 @@ impl ApprovalError {
     /// Whether the caller is the wrong party (403) rather than the approval in the wrong
     /// state (409).
     pub fn is_forbidden(&self) -> bool {
-        matches!(self, ApprovalError::OtherSession | ApprovalError::Unbound)
+        matches!(
+            self,
+            ApprovalError::OtherSession | ApprovalError::Unbound | ApprovalError::SelfApproval(_)
+        )
     }
 }
 
@@ -148,6 +174,11 @@ impl Approval {
                 ttl_seconds,
             } => {
                 self.require_pending(now)?;
+                // Operator and agent names share one namespace: a person holding both
+                // credentials under one name would otherwise approve their own agent.
+                if *operator == self.agent {
+                    return Err(ApprovalError::SelfApproval(operator.clone()));
+                }
                 if self.approvers.contains(operator) {
                     return Err(ApprovalError::SameOperator(operator.clone()));
                 }
@@ -202,6 +233,10 @@ impl Approval {
                 }
                 next.status = ApprovalStatus::Expired;
             }
+            ApprovalAction::AttachPreview { preview } => {
+                self.require_pending(now)?;
+                next.preview = Some(preview.clone());
+            }
         }
         Ok(next)
     }
@@ -251,6 +286,7 @@ mod tests {
             delay_seconds: delay,
             used_at: None,
             version: 0,
+            preview: None,
         }
     }
 
@@ -287,6 +323,33 @@ mod tests {
         let twice = once.apply(&approve("bob"), 112).expect("second");
         assert_eq!(twice.status, ApprovalStatus::Approved);
         assert_eq!(twice.version, 2);
+    }
+
+    #[test]
+    fn the_requesting_agent_cannot_approve_under_an_operator_key() {
+        for required in [1, 2] {
+            let a = pending(required, 0);
+            assert_eq!(
+                a.apply(&approve("bot"), 110)
+                    .map_err(|e| (e.code(), e.is_forbidden())),
+                Err(("approval_self", true)),
+                "{required} required"
+            );
+        }
+        let once = pending(2, 0).apply(&approve("alice"), 110).expect("first");
+        assert_eq!(
+            once.apply(&approve("bot"), 111),
+            Err(ApprovalError::SelfApproval("bot".into())),
+            "not the second person either"
+        );
+        // Denying one's own request stays possible: it only makes things safer.
+        let denied = pending(1, 0).apply(
+            &ApprovalAction::Deny {
+                operator: "bot".into(),
+            },
+            110,
+        );
+        assert_eq!(denied.map(|d| d.status), Ok(ApprovalStatus::Denied));
     }
 
     #[test]

@@ -71,6 +71,13 @@ pub trait Ledger: Send + Sync {
     }
     /// Records a decision off the request path (reads, denials); best effort, spooled.
     fn record_later(&self, _event: AuditEvent) {}
+    /// Attaches what a pending approval's operation would touch (a measured preview).
+    async fn attach_preview(&self, _approval_id: &str, _preview: &str) -> Result<(), LedgerDenial> {
+        Err(LedgerDenial {
+            code: "preview_unavailable",
+            reason: "this adapter cannot attach previews".into(),
+        })
+    }
 }
 
 /// The containment settings an adapter got from the broker, and the freeze flag from the feed.

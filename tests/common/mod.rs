@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod metrics;
+pub mod pg;
 pub mod proxy;
 
 pub const DEPLOY_BOT_KEY: &str = "cgk_test_deploy_bot_0123456789abcdef";

@@ -6,6 +6,8 @@
 
 pub mod classify;
 mod names;
+mod parameters;
+mod preview;
 mod resource;
 mod session;
 mod upstream;

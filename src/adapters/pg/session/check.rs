@@ -11,6 +11,7 @@ use bytes::BytesMut;
 
 use super::super::classify::{classify_async, Access, NameChange, Object, Statement, Transaction};
 use super::super::names::{Change, Entry, Owes, Prepared, Step};
+use super::super::parameters::{self, read_bind, read_parse_types};
 use super::super::wire::cstr;
 use super::{lock, protocol_denial, Denial, Session};
 use crate::containment::audit::AuditEvent;
@@ -44,9 +45,38 @@ pub(super) struct Staged {
     overlay: Vec<Change>,
 }
 
-/// The statements a portal may run: one, unless a change to its statement's name was still
-/// in flight when it was bound.
-pub(super) type Bound = Arc<Vec<Arc<Prepared>>>;
+/// What a portal was bound to: the statements it may run (one, unless a change to its
+/// statement's name was still in flight when it was bound) and the Bind's parameter values.
+pub(super) struct Binding {
+    pub statements: Vec<Arc<Prepared>>,
+    pub values: Vec<parameters::Value>,
+}
+
+pub(super) type Bound = Arc<Binding>;
+
+/// How far a statement goes when it is judged. A Parse only prepares it: an access that
+/// needs an approval is judged then for everything but the approval, which is asked for at
+/// each execution, over the statement and the parameter values that execution binds (an
+/// approval of the text alone would admit any value).
+#[derive(Clone, Copy)]
+pub(super) enum Phase<'a> {
+    Prepare,
+    Run {
+        /// The bound values as shown to approvers (none for a simple Query).
+        parameters: Option<&'a str>,
+        /// What the statement runs with, for a preview of its effect.
+        types: &'a [u32],
+        values: &'a [parameters::Value],
+    },
+}
+
+impl Phase<'_> {
+    const SIMPLE: Phase<'static> = Phase::Run {
+        parameters: None,
+        types: &[],
+        values: &[],
+    };
+}
 
 /// A name that may hold anything: its use is a deny.
 fn in_doubt(name: &str) -> Denial {
@@ -83,6 +113,8 @@ fn changes_of(statement: &Statement) -> Vec<Change> {
                 writes: statement.accesses.iter().any(|a| a.verb != Verb::Read),
                 transaction: None,
                 changes: Vec::new(),
+                param_types: Vec::new(),
+                deferred: false,
             }),
         )],
         Some(NameChange::Deallocate(name)) => vec![Change::Drop(name.clone())],
@@ -115,7 +147,9 @@ impl Session<'_> {
         };
         let mut overlay = Vec::new();
         for statement in statements {
-            let (accesses, changes) = self.check_statement(&statement, control, &overlay).await?;
+            let (accesses, changes, _) = self
+                .check_statement(&statement, control, &overlay, Phase::SIMPLE)
+                .await?;
             checked.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             if matches!(
                 statement.transaction,
@@ -134,20 +168,23 @@ impl Session<'_> {
     }
 
     /// Authorizes what one classified statement touches, its own accesses and those of what
-    /// it executes; returns them with the name changes it makes.
+    /// it executes; returns them with the name changes it makes, and whether an approval
+    /// waits for its execution.
     async fn check_statement(
         &mut self,
         statement: &Statement,
         control: bool,
         overlay: &[Change],
-    ) -> Result<(Vec<Access>, Vec<Change>), Denial> {
+        phase: Phase<'_>,
+    ) -> Result<(Vec<Access>, Vec<Change>, bool), Denial> {
         let mut accesses = statement.accesses.clone();
         for name in &statement.executes {
             self.resolve(name, overlay, statement.plans_only, 0, &mut accesses)?;
         }
         accesses.sort();
         accesses.dedup();
-        self.authorize_all(&accesses, &statement.text, control)
+        let deferred = self
+            .authorize_all(&accesses, &statement.text, control, phase)
             .await
             .map_err(|denial| explained(denial, statement))?;
         if let Some(NameChange::Prepare(name)) = &statement.names {
@@ -156,7 +193,7 @@ impl Session<'_> {
                 return Err(exists(name));
             }
         }
-        Ok((accesses, changes_of(statement)))
+        Ok((accesses, changes_of(statement), deferred))
     }
 
     fn candidates(&self, name: &str, overlay: &[Change]) -> Vec<Option<Entry>> {
@@ -201,7 +238,7 @@ impl Session<'_> {
     }
 
     /// The statements `name` may hold for a Bind: every candidate known, none in doubt.
-    fn bindable(&self, name: &str, overlay: &[Change]) -> Result<Bound, Denial> {
+    fn bindable(&self, name: &str, overlay: &[Change]) -> Result<Vec<Arc<Prepared>>, Denial> {
         let mut bound = Vec::new();
         for candidate in self.candidates(name, overlay) {
             match candidate {
@@ -213,7 +250,7 @@ impl Session<'_> {
         if bound.is_empty() {
             return Err(unprepared(name));
         }
-        Ok(Arc::new(bound))
+        Ok(bound)
     }
 
     async fn classify(&self, sql: &str) -> Result<Vec<Statement>, Denial> {
@@ -230,10 +267,11 @@ impl Session<'_> {
         Ok(statements)
     }
 
-    /// Classifies one Parse and authorizes what it touches.
+    /// Classifies one Parse and authorizes what it touches (approvals wait for executions).
     async fn parse(
         &mut self,
         sql: &str,
+        param_types: Vec<u32>,
         control: bool,
         overlay: &[Change],
     ) -> Result<Prepared, Denial> {
@@ -246,9 +284,14 @@ impl Session<'_> {
             writes: false,
             transaction: None,
             changes: Vec::new(),
+            param_types,
+            deferred: false,
         };
         for statement in statements {
-            let (accesses, changes) = self.check_statement(&statement, control, overlay).await?;
+            let (accesses, changes, deferred) = self
+                .check_statement(&statement, control, overlay, Phase::Prepare)
+                .await?;
+            parsed.deferred |= deferred;
             parsed.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             parsed.transaction = parsed.transaction.or(statement.transaction);
             parsed.accesses.extend(statement.accesses.iter().cloned());
@@ -279,14 +322,15 @@ impl Session<'_> {
             match frame.first() {
                 Some(b'P') => {
                     let (name, rest) = cstr(body).map_err(protocol_denial)?;
-                    let (sql, _) = cstr(rest).map_err(protocol_denial)?;
+                    let (sql, rest) = cstr(rest).map_err(protocol_denial)?;
+                    let types = read_parse_types(rest).map_err(protocol_denial)?;
                     let overlay = &staged.overlay;
                     if !name.is_empty()
                         && self.candidates(name, overlay).iter().any(Option::is_some)
                     {
                         return Err(exists(name));
                     }
-                    let parsed = self.parse(sql, control, overlay).await?;
+                    let parsed = self.parse(sql, types, control, overlay).await?;
                     if parsed.writes && self.row_budget.is_some() {
                         return Err(Denial {
                             sqlstate: "42501",
@@ -312,8 +356,12 @@ impl Session<'_> {
                 }
                 Some(b'B') => {
                     let (portal, rest) = cstr(body).map_err(protocol_denial)?;
-                    let (statement, _) = cstr(rest).map_err(protocol_denial)?;
-                    let bound = self.bindable(statement, &staged.overlay)?;
+                    let (statement, rest) = cstr(rest).map_err(protocol_denial)?;
+                    let values = read_bind(rest).map_err(protocol_denial)?;
+                    let bound = Arc::new(Binding {
+                        statements: self.bindable(statement, &staged.overlay)?,
+                        values,
+                    });
                     if !portal.is_empty() && self.portal(&staged, portal, epoch).is_some() {
                         return Err(Denial {
                             sqlstate: "42P03",
@@ -336,9 +384,10 @@ impl Session<'_> {
                             sqlstate: "34000",
                             message: format!("capgate: portal {portal:?} was not bound in this batch or transaction"),
                         })?;
-                    for parsed in bound.iter() {
-                        // Parsed in this batch: authorized moments ago, once is enough.
-                        if !fresh.iter().any(|p| Arc::ptr_eq(p, parsed)) {
+                    for parsed in bound.statements.iter() {
+                        // Parsed in this batch: authorized moments ago, once is enough,
+                        // unless an approval waits for the values this execution binds.
+                        if parsed.deferred || !fresh.iter().any(|p| Arc::ptr_eq(p, parsed)) {
                             let mut accesses = parsed.accesses.clone();
                             for name in &parsed.executes {
                                 self.resolve(
@@ -351,13 +400,21 @@ impl Session<'_> {
                             }
                             accesses.sort();
                             accesses.dedup();
-                            self.authorize_all(&accesses, &parsed.text, control).await?;
+                            let shown = parameters::render(&bound.values, &parsed.param_types);
+                            let parameters = (!shown.is_empty()).then_some(shown.as_str());
+                            let phase = Phase::Run {
+                                parameters,
+                                types: &parsed.param_types,
+                                values: &bound.values,
+                            };
+                            self.authorize_all(&accesses, &parsed.text, control, phase)
+                                .await?;
                         }
                         if parsed.transaction.is_some() {
                             ends = parsed.transaction;
                         }
                     }
-                    let ok = match &bound[..] {
+                    let ok = match &bound.statements[..] {
                         [one] => one.changes.clone(),
                         several if several.iter().all(|p| p.changes.is_empty()) => Vec::new(),
                         _ => vec![Change::Doubt],
@@ -415,9 +472,9 @@ impl Session<'_> {
                     .unwrap_or(true),
                 Some(b'E') => cstr(body)
                     .map(|(portal, _)| {
-                        self.portals
-                            .get(portal)
-                            .is_some_and(|(b, _)| b.iter().any(|p| p.transaction.is_some()))
+                        self.portals.get(portal).is_some_and(|(b, _)| {
+                            b.statements.iter().any(|p| p.transaction.is_some())
+                        })
                     })
                     .unwrap_or(true),
                 _ => false,
@@ -439,13 +496,15 @@ impl Session<'_> {
 
     /// Asks the guard about each access; a statement that touches nothing still needs a
     /// valid token. `control`: the request also controls transactions, so no write in it
-    /// may have its audit record deferred to a commit.
+    /// may have its audit record deferred to a commit. Returns whether an approval was left
+    /// for the execution (only when preparing).
     pub(super) async fn authorize_all(
         &self,
         accesses: &[Access],
         sql: &str,
         control: bool,
-    ) -> Result<(), Denial> {
+        phase: Phase<'_>,
+    ) -> Result<bool, Denial> {
         if accesses.is_empty() {
             self.proxy
                 .guard
@@ -461,21 +520,49 @@ impl Session<'_> {
         let in_block = !control
             && self.shared.status.load(Ordering::SeqCst) == b'T'
             && self.shared.in_flight.load(Ordering::SeqCst) == 0;
+        let mut deferred = false;
         for access in accesses {
-            self.authorize(access, sql, in_block && access.verb == Verb::Write)
-                .await?;
+            let defer = in_block && access.verb == Verb::Write;
+            deferred |= self.authorize(access, sql, defer, phase).await?;
         }
-        Ok(())
+        Ok(deferred)
     }
-    async fn authorize(&self, access: &Access, sql: &str, defer: bool) -> Result<(), Denial> {
+
+    /// One access; `Ok(true)`: prepared, its approval left for each execution.
+    async fn authorize(
+        &self,
+        access: &Access,
+        sql: &str,
+        defer: bool,
+        phase: Phase<'_>,
+    ) -> Result<bool, Denial> {
         let resource =
             super::super::resource::resource(&self.proxy.config.database, &access.object);
+        let mut attributes = vec![("sql".into(), sql.chars().take(4096).collect())];
+        if let Phase::Run {
+            parameters: Some(parameters),
+            ..
+        } = phase
+        {
+            attributes.push(("parameters".into(), parameters.to_owned()));
+        }
         let request = GuardRequest {
             resource,
             verb: access.verb,
             environment: self.proxy.config.environment.clone(),
-            attributes: vec![("sql".into(), sql.chars().take(4096).collect())],
+            attributes,
         };
+        let guard = &self.proxy.guard;
+        if matches!(phase, Phase::Prepare) && guard.containment().needs_approval(access.verb) {
+            // Judged without consuming or requesting an approval: one presented now (for
+            // the text alone) must not be spent on a Parse, and one asked for now could
+            // not name the values.
+            let decision = guard.decide(&self.token, &request);
+            return match decision.outcome {
+                Outcome::Allow | Outcome::ApprovalRequired { .. } => Ok(true),
+                Outcome::Deny { .. } => Err(denial_of(&decision, &request)),
+            };
+        }
         let deferring = Deferring {
             inner: self.proxy.ledger.as_ref(),
             deferred: &self.deferred,
@@ -485,14 +572,49 @@ impl Session<'_> {
         } else {
             self.proxy.ledger.as_ref()
         };
-        match self
-            .proxy
-            .guard
+        match guard
             .authorize_with(&self.token, &request, (), ledger)
             .await
         {
-            Ok(_) => Ok(()),
-            Err(decision) => Err(Denial {
+            Ok(_) => Ok(false),
+            Err(decision) => {
+                if let (
+                    Outcome::ApprovalRequired {
+                        approval_id: Some(id),
+                        ..
+                    },
+                    Phase::Run { types, values, .. },
+                ) = (&decision.outcome, phase)
+                {
+                    self.preview(id, sql, types, values);
+                }
+                Err(denial_of(&decision, &request))
+            }
+        }
+    }
+
+    /// Measures what the statement would touch and attaches it to approval `id`, off the
+    /// request path: the denial goes back to the client at once.
+    fn preview(&self, id: &str, sql: &str, types: &[u32], values: &[parameters::Value]) {
+        let proxy = self.proxy.clone();
+        let (id, sql, types, values) = (
+            id.to_owned(),
+            sql.to_owned(),
+            types.to_vec(),
+            values.to_vec(),
+        );
+        tokio::spawn(async move {
+            let text = super::super::preview::measure(&proxy, &sql, &types, &values).await;
+            if let Err(e) = proxy.ledger.attach_preview(&id, &text).await {
+                tracing::warn!(approval_id = %id, error = %e, "cannot attach the preview");
+            }
+        });
+    }
+}
+
+/// The client's answer to a decision that is not an allow.
+fn denial_of(decision: &crate::guard::Decision, request: &GuardRequest) -> Denial {
+    Denial {
                 sqlstate: "42501",
                 message: match &decision.outcome {
                     Outcome::ApprovalRequired { approval_id, .. } => format!(
@@ -511,8 +633,6 @@ impl Session<'_> {
                     ),
                     Outcome::Allow => format!("capgate denied (decision {})", decision.id),
                 },
-            }),
-        }
     }
 }
 
