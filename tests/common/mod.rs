@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod mcp;
 pub mod proxy;
 
 pub const DEPLOY_BOT_KEY: &str = "cgk_test_deploy_bot_0123456789abcdef";
