@@ -11,6 +11,9 @@
 //! cargo run --example incident_replay
 //! ```
 //!
+//! The MCP part puts the same API behind an MCP server (the official SDK's) and the real MCP
+//! gateway, and the agent tries the deletes again as tool calls.
+//!
 //! The database part runs the real PostgreSQL proxy in front of the local PostgreSQL
 //! (127.0.0.1:5432, database `test`, as README's test setup has it) as the `prod` database.
 
@@ -113,6 +116,8 @@ pub struct Step {
 
 pub struct Report {
     pub steps: Vec<Step>,
+    /// The cascade again as MCP tool calls through the gateway.
+    pub mcp_steps: Vec<Step>,
     pub infra: Infrastructure,
     pub approval_request: Option<Value>,
     /// Rows left in the production bookings table (50 before).
@@ -298,6 +303,9 @@ pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
             code,
         });
     }
+    // The same agent, the same API, as MCP tools behind the gateway.
+    let mcp_steps = mcp_leg(&broker_url, &client, &infra, &token, &say).await?;
+
     // The database: production bookings behind the PostgreSQL proxy.
     let table = format!("incident_bookings_{}", &capgate::token::random_id()[..8]);
     let (direct, connection) = tokio_postgres::connect(
@@ -424,10 +432,232 @@ pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
     ));
     Ok(Report {
         steps,
+        mcp_steps,
         infra,
         approval_request,
         bookings,
     })
+}
+
+/// The Railway-like API as an MCP server: the tools an agent would be given.
+#[derive(Clone)]
+struct RailwayTools {
+    infra: Infrastructure,
+}
+
+impl rmcp::ServerHandler for RailwayTools {
+    fn get_info(&self) -> rmcp::model::ServerConfig {
+        rmcp::model::ServerConfig::new(
+            rmcp::model::ServerCapabilities::builder()
+                .enable_tools()
+                .build(),
+        )
+    }
+
+    async fn list_tools(
+        &self,
+        _: Option<rmcp::model::PaginatedRequestParams>,
+        _: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, rmcp::ErrorData> {
+        let schema = |property: &str| {
+            let mut object = rmcp::model::JsonObject::new();
+            object.insert("type".into(), "object".into());
+            object.insert(
+                "properties".into(),
+                serde_json::json!({ property: {"type": "string"} }),
+            );
+            Arc::new(object)
+        };
+        Ok(rmcp::model::ListToolsResult::with_all_items(vec![
+            rmcp::model::Tool::new("list_volumes", "Lists volumes", schema("none")),
+            rmcp::model::Tool::new("delete_volume", "Deletes a volume", schema("volume_id")),
+            rmcp::model::Tool::new("delete_backup", "Deletes a backup", schema("backup_id")),
+        ]))
+    }
+
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        _: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        let argument = |name: &str| {
+            request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.get(name))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let text = match request.name.as_ref() {
+            "delete_volume" => {
+                let id = argument("volume_id");
+                let removed = self
+                    .infra
+                    .volumes
+                    .lock()
+                    .ok()
+                    .and_then(|mut v| v.remove(&id));
+                format!("deleted volume {id}: {}", removed.is_some())
+            }
+            "delete_backup" => {
+                let id = argument("backup_id");
+                let removed = self
+                    .infra
+                    .backups
+                    .lock()
+                    .ok()
+                    .and_then(|mut b| b.remove(&id));
+                format!("deleted backup {id}: {}", removed.is_some())
+            }
+            _ => format!(
+                "{:?}",
+                self.infra
+                    .volumes
+                    .lock()
+                    .map(|v| v.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default()
+            ),
+        };
+        Ok(
+            rmcp::model::CallToolResult::success(vec![rmcp::model::ContentBlock::text(text)])
+                .into(),
+        )
+    }
+}
+
+/// The MCP leg: the gateway (configured as `examples/mcp-gateway.toml`) in front of the
+/// Railway MCP server; the agent lists volumes, then tries the volume and backup deletes.
+async fn mcp_leg(
+    broker_url: &str,
+    client: &Client,
+    infra: &Infrastructure,
+    token: &str,
+    say: &impl Fn(String),
+) -> Result<Vec<Step>, Box<dyn std::error::Error>> {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    use rmcp::ServiceExt;
+    let tools = RailwayTools {
+        infra: infra.clone(),
+    };
+    let service: StreamableHttpService<RailwayTools, LocalSessionManager> =
+        StreamableHttpService::new(
+            move || Ok(tools.clone()),
+            Arc::new(LocalSessionManager::default()),
+            StreamableHttpServerConfig::default(),
+        );
+    let server = serve(Router::new().nest_service("/mcp", service)).await?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut config =
+        capgate::adapters::mcp::McpConfig::load(&root.join("examples/mcp-gateway.toml"))?;
+    config.broker = broker_url.to_owned();
+    config.name = "railway-prod".into();
+    config.adapter_key_env = None;
+    for upstream in &mut config.servers {
+        upstream.url = Some(format!("{server}/mcp"));
+        upstream.credential_env = None;
+    }
+    let keys = empty_keys();
+    let revocations = Arc::new(RevocationView::new());
+    let containment = Arc::new(ContainmentView::new());
+    spawn(
+        SyncConfig::new(broker_url),
+        revocations.clone(),
+        keys.clone(),
+        containment.clone(),
+    )?;
+    let ledger: Arc<dyn Ledger> = Arc::new(BrokerLedger::new(
+        client.clone(),
+        Some(ADAPTER_KEY.into()),
+        None,
+    ));
+    let gateway = Arc::new(capgate::adapters::mcp::Gateway::new(
+        config,
+        keys,
+        revocations,
+        containment,
+        ledger,
+    )?);
+    let gateway_url = serve(capgate::adapters::mcp::router(
+        gateway,
+        tokio_util::sync::CancellationToken::new(),
+    ))
+    .await?;
+    let call = |agent: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+                tool: &str,
+                argument: Option<(&str, &str)>| {
+        let mut arguments = rmcp::model::JsonObject::new();
+        if let Some((name, value)) = argument {
+            arguments.insert(name.into(), value.into());
+        }
+        let request =
+            rmcp::model::CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments);
+        let peer = agent.peer().clone();
+        async move {
+            let result = peer.call_tool(request).await.ok()?;
+            let text = result.content.first()?.as_text()?.text.clone();
+            Some((result.is_error == Some(true), text))
+        }
+    };
+    // The agent connects once the gateway has synced keys (until then it is refused).
+    let mut agent = None;
+    for _ in 0..100 {
+        let transport =
+            rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
+                format!("{gateway_url}/mcp/railway"),
+            )
+            .auth_header(token.to_owned());
+        if let Ok(connected) = ()
+            .serve(rmcp::transport::StreamableHttpClientTransport::from_config(
+                transport,
+            ))
+            .await
+        {
+            if matches!(
+                call(&connected, "list_volumes", None).await,
+                Some((false, _))
+            ) {
+                agent = Some(connected);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = agent.ok_or("the MCP gateway never accepted the agent")?;
+    let mut steps = Vec::new();
+    for (action, tool, argument) in [
+        ("list volumes (MCP tool)", "list_volumes", None),
+        (
+            "delete the production volume (MCP tool)",
+            "delete_volume",
+            Some(("volume_id", "vol_prod")),
+        ),
+        (
+            "delete the backups (MCP tool)",
+            "delete_backup",
+            Some(("backup_id", "bk_prod_1")),
+        ),
+    ] {
+        let (is_error, text) = call(&agent, tool, argument)
+            .await
+            .ok_or("the MCP gateway did not answer")?;
+        let code = if is_error {
+            text.split(['(', ')']).nth(1).unwrap_or("?").to_owned()
+        } else {
+            "allowed".to_owned()
+        };
+        let status = if is_error { 403 } else { 200 };
+        say(format!("{action:<48} MCP    {tool:<26} -> {status} {code}"));
+        steps.push(Step {
+            action: action.into(),
+            status,
+            code,
+        });
+    }
+    Ok(steps)
 }
 
 #[allow(

@@ -188,6 +188,15 @@ enum ProxyCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// MCP gateway: every tool call decided on its arguments by the agent's token.
+    Mcp {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Serve one session on stdin/stdout in front of this (command) server instead of
+        /// listening on HTTP; the token comes from CAPGATE_TOKEN.
+        #[arg(long)]
+        stdio: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -455,6 +464,20 @@ async fn run(command: Command) -> CliResult {
             capgate::adapters::http::serve(config, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Proxy(ProxyCommand::Mcp { config, stdio }) => {
+            let config =
+                capgate::adapters::mcp::McpConfig::load(&config).map_err(|e| e.to_string())?;
+            match stdio {
+                Some(server) => tokio::select! {
+                    result = capgate::adapters::mcp::serve_stdio(config, &server) => result.map_err(|e| e.to_string())?,
+                    _ = shutdown_signal() => {}
+                },
+                None => capgate::adapters::mcp::serve(config, shutdown_signal())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(command) => policy_command(command).await,

@@ -35,6 +35,20 @@ async fn the_cascade_deletes_nothing() {
         "staging delete waits for an operator"
     );
     assert_eq!(report.bookings, 50, "no booking was deleted");
+    let mcp: Vec<(&str, &str)> = report
+        .mcp_steps
+        .iter()
+        .map(|s| (s.action.as_str(), s.code.as_str()))
+        .collect();
+    assert_eq!(
+        mcp,
+        [
+            ("list volumes (MCP tool)", "allowed"),
+            ("delete the production volume (MCP tool)", "policy_denied"),
+            ("delete the backups (MCP tool)", "policy_denied"),
+        ],
+        "the deletes fail as tool calls too"
+    );
     let db: Vec<(&str, &str)> = report.steps[5..]
         .iter()
         .map(|s| (s.action.as_str(), s.code.as_str()))

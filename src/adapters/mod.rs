@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod ledger;
+pub mod mcp;
 pub mod pg;
 pub mod runtime;
 pub mod screen;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod mcp;
 pub mod metrics;
 pub mod pg;
 pub mod proxy;

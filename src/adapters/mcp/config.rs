@@ -1,0 +1,259 @@
+//! The gateway's TOML configuration: the upstream MCP servers, how each is reached and
+//! credentialed, and the map from each tool to the (resource template, verb) the guard
+//! decides on. Validated whole at load; a tool not in the map is denied.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::mapping::{ResourceTemplate, TemplateError};
+use crate::adapters::Mode;
+use crate::config::{duration, RunLimits};
+use crate::scope::Verb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum McpConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("server {server}, tool {tool}: {source}")]
+    Template {
+        server: String,
+        tool: String,
+        source: TemplateError,
+    },
+    #[error("server {server}: {message}")]
+    Server { server: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// Where agents reach the gateway over Streamable HTTP (`/mcp/{server}`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    pub broker: String,
+    /// The environment the upstream servers belong to (prod, staging): given to the guard.
+    pub environment: String,
+    #[serde(default = "McpConfig::default_name")]
+    pub name: String,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "crate::adapters::runtime::default_adapter_policies")]
+    pub adapter_policies: PathBuf,
+    #[serde(
+        default = "crate::adapters::runtime::default_max_staleness",
+        deserialize_with = "duration"
+    )]
+    pub max_staleness: Duration,
+    #[serde(default = "McpConfig::default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    #[serde(default)]
+    pub datalog: RunLimits,
+    #[serde(default)]
+    pub adapter_key_env: Option<String>,
+    #[serde(default = "McpConfig::default_spool")]
+    pub audit_spool: PathBuf,
+    /// Largest JSON-RPC message accepted from an agent (bytes).
+    #[serde(default = "McpConfig::default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// `Host` values agents may use (DNS-rebinding protection); loopback by default.
+    #[serde(default = "McpConfig::default_allowed_hosts")]
+    pub allowed_hosts: Vec<String>,
+    /// The operator's approval page, `{id}` replaced by the request id (shown to agents as
+    /// the URL-mode elicitation target); the broker's approval resource by default.
+    #[serde(default)]
+    pub approval_url: Option<String>,
+    pub servers: Vec<ServerConfig>,
+}
+
+impl McpConfig {
+    fn default_name() -> String {
+        "mcp-gateway".into()
+    }
+    fn default_max_token_bytes() -> usize {
+        16 * 1024
+    }
+    fn default_spool() -> PathBuf {
+        PathBuf::from("capgate-mcp-audit-spool.jsonl")
+    }
+    fn default_max_message_bytes() -> usize {
+        1 << 20
+    }
+    fn default_allowed_hosts() -> Vec<String> {
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+    }
+
+    pub fn load(path: &Path) -> Result<Self, McpConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| McpConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: McpConfig = toml::from_str(&text).map_err(|e| McpConfigError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.adapter_policies.is_relative() {
+            config.adapter_policies = base.join(&config.adapter_policies);
+        }
+        if config.audit_spool.is_relative() {
+            config.audit_spool = base.join(&config.audit_spool);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every template parses, names are unique, each server has one way to reach it.
+    pub fn validate(&self) -> Result<(), McpConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for server in &self.servers {
+            let fail = |message: String| McpConfigError::Server {
+                server: server.name.clone(),
+                message,
+            };
+            if server.name.is_empty()
+                || !server
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(fail(
+                    "a server name is letters, digits, '-' and '_' (it is a URL segment)".into(),
+                ));
+            }
+            if !names.insert(server.name.as_str()) {
+                return Err(fail("server named twice".into()));
+            }
+            match (&server.url, &server.command) {
+                (Some(url), None) if url.starts_with("http://") => {}
+                (Some(_), None) => return Err(fail("url must be http://host:port/path".into())),
+                (None, Some(command)) if !command.is_empty() => {}
+                _ => return Err(fail("set exactly one of url and command".into())),
+            }
+            let mut tools = std::collections::HashSet::new();
+            for tool in &server.tools {
+                if !tools.insert(tool.name.as_str()) {
+                    return Err(fail(format!("tool {} mapped twice", tool.name)));
+                }
+                ResourceTemplate::parse(&tool.resource).map_err(|source| {
+                    McpConfigError::Template {
+                        server: server.name.clone(),
+                        tool: tool.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The URL segment agents use: `/mcp/{name}`.
+    pub name: String,
+    /// A Streamable HTTP server, e.g. `http://127.0.0.1:9000/mcp`…
+    #[serde(default)]
+    pub url: Option<String>,
+    /// …or a local command started with the credential in its environment (stdio).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Where the real credential comes from (the gateway's environment).
+    #[serde(default)]
+    pub credential_env: Option<String>,
+    /// HTTP: header that carries it (`authorization` by default, as `Bearer <secret>`).
+    #[serde(default = "ServerConfig::default_header")]
+    pub credential_header: String,
+    #[serde(default = "ServerConfig::default_prefix")]
+    pub credential_prefix: String,
+    /// stdio: the variable the server process reads its credential from.
+    #[serde(default)]
+    pub credential_child_env: Option<String>,
+    #[serde(default)]
+    pub tools: Vec<ToolConfig>,
+}
+
+impl ServerConfig {
+    fn default_header() -> String {
+        "authorization".into()
+    }
+    fn default_prefix() -> String {
+        "Bearer ".into()
+    }
+
+    /// Configured pins, keyed as the pin book wants them.
+    pub fn pins(&self) -> HashMap<(String, String), String> {
+        self.tools
+            .iter()
+            .filter_map(|t| {
+                t.digest
+                    .as_ref()
+                    .map(|d| ((self.name.clone(), t.name.clone()), d.clone()))
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    pub name: String,
+    /// e.g. `http://railway/volumes/{/volume_id}`: placeholders are JSON pointers into the
+    /// call's arguments.
+    pub resource: String,
+    pub verb: Verb,
+    /// The accepted definition digest (`sha256:…`); without it, the first one seen is pinned.
+    #[serde(default)]
+    pub digest: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mcp-gateway.toml");
+        let config = McpConfig::load(&path).expect("example loads");
+        assert_eq!(config.servers[0].tools.len(), 4);
+    }
+
+    #[test]
+    fn a_bad_template_or_an_ambiguous_server_stops_the_gateway() {
+        let base = r#"
+broker = "http://127.0.0.1:8080"
+environment = "prod"
+"#;
+        for (label, servers) in [
+            (
+                "template without a pointer",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.tools]]\nname = \"t\"\nresource = \"http://r/{id}\"\nverb = \"read\"\n",
+            ),
+            (
+                "url and command",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\ncommand = [\"x\"]\n",
+            ),
+            ("neither url nor command", "[[servers]]\nname = \"r\"\n"),
+            (
+                "server name that is no URL segment",
+                "[[servers]]\nname = \"r/../x\"\nurl = \"http://h/mcp\"\n",
+            ),
+            (
+                "a tool mapped twice",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.tools]]\nname = \"t\"\nresource = \"http://r/a\"\nverb = \"read\"\n[[servers.tools]]\nname = \"t\"\nresource = \"http://r/b\"\nverb = \"delete\"\n",
+            ),
+        ] {
+            let config: McpConfig = toml::from_str(&format!("{base}{servers}")).expect(label);
+            assert!(config.validate().is_err(), "{label}");
+        }
+    }
+}
