@@ -12,6 +12,7 @@ pub mod config;
 pub mod containment;
 pub mod guard;
 pub mod identity;
+pub mod operation;
 pub mod policy;
 pub mod revocation;
 pub mod scope;
