@@ -80,8 +80,11 @@ async fn post(proxy: &ProxyProcess, token: &str, content_type: &str, body: Strin
 
 async fn get(proxy: &ProxyProcess, token: &str, query: &str) -> Answer {
     let response = reqwest::Client::new()
-        .get(format!("{}{GQL}", proxy.url))
-        .query(&[("query", query)])
+        .get(format!(
+            "{}{GQL}?{}",
+            proxy.url,
+            serde_urlencoded::to_string([("query", query)]).expect("encode")
+        ))
         .bearer_auth(token)
         .send()
         .await
@@ -272,7 +275,10 @@ async fn every_smuggling_shape_of_a_mutation_is_judged_and_denied_before_the_ups
         (
             "the token in a variable",
             "application/json",
-            json_body("mutation G($id: String!) { volumeDelete(volumeId: $id) }", json!({"id": token.clone()})),
+            json_body(
+                "mutation G($n: String) { volumeUpdate(volumeId: \"vol_staging\", input: { name: $n }) { id } }",
+                json!({"n": token.clone()}),
+            ),
             "token_misplaced",
         ),
         ("text/plain", "text/plain", DELETE_PROD.into(), "graphql_content_type"),
