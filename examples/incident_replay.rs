@@ -536,7 +536,7 @@ impl RailwayGraphql {
                             field
                                 .arguments
                                 .iter()
-                                .map(|a| a.to_string())
+                                .map(|a| format!("{}: {}", a.name, a.value))
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ));
