@@ -455,12 +455,15 @@ pub struct GraphqlReport {
 const PROD_ENV: &str = "env-production-id";
 const STAGING_ENV: &str = "env-staging-id";
 
+/// A volume's name and the environments its instances live in.
+type Volume = (String, Vec<&'static str>);
+
 /// A Railway-like GraphQL server: volumes with their instances' environments, backups on
 /// volume instances, and the root fields the agent and the adapter use. It executes what
 /// reaches it and records every mutation.
 #[derive(Clone, Default)]
 struct RailwayGraphql {
-    volumes: Arc<Mutex<BTreeMap<String, (String, Vec<&'static str>)>>>,
+    volumes: Arc<Mutex<BTreeMap<String, Volume>>>,
     backups: Arc<Mutex<BTreeMap<String, &'static str>>>,
     mutations: Arc<Mutex<Vec<String>>>,
 }

@@ -197,6 +197,9 @@ fn railways_own_documents_are_judged_as_configured() {
     }
 }
 
+/// Method, Content-Type, URL query and body of one request.
+type Shape<'a> = (Method, Option<&'a str>, Option<String>, Vec<u8>);
+
 #[test]
 fn mutated_documents_never_panic_and_never_allow_an_unmapped_mutation() {
     let Some(data) = railway_data() else { return };
@@ -253,7 +256,7 @@ fn mutated_documents_never_panic_and_never_allow_an_unmapped_mutation() {
         let variables = apollo_compiler::ExecutableDocument::parse(&schema, text.as_str(), "d")
             .map(|_| variables_for(&schema, &text))
             .unwrap_or_else(|_| json!({}));
-        let shapes: Vec<(Method, Option<&str>, Option<String>, Vec<u8>)> = vec![
+        let shapes: Vec<Shape> = vec![
             (
                 Method::POST,
                 Some("application/json"),

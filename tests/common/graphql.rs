@@ -227,5 +227,7 @@ credential_prefix = "Bearer "
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("proxy did not start");
 }

@@ -112,10 +112,13 @@ pub struct Environments {
     resolvers: BTreeMap<String, Resolver>,
     environments: BTreeMap<String, String>,
     ttl: Duration,
-    cache: Mutex<HashMap<(String, String), (Instant, Vec<String>)>>,
+    cache: Mutex<HashMap<CacheKey, (Instant, Vec<String>)>>,
     client: reqwest::Client,
     upstream: Upstream,
 }
+
+/// A resolver's name and its bound variables (as JSON).
+type CacheKey = (String, String);
 
 /// Why a resolution failed (the reason reaches the agent; the provider's answer does not).
 pub type Unresolved = String;

@@ -262,7 +262,7 @@ mod tests {
             (
                 post(
                     "application/json",
-                    &format!("[{}]", vec![r#"{"query":"{a}"}"#; 5].join(",")),
+                    &format!("[{}]", [r#"{"query":"{a}"}"#; 5].join(",")),
                 ),
                 "graphql_batch_too_large",
             ),
