@@ -198,6 +198,7 @@ async fn main() {
             verb: Verb::Read,
             mode: None,
         }],
+        graphql: vec![],
     };
     let view = Arc::new(RevocationView::new());
     view.apply(&[], Instant::now() + Duration::from_secs(3600));

@@ -13,6 +13,11 @@
 //!
 //! The MCP part puts the same API behind an MCP server (the official SDK's) and the real MCP
 //! gateway, and the agent tries the deletes again as tool calls.
+//! The GraphQL part replays the call as it really was: one `volumeDelete` mutation POSTed to
+//! Railway's single endpoint, through the proxy's GraphQL adapter (`examples/railway-graphql.toml`
+//! over Railway's real schema, read from `../shared/data/railway` or `CAPGATE_RAILWAY_DATA`),
+//! against a Railway-like GraphQL server that records what reaches it. The agent holds a token
+//! for staging; the adapter asks the server which environment each volume lives in.
 //!
 //! The database part runs the real PostgreSQL proxy in front of the local PostgreSQL
 //! (127.0.0.1:5432, database `test`, as README's test setup has it) as the `prod` database.
@@ -118,6 +123,8 @@ pub struct Report {
     pub steps: Vec<Step>,
     /// The cascade again as MCP tool calls through the gateway.
     pub mcp_steps: Vec<Step>,
+    /// The GraphQL cascade, and what an operator sees for its one approvable delete.
+    pub graphql: GraphqlReport,
     pub infra: Infrastructure,
     pub approval_request: Option<Value>,
     /// Rows left in the production bookings table (50 before).
@@ -430,9 +437,11 @@ pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
     say(format!(
         "\nafter the cascade: {volumes} volumes, {backups} backups and {bookings} bookings still exist (2, 2 and 50 before)"
     ));
+    let graphql = graphql_cascade(root, &broker_url, &client, &data, say).await?;
     Ok(Report {
         steps,
         mcp_steps,
+        graphql,
         infra,
         approval_request,
         bookings,
@@ -660,6 +669,316 @@ async fn mcp_leg(
     Ok(steps)
 }
 
+/// The GraphQL cascade's outcome.
+#[derive(Debug, Default)]
+pub struct GraphqlReport {
+    pub steps: Vec<Step>,
+    /// Mutations that reached the Railway-like server (its own lookups excluded).
+    pub mutations_reaching_upstream: Vec<String>,
+    /// Volumes and backups left (3 and 2 before).
+    pub counts: (usize, usize),
+    pub approval_request: Option<Value>,
+}
+
+/// Railway's environment ids as the GraphQL adapter's example maps them.
+const PROD_ENV: &str = "env-production-id";
+const STAGING_ENV: &str = "env-staging-id";
+
+/// A volume's name and the environments its instances live in.
+type Volume = (String, Vec<&'static str>);
+
+/// A Railway-like GraphQL server: volumes with their instances' environments, backups on
+/// volume instances, and the root fields the agent and the adapter use. It executes what
+/// reaches it and records every mutation.
+#[derive(Clone, Default)]
+struct RailwayGraphql {
+    volumes: Arc<Mutex<BTreeMap<String, Volume>>>,
+    backups: Arc<Mutex<BTreeMap<String, &'static str>>>,
+    mutations: Arc<Mutex<Vec<String>>>,
+}
+
+impl RailwayGraphql {
+    fn seeded() -> Self {
+        let railway = RailwayGraphql::default();
+        if let (Ok(mut v), Ok(mut b)) = (railway.volumes.lock(), railway.backups.lock()) {
+            // The volume the agent took for staging's: it is production's database volume.
+            v.insert(
+                "vol_7f3a".into(),
+                ("postgres-volume".into(), vec![PROD_ENV]),
+            );
+            v.insert(
+                "vol_staging".into(),
+                ("postgres-volume-staging".into(), vec![STAGING_ENV]),
+            );
+            v.insert("vol_cache".into(), ("redis-volume".into(), vec![PROD_ENV]));
+            b.insert("bk_nightly".into(), "vi_prod");
+            b.insert("bk_weekly".into(), "vi_prod");
+        }
+        railway
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let v = self.volumes.lock().map(|v| v.len()).unwrap_or(0);
+        let b = self.backups.lock().map(|b| b.len()).unwrap_or(0);
+        (v, b)
+    }
+
+    /// Executes one request's root fields (literal or variable string arguments).
+    fn execute(&self, request: &Value) -> Value {
+        use apollo_compiler::ast::{Definition, Selection, Value as Literal};
+        let query = request["query"].as_str().unwrap_or_default();
+        let variables = &request["variables"];
+        let Ok(document) = apollo_compiler::ast::Document::parse(query, "request.graphql") else {
+            return serde_json::json!({"errors": [{"message": "syntax error"}]});
+        };
+        let mut data = serde_json::Map::new();
+        for definition in &document.definitions {
+            let Definition::OperationDefinition(operation) = definition else {
+                continue;
+            };
+            if let Some(name) = request["operationName"].as_str() {
+                if operation.name.as_deref() != Some(name) {
+                    continue;
+                }
+            }
+            let mutation =
+                operation.operation_type == apollo_compiler::ast::OperationType::Mutation;
+            for selection in &operation.selection_set {
+                let Selection::Field(field) = selection else {
+                    continue;
+                };
+                let arg = |name: &str| {
+                    field
+                        .arguments
+                        .iter()
+                        .find(|a| a.name == name)
+                        .and_then(|a| match a.value.as_ref() {
+                            Literal::String(s) => Some(s.clone()),
+                            Literal::Variable(v) => {
+                                variables[v.as_str()].as_str().map(str::to_owned)
+                            }
+                            _ => None,
+                        })
+                };
+                if mutation {
+                    if let Ok(mut log) = self.mutations.lock() {
+                        log.push(format!(
+                            "{}({})",
+                            field.name,
+                            field
+                                .arguments
+                                .iter()
+                                .map(|a| format!("{}: {}", a.name, a.value))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+                let key = field.alias.as_ref().unwrap_or(&field.name).to_string();
+                let value = match field.name.as_str() {
+                    "project" => {
+                        let volumes = self.volumes.lock().map(|v| v.clone()).unwrap_or_default();
+                        let edges: Vec<Value> = volumes
+                            .iter()
+                            .map(|(id, (name, envs))| {
+                                let instances: Vec<Value> = envs
+                                    .iter()
+                                    .map(|e| serde_json::json!({"node": {"environmentId": e}}))
+                                    .collect();
+                                serde_json::json!({"node": {"id": id, "name": name, "volumeInstances": {"edges": instances}}})
+                            })
+                            .collect();
+                        serde_json::json!({"volumes": {"edges": edges}})
+                    }
+                    "volumeInstance" => {
+                        let env = match arg("id").as_deref() {
+                            Some("vi_prod") => PROD_ENV,
+                            _ => STAGING_ENV,
+                        };
+                        serde_json::json!({"environmentId": env})
+                    }
+                    "volumeDelete" => {
+                        let id = arg("volumeId").unwrap_or_default();
+                        Value::Bool(
+                            self.volumes
+                                .lock()
+                                .ok()
+                                .and_then(|mut v| v.remove(&id))
+                                .is_some(),
+                        )
+                    }
+                    "volumeInstanceBackupDelete" => {
+                        let id = arg("volumeInstanceBackupId").unwrap_or_default();
+                        let removed = self.backups.lock().ok().and_then(|mut b| b.remove(&id));
+                        serde_json::json!({"workflowId": removed.map(|_| "wf_1")})
+                    }
+                    _ => Value::Null,
+                };
+                data.insert(key, value);
+            }
+        }
+        serde_json::json!({"data": data})
+    }
+}
+
+async fn graphql_cascade(
+    root: &Path,
+    broker_url: &str,
+    client: &Client,
+    data: &tempfile::TempDir,
+    say: impl Fn(String),
+) -> Result<GraphqlReport, Box<dyn std::error::Error>> {
+    let railway_data = std::env::var_os("CAPGATE_RAILWAY_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/data/railway"));
+    if !railway_data.join("schema.json").is_file() {
+        let missing = format!(
+            "Railway's schema is missing at {} (set CAPGATE_RAILWAY_DATA)",
+            railway_data.display()
+        );
+        if std::env::var("CI").as_deref() == Ok("true") {
+            return Err(missing.into());
+        }
+        eprintln!("\n!!! the GraphQL part is SKIPPED: {missing} !!!\n");
+        return Ok(GraphqlReport::default());
+    }
+    let railway = RailwayGraphql::seeded();
+    let server = railway.clone();
+    let api = serve(Router::new().route(
+        "/graphql/v2",
+        axum::routing::post(move |Json(request): Json<Value>| {
+            let server = server.clone();
+            async move { Json(server.execute(&request)) }
+        }),
+    ))
+    .await?;
+    let credential = data.path().join("railway-graphql-token");
+    std::fs::write(&credential, "railway-api-token-the-agent-never-sees")?;
+    let mut config = ProxyConfig::load(&root.join("examples/railway-graphql.toml"))?;
+    config.broker = broker_url.to_owned();
+    config.name = "railway-prod".into();
+    config.audit_spool = data.path().join("graphql-spool.jsonl");
+    config.upstream.url = api;
+    config.upstream.credential_env = None;
+    config.upstream.credential_file = Some(credential);
+    for endpoint in &mut config.graphql {
+        endpoint.schema = railway_data.join("schema.json");
+    }
+    let url = format!("{}/graphql/v2", start_proxy(config, client).await?);
+
+    let scopes = [
+        "railway://prod/api/:read",
+        "railway://staging/volumes/:write",
+        "railway://staging/volumes/:delete",
+    ]
+    .iter()
+    .map(|s| s.parse())
+    .collect::<Result<Vec<_>, _>>()?;
+    let token = client
+        .request_token(DEPLOY_BOT_KEY, &scopes, None)
+        .await?
+        .token;
+    say(format!(
+        "\nGraphQL (one endpoint, {url}): deploy-bot holds a token for: {}",
+        scopes
+            .iter()
+            .map(|s: &capgate::scope::Scope| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let http = reqwest::Client::new();
+    let send = |query: &str, variables: Value| {
+        http.post(&url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"query": query, "variables": variables}))
+            .send()
+    };
+    for _ in 0..100 {
+        let status = send("{ me { id } }", Value::Null).await?.status();
+        if status != 503 && status != 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cascade = [
+        (
+            "list volumes",
+            "query Volumes($projectId: String!) { project(id: $projectId) { volumes { edges { node { id name } } } } }",
+            serde_json::json!({"projectId": "project-id"}),
+        ),
+        (
+            "delete the volume it believes is staging's",
+            "mutation VolumeDelete($id: String!) { volumeDelete(volumeId: $id) }",
+            serde_json::json!({"id": "vol_7f3a"}),
+        ),
+        (
+            "delete the backups",
+            "mutation VolumeInstanceBackupDelete($volumeInstanceId: String!, $volumeInstanceBackupId: String!) { volumeInstanceBackupDelete(volumeInstanceId: $volumeInstanceId, volumeInstanceBackupId: $volumeInstanceBackupId) { workflowId } }",
+            serde_json::json!({"volumeInstanceId": "vi_prod", "volumeInstanceBackupId": "bk_nightly"}),
+        ),
+        (
+            "delete the backups (second one)",
+            "mutation { volumeInstanceBackupDelete(volumeInstanceId: \"vi_prod\", volumeInstanceBackupId: \"bk_weekly\") { workflowId } }",
+            Value::Null,
+        ),
+        (
+            "delete the staging volume",
+            "mutation VolumeDelete($id: String!) { volumeDelete(volumeId: $id) }",
+            serde_json::json!({"id": "vol_staging"}),
+        ),
+    ];
+    let mut report = GraphqlReport::default();
+    let mut approval_id = None;
+    for (action, query, variables) in cascade {
+        let response = send(query, variables.clone()).await?;
+        let status = response.status().as_u16();
+        if let Some(id) = response
+            .headers()
+            .get("capgate-approval-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            approval_id = Some(id.to_owned());
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let code = body["code"]
+            .as_str()
+            .unwrap_or(if status == 200 { "allowed" } else { "?" })
+            .to_owned();
+        let shown: String = query
+            .split_once('{')
+            .map(|(_, rest)| rest.trim())
+            .unwrap_or(query)
+            .chars()
+            .take(30)
+            .collect();
+        say(format!(
+            "{action:<48} POST   {shown:<30} -> {status} {code}"
+        ));
+        report.steps.push(Step {
+            action: action.into(),
+            status,
+            code,
+        });
+    }
+    if let Some(id) = &approval_id {
+        let request = client.approval(&token, id).await?;
+        let request = serde_json::to_value(request)?;
+        say("\nthe GraphQL approval request an operator sees:".into());
+        say(serde_json::to_string_pretty(&request).unwrap_or_default());
+        report.approval_request = Some(request);
+    }
+    report.mutations_reaching_upstream = railway
+        .mutations
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    report.counts = railway.counts();
+    say(format!(
+        "after the GraphQL cascade: {} volumes and {} backups still exist (3 and 2 before); mutations that reached Railway: {:?}",
+        report.counts.0, report.counts.1, report.mutations_reaching_upstream
+    ));
+    Ok(report)
+}
 #[allow(
     dead_code,
     reason = "the test includes this file as a module and calls `run` itself"

@@ -14,6 +14,7 @@ pub mod containment;
 pub mod guard;
 pub mod identity;
 pub mod metrics;
+pub mod operation;
 pub mod policy;
 pub mod revocation;
 pub mod scope;

@@ -49,6 +49,11 @@ fn http_request_inputs_replay_cleanly() {
 }
 
 #[test]
+fn graphql_request_inputs_replay_cleanly() {
+    replay("graphql_request", harness::graphql_request);
+}
+
+#[test]
 fn pg_frames_inputs_replay_cleanly() {
     replay("pg_frames", harness::pg_frames);
 }

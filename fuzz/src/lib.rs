@@ -326,3 +326,119 @@ pub fn sql(data: &[u8]) {
         }
     }
 }
+
+/// A small Railway-like schema: enough to reach fragments, aliases, variables, input objects,
+/// an opaque JSON scalar, mapped and unmapped mutations.
+const GRAPHQL_SCHEMA: &str = r#"
+type Query { me: User! project(id: String!): Project! volumeInstance(id: String!): VolumeInstance! }
+type Mutation {
+  volumeDelete(volumeId: String!): Boolean!
+  volumeUpdate(volumeId: String!, input: VolumeUpdateInput!): Volume!
+  environmentPatchCommit(environmentId: String!, patch: JSON): String!
+  userDelete: Boolean!
+  twoFactorInfoDelete: Boolean!
+}
+type Subscription { logs(id: String!): String! }
+type User { id: ID! name: String projects: [Project!]! }
+type Project { id: ID! name: String! volumes: [Volume!]! }
+type Volume { id: ID! name: String! project: Project! }
+type VolumeInstance { id: ID! environmentId: String! volume: Volume! }
+input VolumeUpdateInput { name: String }
+scalar JSON
+"#;
+
+/// Mutations the fuzz endpoint maps; every other mutation must be refused.
+const GRAPHQL_MAPPED: [&str; 3] = ["volumeDelete", "volumeUpdate", "environmentPatchCommit"];
+
+fn graphql_endpoint() -> &'static capgate::adapters::graphql::Endpoint {
+    use capgate::adapters::graphql::{parse_schema, Endpoint, GraphqlConfig, Upstream};
+    static ENDPOINT: OnceLock<Endpoint> = OnceLock::new();
+    ENDPOINT.get_or_init(|| {
+        let config: GraphqlConfig = serde_json::from_value(serde_json::json!({
+            "path": "/graphql",
+            "schema": "fuzz.graphql",
+            "query_resource": "railway://{$environment}/api/{field}",
+            "schema_resource": "railway://{$environment}/api/schema",
+            "limits": {"max_depth": 8, "max_aliases": 10, "max_root_fields": 8, "max_batch": 4},
+            "fields": [
+                {"field": "Mutation.volumeDelete", "resource": "railway://{$environment}/volumes/{volumeId}", "verb": "delete"},
+                {"field": "Mutation.volumeUpdate", "resource": "railway://{$environment}/volumes/{volumeId}", "verb": "write"},
+                {"field": "Mutation.environmentPatchCommit", "resource": "railway://{$environment}/environments/{environmentId}", "verb": "admin"}
+            ]
+        }))
+        .expect("fuzz endpoint config");
+        let schema = parse_schema(GRAPHQL_SCHEMA, std::path::Path::new("fuzz.graphql"))
+            .expect("fuzz schema");
+        let upstream = Upstream {
+            url: "http://127.0.0.1:9/graphql".into(),
+            credential: (
+                http::HeaderName::from_static("authorization"),
+                http::HeaderValue::from_static("Bearer fuzz"),
+            ),
+            timeout: Duration::from_secs(1),
+        };
+        Endpoint::with_schema(&config, schema, upstream).expect("fuzz endpoint")
+    })
+}
+
+/// A GraphQL request through the adapter's judging path (decode, parse, validate against the
+/// schema, select the operation, expand root fields, map them). The first byte picks the
+/// shape: a JSON body, an `application/graphql` body, `GET ?query=`, or the rest sent as the
+/// raw JSON body (batches, variables, extensions). Must hold: no panic; no mutation that no
+/// rule maps is ever judged allowable; nothing judged from a GET is a mutation.
+pub fn graphql_request(data: &[u8]) {
+    use http::Method;
+    let Some((shape, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    let (method, content_type, query, body): (Method, Option<&str>, Option<String>, Vec<u8>) =
+        match shape % 4 {
+            0 => (
+                Method::POST,
+                Some("application/json"),
+                None,
+                serde_json::json!({"query": text}).to_string().into_bytes(),
+            ),
+            1 => (
+                Method::POST,
+                Some("application/graphql"),
+                None,
+                rest.to_vec(),
+            ),
+            2 => {
+                let url = format!("query={}", percent_encode_all(text.as_bytes()));
+                (Method::GET, None, Some(url), Vec::new())
+            }
+            _ => (Method::POST, Some("application/json"), None, rest.to_vec()),
+        };
+    let Ok(judged) = graphql_endpoint().judge(&method, content_type, query.as_deref(), &body)
+    else {
+        return;
+    };
+    for pending in &judged.pending {
+        let root = pending
+            .attributes
+            .iter()
+            .find(|(key, _)| key == "graphql_root")
+            .map(|(_, value)| value.as_str());
+        if root == Some("mutation") && !pending.field.starts_with("__") {
+            assert!(
+                GRAPHQL_MAPPED.contains(&pending.field.as_str()),
+                "unmapped mutation {} judged allowable",
+                pending.field
+            );
+        }
+        assert!(
+            !(method == Method::GET && root == Some("mutation")),
+            "a mutation judged from a GET"
+        );
+        assert!(
+            ResourcePattern::parse(&pending.resource.replace("{$environment}", "prod")).is_ok()
+        );
+    }
+}
+
+fn percent_encode_all(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}

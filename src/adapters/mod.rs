@@ -2,6 +2,7 @@
 //! answer back into the protocol. What all HTTP-facing adapters share lives here: the token
 //! headers, the enforce/shadow mode, and the one mapping of a deny to a problem response.
 
+pub mod graphql;
 pub mod http;
 pub mod ledger;
 pub mod mcp;

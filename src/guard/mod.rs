@@ -27,17 +27,10 @@ pub use cache::VerifiedCache;
 pub use containment::{ContainmentView, Ledger, LedgerDenial, Obligation};
 pub use record::decision_event;
 
-/// What an adapter asks about. Every field comes from the adapter's own configuration and
-/// parsing of the request, never from anything the agent asserts.
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub resource: String,
-    pub verb: Verb,
-    /// The environment the adapter fronts (prod, staging), from its configuration.
-    pub environment: String,
-    /// Protocol details (HTTP method, route, SQL kind…) that policies may inspect.
-    pub attributes: Vec<(String, String)>,
-}
+/// What an adapter asks about: one operation (kept under its first name for the adapters
+/// that ask about one at a time).
+pub use crate::operation::Operation as Request;
+pub use crate::operation::Operation;
 
 /// Stable deny codes, part of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -406,8 +399,121 @@ impl Guard {
         ledger: &dyn Ledger,
     ) -> Result<Authorized<T>, Box<Decision>> {
         let started = Instant::now();
-        let (mut decision, verified) = self.evaluate(token, request, SystemTime::now(), started);
-        let verified = verified.as_deref();
+        let (decision, verified) = self.evaluate(token, request, SystemTime::now(), started);
+        let decision = self
+            .settle(
+                token,
+                request,
+                decision,
+                verified.as_deref(),
+                ledger,
+                started,
+            )
+            .await;
+        into_authorized(decision, payload)
+    }
+
+    /// One decision for every operation of a request (the root fields of a GraphQL document,
+    /// the elements of a batch): `payload` is wrapped only if each operation is allowed and
+    /// its obligations are fulfilled. Every operation is decided first, with no side effect;
+    /// the batch stops at its first deny, else at its first approval-required operation (whose
+    /// approval request is created, so an operator is never asked about a batch that would be
+    /// denied anyway). Only when all are allowed are their obligations fulfilled, in order; a
+    /// failure there denies the whole batch (obligations already fulfilled stay fulfilled:
+    /// an approval consumed by an earlier operation is spent, failing closed).
+    pub async fn authorize_batch<T>(
+        &self,
+        token: &str,
+        operations: &[Operation],
+        payload: T,
+        ledger: &dyn Ledger,
+    ) -> Result<Authorized<T>, Box<Decision>> {
+        let (now, mono) = (SystemTime::now(), Instant::now());
+        let decided: Vec<_> = operations
+            .iter()
+            .map(|operation| self.evaluate(token, operation, now, mono))
+            .collect();
+        let first = |denies: bool| {
+            decided
+                .iter()
+                .position(|(decision, _)| match decision.outcome {
+                    Outcome::Deny { .. } => denies,
+                    Outcome::ApprovalRequired { .. } => !denies,
+                    Outcome::Allow => false,
+                })
+        };
+        if let Some(index) = first(true).or_else(|| first(false)) {
+            let (decision, verified) = decided.into_iter().nth(index).unzip();
+            let (Some(decision), Some(operation)) = (decision, operations.get(index)) else {
+                return Err(Box::new(self.empty_batch()));
+            };
+            let decision = self
+                .settle(
+                    token,
+                    operation,
+                    decision,
+                    verified.flatten().as_deref(),
+                    ledger,
+                    mono,
+                )
+                .await;
+            return Err(Box::new(decision));
+        }
+        let mut ids = Vec::with_capacity(decided.len());
+        for ((decision, verified), operation) in decided.into_iter().zip(operations) {
+            let decision = self
+                .settle(
+                    token,
+                    operation,
+                    decision,
+                    verified.as_deref(),
+                    ledger,
+                    mono,
+                )
+                .await;
+            if !decision.is_allow() {
+                return Err(Box::new(decision));
+            }
+            ids.push(decision.id);
+        }
+        if ids.is_empty() {
+            return Err(Box::new(self.empty_batch()));
+        }
+        Ok(Authorized {
+            inner: payload,
+            decision_id: ids.join(","),
+            shadow_deny: None,
+        })
+    }
+
+    /// A batch with no operation authorises nothing: an adapter that found nothing to ask
+    /// about has misread its request.
+    fn empty_batch(&self) -> Decision {
+        Decision {
+            id: self.ids.next(),
+            outcome: Outcome::Deny {
+                code: DenyCode::PolicyDenied,
+                reason: "the request holds no operation to authorise".into(),
+            },
+            agent: None,
+            session: None,
+            explanation: vec![],
+            obligations: vec![],
+        }
+    }
+
+    /// What follows a decision: an allow's obligations fulfilled through `ledger` (a failure
+    /// turns it into a deny), an approval request created for an approval-required outcome,
+    /// the decision logged, and recorded later unless its audit obligation already stored it.
+    async fn settle(
+        &self,
+        token: &str,
+        request: &Request,
+        mut decision: Decision,
+        verified: Option<&VerifiedToken>,
+        ledger: &dyn Ledger,
+        started: Instant,
+    ) -> Decision {
         let recorded_synchronously = decision.obligations.contains(&Obligation::Audit);
         match &decision.outcome {
             Outcome::Allow => {
@@ -477,7 +583,7 @@ impl Guard {
                 verified,
             ));
         }
-        into_authorized(decision, payload)
+        decision
     }
 
     /// Shadow mode: decides and logs as usual, then lets `payload` through either way,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod graphql;
 pub mod mcp;
 pub mod metrics;
 pub mod pg;
@@ -75,11 +76,11 @@ max_ttl = "1h"
 
 [[environments]]
 name = "staging"
-resources = ["pg://staging/", "http://railway-staging/"]
+resources = ["pg://staging/", "http://railway-staging/", "railway://staging/"]
 
 [[environments]]
 name = "prod"
-resources = ["pg://prod/", "http://railway/"]
+resources = ["pg://prod/", "http://railway/", "railway://prod/"]
 
 [[identity.api_keys]]
 agent = "deploy-bot"

@@ -78,6 +78,18 @@ pub struct ProxyProcess {
     _dir: tempfile::TempDir,
 }
 
+impl ProxyProcess {
+    /// A proxy process started by another part of the harness.
+    pub fn from_parts(port: u16, child: Child, dir: tempfile::TempDir) -> Self {
+        ProxyProcess {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

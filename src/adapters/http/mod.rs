@@ -2,6 +2,7 @@
 //! matched to a route (unmatched routes are denied), checked by the guard, stripped of the
 //! agent's token, given the real upstream credential, and streamed through.
 
+mod graphql;
 pub mod path;
 pub mod routes;
 
@@ -24,6 +25,7 @@ use sha2::Digest;
 use super::screen::{self, headers, RoutingHeaders, TokenSpellings, Tripwire};
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
 use super::{DECISION_HEADER, MODE_HEADER};
+use crate::adapters::graphql::{Endpoint, GraphqlConfig, Upstream as GraphqlUpstream};
 use crate::config::{duration, RunLimits};
 use crate::guard::{
     Authorized, ContainmentView, Guard, GuardConfig, KeyView, Ledger, Request as GuardRequest,
@@ -60,6 +62,8 @@ pub enum ProxyError {
     Runtime(#[from] super::runtime::RuntimeError),
     #[error("upstream: {0}")]
     Headers(String),
+    #[error("{0}")]
+    Graphql(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +140,9 @@ pub struct ProxyConfig {
     #[serde(default)]
     pub connections: crate::connections::ConnectionLimits,
     pub routes: Vec<RouteConfig>,
+    /// GraphQL endpoints on this listener: each request's root fields are judged one by one.
+    #[serde(default)]
+    pub graphql: Vec<GraphqlConfig>,
 }
 
 impl ProxyConfig {
@@ -165,6 +172,11 @@ impl ProxyConfig {
         if config.audit_spool.is_relative() {
             config.audit_spool = base.join(&config.audit_spool);
         }
+        for endpoint in &mut config.graphql {
+            if endpoint.schema.is_relative() {
+                endpoint.schema = base.join(&endpoint.schema);
+            }
+        }
         if let Some(file) = &mut config.upstream.credential_file {
             if file.is_relative() {
                 *file = base.join(&*file);
@@ -184,6 +196,7 @@ pub struct Proxy {
     forwarded: headers::ForwardedHeaders,
     client: HyperClient<HttpConnector, Body>,
     ledger: Arc<dyn Ledger>,
+    graphql: Vec<Endpoint>,
 }
 
 /// Largest body hashed into an approval digest.
@@ -243,6 +256,28 @@ impl Proxy {
         )
         .with_containment(containment);
         let client = HyperClient::builder(TokioExecutor::new()).build_http();
+        if config.mode == Mode::Shadow && !config.graphql.is_empty() {
+            return Err(ProxyError::Graphql(
+                "GraphQL endpoints run in enforce mode only".into(),
+            ));
+        }
+        let graphql = config
+            .graphql
+            .iter()
+            .map(|endpoint| {
+                let upstream = GraphqlUpstream {
+                    url: format!(
+                        "{}{}",
+                        config.upstream.url.trim_end_matches('/'),
+                        endpoint.path
+                    ),
+                    credential: credential.clone(),
+                    timeout: Duration::from_secs(5),
+                };
+                Endpoint::new(endpoint, Path::new("."), upstream)
+                    .map_err(|e| ProxyError::Graphql(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Proxy {
             config,
             routes,
@@ -252,6 +287,7 @@ impl Proxy {
             forwarded,
             client,
             ledger,
+            graphql,
         })
     }
 
@@ -330,6 +366,18 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         Ok(canonical) => canonical,
         Err(e) => return reject(StatusCode::BAD_REQUEST, "path_rejected", &e.to_string()),
     };
+    if let Some(endpoint) = proxy.graphql.iter().find(|e| e.path == canonical.encoded) {
+        return graphql::handle(
+            &proxy,
+            endpoint,
+            parts,
+            body,
+            &token,
+            spellings.as_ref(),
+            canonical.encoded,
+        )
+        .await;
+    }
     let Some(route) = proxy.routes.find(&parts.method, &canonical.segments) else {
         tracing::warn!(adapter = %proxy.config.name, method = %parts.method, path = %canonical.encoded, mode = mode.as_str(), "no route: deny");
         return reject(
@@ -419,7 +467,7 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     }
 }
 
-struct Target {
+pub(super) struct Target {
     canonical: String,
     query: Option<String>,
     /// Says why, when the streamed body was cut on its way.
@@ -428,7 +476,11 @@ struct Target {
 
 /// Sends an authorised request upstream: canonical path, allowlisted headers only, credential
 /// injected, token removed.
-async fn forward(proxy: &Proxy, authorized: Authorized<(Request, Target)>, mode: Mode) -> Response {
+pub(super) async fn forward(
+    proxy: &Proxy,
+    authorized: Authorized<(Request, Target)>,
+    mode: Mode,
+) -> Response {
     let decision_id = authorized.decision_id().to_owned();
     let (request, target) = authorized.into_inner();
     let (mut parts, body) = request.into_parts();
