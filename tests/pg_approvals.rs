@@ -115,6 +115,47 @@ async fn an_approval_binds_the_parameter_values_of_the_statement() {
     );
 }
 
+/// An approval binds the whole statement, however long: two statements that share their first
+/// 4096 characters are two operations (the digest once covered only that much).
+#[tokio::test]
+async fn an_approval_binds_all_of_a_long_statement() {
+    let broker = Broker::start_custom("", APPROVE_WRITES).await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table_with(3).await;
+    let token = write_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &token).await;
+    let padding = "x".repeat(4200);
+    let approved_sql = format!("DELETE FROM {t} WHERE v <> '{padding}' AND id = 1");
+    let other_sql = format!("DELETE FROM {t} WHERE v <> '{padding}' OR id > 0");
+
+    let asked = client
+        .batch_execute(&approved_sql)
+        .await
+        .expect_err("a write needs approval");
+    let message = db_message(&asked);
+    let id = approval_id(&message).expect("approval id in the denial");
+    let approved = approve_and_collect(&broker, &id, &token).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &approved).await;
+
+    let attack = client
+        .batch_execute(&other_sql)
+        .await
+        .expect_err("the other statement was not approved");
+    let message = db_message(&attack);
+    assert!(
+        message.contains("needs an operator's approval"),
+        "{message}"
+    );
+    assert_ne!(approval_id(&message).as_deref(), Some(id.as_str()));
+    assert_eq!(rows(&t).await, 3, "nothing was deleted");
+
+    client
+        .batch_execute(&approved_sql)
+        .await
+        .expect("the approved statement runs");
+    assert_eq!(rows(&t).await, 2);
+}
+
 /// A token of ops-bot (granted whatever it asks) for the staging database.
 async fn ops_token(broker: &Broker) -> String {
     token_of(

@@ -538,7 +538,12 @@ impl Session<'_> {
     ) -> Result<bool, Denial> {
         let resource =
             super::super::resource::resource(&self.proxy.config.database, &access.object);
-        let mut attributes = vec![("sql".into(), sql.chars().take(4096).collect())];
+        // The approval digest covers what is shown: a long statement is cut for the approver
+        // but carries the SHA-256 of all of it, so statements sharing a prefix stay distinct.
+        let mut attributes = vec![(
+            "sql".into(),
+            super::super::parameters::bounded(sql.to_owned()),
+        )];
         if let Phase::Run {
             parameters: Some(parameters),
             ..
