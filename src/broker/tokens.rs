@@ -144,14 +144,17 @@ async fn issue_token(
         .grants
         .evaluate(&identity, &scopes, ttl, now)
         .map_err(|e| {
-            tracing::error!(agent = %identity.agent, error = %e, "grant policy evaluation failed");
+            // A request the policy cannot take (nothing, or too many scopes) is the caller's
+            // mistake, not the broker's: it is a refusal, not an error in the operator's log.
             let status = if matches!(
                 e,
                 crate::policy::PolicyEvalError::NothingRequested
                     | crate::policy::PolicyEvalError::TooManyScopes(_)
             ) {
+                tracing::warn!(agent = %identity.agent, error = %e, "token request refused");
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {
+                tracing::error!(agent = %identity.agent, error = %e, "grant policy evaluation failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             };
             ApiError::new(status, e.code(), e.to_string())

@@ -60,7 +60,7 @@ pub enum PolicyEvalError {
     Datalog(String),
     #[error("no scopes requested")]
     NothingRequested,
-    #[error("too many scopes requested (max {0})")]
+    #[error("too many scopes requested: at most {0} (location, action) pairs across all authorization_details")]
     TooManyScopes(usize),
 }
 
