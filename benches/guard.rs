@@ -1,6 +1,7 @@
 //! The guard against a bare biscuit-auth parse + verify + authorize of the same two-block
-//! token and request, cold (no verified-token cache) and warm. Printed as ratios, with
-//! decisions per second. Goals: cold <= 1.2x, warm <= 0.2x of bare biscuit.
+//! token and request: cold (no cache), warm with the verified-token cache only, and warm with
+//! the decision cache too (the Datalog verdict reused). Printed as ratios, with decisions per
+//! second. Goals: cold <= 1.2x, warm <= 0.2x of bare biscuit, a warm decision <= 5 us.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -130,9 +131,15 @@ fn main() {
         black_box(authorizer.authorize().expect("allow"));
     };
     let cold_guard = guard(&keyring, 0);
+    let verified_only_guard = guard(&keyring, 1000).with_decision_cache(0);
     let warm_guard = guard(&keyring, 1000);
     let cold = || {
         assert!(cold_guard
+            .decide_at(&token, &request, SystemTime::now(), Instant::now())
+            .is_allow())
+    };
+    let verified_only = || {
+        assert!(verified_only_guard
             .decide_at(&token, &request, SystemTime::now(), Instant::now())
             .is_allow())
     };
@@ -156,6 +163,7 @@ fn main() {
     let blocks_t = time_per_op(n, || record(Some(&verified)));
     let bare_t = time_per_op(n, bare);
     let cold_t = time_per_op(n, cold);
+    let verified_only_t = time_per_op(n, verified_only);
     let warm_t = time_per_op(n, warm);
     let ratio = |t: Duration| t.as_secs_f64() / bare_t.as_secs_f64();
     println!("two-block token, {} bytes", token.len());
@@ -169,7 +177,12 @@ fn main() {
         ratio(cold_t)
     );
     println!(
-        "guard, warm (verified-token cache):  {:>8.1} us  ratio {:.2}x (goal <= 0.2x)",
+        "guard, verified-token cache only:    {:>8.1} us  ratio {:.2}x",
+        verified_only_t.as_secs_f64() * 1e6,
+        ratio(verified_only_t)
+    );
+    println!(
+        "guard, warm (both caches):           {:>8.1} us  ratio {:.2}x (goal <= 0.2x, <= 5 us)",
         warm_t.as_secs_f64() * 1e6,
         ratio(warm_t)
     );
@@ -179,8 +192,9 @@ fn main() {
         blocks_t.as_secs_f64() * 1e6
     );
     println!(
-        "guard decisions/s on one core: cold {:.0}, warm {:.0}",
+        "guard decisions/s on one core: cold {:.0}, verified-token cache {:.0}, warm {:.0}",
         1.0 / cold_t.as_secs_f64(),
+        1.0 / verified_only_t.as_secs_f64(),
         1.0 / warm_t.as_secs_f64()
     );
 }

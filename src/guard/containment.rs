@@ -138,7 +138,7 @@ pub(super) fn check(
     adapter: &str,
     verified: &VerifiedToken,
     request: &Request,
-    authorizer: &mut Authorizer,
+    authorizer: Option<&mut Authorizer>,
 ) -> Result<Vec<Obligation>, Outcome> {
     if request.verb == Verb::Read {
         return Ok(Vec::new());
@@ -178,6 +178,14 @@ pub(super) fn check(
     if document.approval_verbs.contains(&request.verb) {
         let operation = operation(adapter, request);
         let digest = operation.digest();
+        // Only a cached verdict comes without an authorizer, and the guard uses one only for
+        // verbs that need no approval: the settings changed in between.
+        let Some(authorizer) = authorizer else {
+            return Err(deny(
+                DenyCode::ContainmentUnavailable,
+                "approval settings changed while deciding; ask again".into(),
+            ));
+        };
         let presented =
             approvals(authorizer, approval_key).map_err(|e| deny(DenyCode::PolicyError, e))?;
         match presented.into_iter().find(|(d, _)| *d == digest) {

@@ -8,6 +8,7 @@
 
 mod cache;
 pub mod containment;
+mod decisions;
 mod record;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use crate::scope::Verb;
 use crate::token::{random_id, verify, PublicKeySet, TokenRejected, VerifiedToken};
 pub use cache::VerifiedCache;
 pub use containment::{ContainmentView, Ledger, LedgerDenial, Obligation};
+pub use decisions::DecisionCache;
 pub use record::decision_event;
 
 /// What an adapter asks about: one operation (kept under its first name for the adapters
@@ -213,7 +215,7 @@ pub struct GuardConfig {
     /// How old the revocation view may be before every decision is a deny.
     pub max_staleness: Duration,
     pub limits: RunLimits,
-    /// How many verified tokens to remember (0 disables the cache).
+    /// How many verified tokens, and how many allows, to remember (0 disables both caches).
     pub cache_capacity: usize,
 }
 
@@ -229,6 +231,7 @@ pub struct Guard {
     /// Policy texts by index, for explanations (computed once, not per decision).
     policy_texts: Vec<String>,
     cache: VerifiedCache,
+    decisions: DecisionCache,
     ids: DecisionIds,
     /// Counted after every final decision, in atomics (no lock on the request path).
     metrics: Arc<crate::metrics::DecisionMetrics>,
@@ -268,6 +271,7 @@ impl Guard {
             containment: Arc::new(ContainmentView::new()),
             policy_texts: authorizer_policies(&policy),
             cache: VerifiedCache::new(config.cache_capacity),
+            decisions: DecisionCache::new(config.cache_capacity, policy_profile(&policy)),
             metrics: Arc::new(crate::metrics::DecisionMetrics::new(&config.adapter)),
             config,
             keys,
@@ -284,12 +288,22 @@ impl Guard {
         self
     }
 
+    /// Resizes the decision cache (0 turns it off); by default it holds `cache_capacity` allows.
+    pub fn with_decision_cache(mut self, capacity: usize) -> Self {
+        self.decisions = DecisionCache::new(capacity, policy_profile(&self.policy));
+        self
+    }
+
     pub fn containment(&self) -> &Arc<ContainmentView> {
         &self.containment
     }
 
     pub fn cache(&self) -> &VerifiedCache {
         &self.cache
+    }
+
+    pub fn decisions(&self) -> &DecisionCache {
+        &self.decisions
     }
 
     /// This guard's decision counters and latency, for `/metrics`.
@@ -675,14 +689,32 @@ impl Guard {
                 return (decision, failure.verified);
             }
         };
-        let decision = match self.run_policy(&verified, request, now) {
+        let key = self.decisions.key(&verified, request);
+        // A cached verdict has no authorizer to read presented approvals from: operations
+        // that need one are decided afresh.
+        let cached = key
+            .as_ref()
+            .filter(|_| !self.containment.needs_approval(request.verb))
+            .and_then(|key| self.decisions.get(key, now));
+        let verdict = match cached {
+            Some(explanation) => Ok((explanation, None)),
+            None => self
+                .run_policy(&verified, request, now)
+                .map(|(explanation, authorizer)| {
+                    if let Some(key) = key {
+                        self.decisions.insert(key, &verified, &explanation, now);
+                    }
+                    (explanation, Some(authorizer))
+                }),
+        };
+        let decision = match verdict {
             Ok((explanation, mut authorizer)) => {
                 let (outcome, obligations) = match containment::check(
                     &self.containment,
                     &self.config.adapter,
                     &verified,
                     request,
-                    &mut authorizer,
+                    authorizer.as_mut(),
                 ) {
                     Ok(mut obligations) => {
                         if verified.use_budget.is_some() {
@@ -811,6 +843,17 @@ fn into_authorized<T>(mut decision: Decision, payload: T) -> Result<Authorized<T
 
 /// A policy deny: its code, reason and explanation lines.
 type PolicyDenial = (DenyCode, String, Vec<String>);
+
+/// What the adapter policy's verdicts can depend on; opaque (nothing cached) if unreadable.
+fn policy_profile(policy: &PolicySet) -> crate::token::DatalogProfile {
+    match policy.builder().snapshot() {
+        Ok(snapshot) => crate::token::DatalogProfile::of_authorizer(&snapshot),
+        Err(error) => {
+            tracing::warn!(%error, "adapter policy unreadable for the decision cache: it stays off");
+            crate::token::DatalogProfile::opaque()
+        }
+    }
+}
 
 fn authorizer_policies(policy: &PolicySet) -> Vec<String> {
     policy

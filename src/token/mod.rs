@@ -9,6 +9,7 @@ mod attenuate;
 mod inspect;
 pub mod keys;
 mod mint;
+mod profile;
 mod verify;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,6 +23,7 @@ pub use attenuate::{attenuate, Attenuation};
 pub use inspect::{inspect, Inspection};
 pub use keys::{KeyError, KeySetDocument, Keyring, PublicKeySet, PublishedKey};
 pub use mint::{mint, GrantedRight, MintError, TokenSpec};
+pub use profile::DatalogProfile;
 pub use verify::{peek_expiry, verify, VerifiedToken};
 
 /// Why a token was refused before any policy ran. `PartialEq` so tests assert the exact reason.

@@ -26,6 +26,8 @@ pub struct VerifiedToken {
     pub revocation_ids: Vec<String>,
     /// The authority block's use budget: calls allowed in all, shared by attenuated copies.
     pub use_budget: Option<u64>,
+    /// What the token's Datalog can depend on (its dates, whether it reads attributes).
+    pub profile: super::DatalogProfile,
 }
 
 /// Reads the expiry from the (unverified) authority context. Cheap: two protobuf decodes.
@@ -92,6 +94,7 @@ pub(crate) fn verify_bytes(
         return Err(TokenRejected::Expired);
     }
     Ok(VerifiedToken {
+        profile: super::DatalogProfile::of_token(bytes),
         revocation_ids: biscuit
             .revocation_identifiers()
             .iter()
