@@ -27,8 +27,11 @@ pub fn decision_event(
         "token_sha256": token_digest(token),
     });
     if let (Some(verified), Some(object)) = (verified, detail.as_object_mut()) {
-        if let Some(blocks) = blocks_of(&verified.biscuit) {
-            object.insert("blocks".into(), serde_json::json!(blocks));
+        let blocks = verified
+            .audit_blocks
+            .get_or_init(|| blocks_of(&verified.biscuit).map(|blocks| serde_json::json!(blocks)));
+        if let Some(blocks) = blocks {
+            object.insert("blocks".into(), blocks.clone());
         }
         object.insert(
             "revocation_ids".into(),

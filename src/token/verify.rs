@@ -28,6 +28,9 @@ pub struct VerifiedToken {
     pub use_budget: Option<u64>,
     /// What the token's Datalog can depend on (its dates, whether it reads attributes).
     pub profile: super::DatalogProfile,
+    /// The blocks as the audit trail records them, printed on first use: every decision about
+    /// the token records the same, and printing Datalog costs more than a cached decision.
+    pub audit_blocks: std::sync::OnceLock<Option<serde_json::Value>>,
 }
 
 /// Reads the expiry from the (unverified) authority context. Cheap: two protobuf decodes.
@@ -95,6 +98,7 @@ pub(crate) fn verify_bytes(
     }
     Ok(VerifiedToken {
         profile: super::DatalogProfile::of_token(bytes),
+        audit_blocks: std::sync::OnceLock::new(),
         revocation_ids: biscuit
             .revocation_identifiers()
             .iter()
