@@ -4,7 +4,7 @@
 use super::{Decision, Request};
 use crate::containment::audit::{AuditEvent, AuditKind};
 use crate::containment::token_record::{blocks_of, token_digest};
-use crate::token::VerifiedToken;
+use crate::token::{AuditMemo, VerifiedToken};
 
 /// `verified` is the token as the guard verified it; a token that never verified (malformed,
 /// forged, expired) is recorded by its digest alone.
@@ -15,6 +15,12 @@ pub fn decision_event(
     token: &str,
     verified: Option<&VerifiedToken>,
 ) -> AuditEvent {
+    let memo = verified.map(|verified| {
+        verified.audit_memo.get_or_init(|| AuditMemo {
+            token_sha256: token_digest(token),
+            blocks: blocks_of(&verified.biscuit).map(|blocks| serde_json::json!(blocks)),
+        })
+    });
     let mut detail = serde_json::json!({
         "decision_id": decision.id,
         "adapter": adapter,
@@ -24,13 +30,13 @@ pub fn decision_event(
         "verb": request.verb,
         "environment": request.environment,
         "attributes": request.attributes,
-        "token_sha256": token_digest(token),
+        "token_sha256": match memo {
+            Some(memo) => memo.token_sha256.clone(),
+            None => token_digest(token),
+        },
     });
-    if let (Some(verified), Some(object)) = (verified, detail.as_object_mut()) {
-        let blocks = verified
-            .audit_blocks
-            .get_or_init(|| blocks_of(&verified.biscuit).map(|blocks| serde_json::json!(blocks)));
-        if let Some(blocks) = blocks {
+    if let (Some(verified), Some(memo), Some(object)) = (verified, memo, detail.as_object_mut()) {
+        if let Some(blocks) = &memo.blocks {
             object.insert("blocks".into(), blocks.clone());
         }
         object.insert(

@@ -24,7 +24,7 @@ pub use inspect::{inspect, Inspection};
 pub use keys::{KeyError, KeySetDocument, Keyring, PublicKeySet, PublishedKey};
 pub use mint::{mint, GrantedRight, MintError, TokenSpec};
 pub use profile::DatalogProfile;
-pub use verify::{peek_expiry, verify, VerifiedToken};
+pub use verify::{peek_expiry, verify, AuditMemo, VerifiedToken};
 
 /// Why a token was refused before any policy ran. `PartialEq` so tests assert the exact reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

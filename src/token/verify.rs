@@ -28,9 +28,17 @@ pub struct VerifiedToken {
     pub use_budget: Option<u64>,
     /// What the token's Datalog can depend on (its dates, whether it reads attributes).
     pub profile: super::DatalogProfile,
-    /// The blocks as the audit trail records them, printed on first use: every decision about
-    /// the token records the same, and printing Datalog costs more than a cached decision.
-    pub audit_blocks: std::sync::OnceLock<Option<serde_json::Value>>,
+    /// What every audit record of this token repeats, computed on first use: hashing the text
+    /// and printing the blocks cost more than a cached decision.
+    pub audit_memo: std::sync::OnceLock<AuditMemo>,
+}
+
+/// The token as each audit record names it. Verification accepts one spelling per token, so
+/// the text (and its digest) is fixed by the verified token.
+#[derive(Debug, Clone)]
+pub struct AuditMemo {
+    pub token_sha256: String,
+    pub blocks: Option<serde_json::Value>,
 }
 
 /// Reads the expiry from the (unverified) authority context. Cheap: two protobuf decodes.
@@ -98,7 +106,7 @@ pub(crate) fn verify_bytes(
     }
     Ok(VerifiedToken {
         profile: super::DatalogProfile::of_token(bytes),
-        audit_blocks: std::sync::OnceLock::new(),
+        audit_memo: std::sync::OnceLock::new(),
         revocation_ids: biscuit
             .revocation_identifiers()
             .iter()
