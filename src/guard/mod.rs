@@ -691,10 +691,13 @@ impl Guard {
         };
         let key = self.decisions.key(&verified, request);
         // A cached verdict has no authorizer to read presented approvals from: operations
-        // that need one are decided afresh.
+        // that may need one are decided afresh (reads never do; for other verbs, unknown
+        // containment settings count as needing one).
+        let reads_approvals =
+            request.verb != Verb::Read && self.containment.needs_approval(request.verb);
         let cached = key
             .as_ref()
-            .filter(|_| !self.containment.needs_approval(request.verb))
+            .filter(|_| !reads_approvals)
             .and_then(|key| self.decisions.get(key, now));
         let verdict = match cached {
             Some(explanation) => Ok((explanation, None)),
