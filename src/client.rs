@@ -245,6 +245,36 @@ impl Client {
             .await
     }
 
+    /// Adapter: stores records already serialised, one `AuditEvent` JSON text each (the
+    /// audit spool's lines), without parsing them into values and serialising them again.
+    pub async fn append_audit_serialised(
+        &self,
+        adapter_key: &str,
+        events: &[&str],
+    ) -> Result<serde_json::Value, ClientError> {
+        let length = events.iter().map(|e| e.len() + 1).sum::<usize>() + 16;
+        let mut body = String::with_capacity(length);
+        body.push_str("{\"events\":[");
+        for (index, event) in events.iter().enumerate() {
+            if index > 0 {
+                body.push(',');
+            }
+            body.push_str(event);
+        }
+        body.push_str("]}");
+        let response = self
+            .http
+            .post(format!("{}/v1/audit", self.broker))
+            .bearer_auth(adapter_key)
+            .timeout(Duration::from_secs(5))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        decode(response).await
+    }
+
     /// Adapter: attaches what a pending approval's operation would touch.
     pub async fn attach_preview(
         &self,

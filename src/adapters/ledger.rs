@@ -322,6 +322,24 @@ async fn ship_spool(path: PathBuf, client: Client, key: String, spool: AuditSpoo
 const SHIP_BATCH_RECORDS: usize = 500;
 const SHIP_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
+/// What a spooled line must be to ship: one audit event, checked for shape without building
+/// its detail (the costliest part of shipping was parsing each record into values and
+/// serialising it again). A line that is not one is skipped and logged, so it cannot stall
+/// every later record at the broker.
+fn check_spooled(line: &str) -> Result<(), serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct SpooledEvent<'a> {
+        #[serde(rename = "kind")]
+        _kind: crate::containment::audit::AuditKind,
+        #[serde(rename = "actor", borrow)]
+        _actor: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "detail", borrow)]
+        _detail: &'a serde_json::value::RawValue,
+    }
+    serde_json::from_str::<SpooledEvent>(line).map(|_| ())
+}
+
 /// Ships what the spool holds; returns how many of its leading bytes the broker stored.
 async fn ship(path: &Path, client: &Client, key: &str, metrics: &SpoolMetrics) -> usize {
     let Ok(text) = tokio::fs::read_to_string(path).await else {
@@ -336,7 +354,7 @@ async fn ship(path: &Path, client: &Client, key: &str, metrics: &SpoolMetrics) -
     // Ships whole batches in order and remembers how far the broker has stored them, so a
     // failure part-way leaves exactly the unstored tail spooled.
     let mut shipped = 0usize;
-    let mut batch: Vec<AuditEvent> = Vec::new();
+    let mut batch: Vec<&str> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut offset = 0usize;
     let mut lines_in_batch = 0u64;
@@ -347,9 +365,9 @@ async fn ship(path: &Path, client: &Client, key: &str, metrics: &SpoolMetrics) -
             break; // a record still being written
         }
         lines_in_batch += 1;
-        match serde_json::from_str::<AuditEvent>(line) {
-            Ok(event) => {
-                batch.push(event);
+        match check_spooled(line) {
+            Ok(()) => {
+                batch.push(line.trim_end());
                 batch_bytes += line.len();
             }
             Err(e) => tracing::error!(error = %e, "unreadable audit spool line skipped"),
@@ -357,7 +375,7 @@ async fn ship(path: &Path, client: &Client, key: &str, metrics: &SpoolMetrics) -
         let last = lines.peek().is_none_or(|next| !next.ends_with('\n'));
         if batch.len() >= SHIP_BATCH_RECORDS || batch_bytes >= SHIP_BATCH_BYTES || last {
             if !batch.is_empty() {
-                if let Err(e) = client.append_audit(key, &batch).await {
+                if let Err(e) = client.append_audit_serialised(key, &batch).await {
                     metrics.ship_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "broker unreachable; audit records stay spooled");
                     break;
@@ -375,4 +393,29 @@ async fn ship(path: &Path, client: &Client, key: &str, metrics: &SpoolMetrics) -
         }
     }
     shipped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_spooled;
+    use crate::containment::audit::{AuditEvent, AuditKind};
+
+    #[test]
+    fn only_whole_audit_events_ship() {
+        let event = AuditEvent {
+            kind: AuditKind::Decision,
+            actor: Some("agent \"quoted\"".into()),
+            detail: serde_json::json!({"resource": "r", "blocks": [{"source": "a;\n"}]}),
+        };
+        let line = serde_json::to_string(&event).expect("json") + "\n";
+        assert!(check_spooled(&line).is_ok());
+        // Torn by a crash mid-write, another shape, or not an event at all: skipped.
+        assert!(check_spooled(&line[..line.len() / 2]).is_err());
+        assert!(check_spooled(r#"{"kind":"decision","actor":null}"#).is_err());
+        assert!(check_spooled(r#"{"kind":"nonsense","actor":null,"detail":{}}"#).is_err());
+        assert!(
+            check_spooled(r#"{"kind":"decision","actor":null,"detail":{},"extra":1}"#).is_err()
+        );
+        assert!(check_spooled("[]").is_err());
+    }
 }
