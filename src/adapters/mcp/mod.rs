@@ -10,10 +10,12 @@
 //! - `pin`: tool definition digests and the pin book.
 //! - `upstream`: the gateway's client connection to one server.
 //! - `mediate`: the per-message decisions (the MCP server handler).
+//! - `intake`: what an HTTP body must be before the SDK parses it; a closed stream cancels.
 //! - `transport`: the HTTP router (`/mcp/{server}`) and the stdio wrapper.
 
 pub mod approvals;
 pub mod config;
+pub mod intake;
 pub mod mapping;
 pub mod mediate;
 pub mod pin;
