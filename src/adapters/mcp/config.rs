@@ -2,7 +2,6 @@
 //! credentialed, and the map from each tool to the (resource template, verb) the guard
 //! decides on. Validated whole at load; a tool not in the map is denied.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -61,6 +60,11 @@ pub struct McpConfig {
     pub adapter_key_env: Option<String>,
     #[serde(default = "McpConfig::default_spool")]
     pub audit_spool: PathBuf,
+    /// Where tool definition digests are kept across restarts (written atomically; an
+    /// unreadable or corrupt file stops the gateway). One file per configuration: stdio
+    /// sessions started from the same configuration share it under a lock.
+    #[serde(default = "McpConfig::default_pin_file")]
+    pub pin_file: PathBuf,
     /// Largest JSON-RPC message accepted from an agent (bytes).
     #[serde(default = "McpConfig::default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -84,6 +88,9 @@ impl McpConfig {
     fn default_spool() -> PathBuf {
         PathBuf::from("capgate-mcp-audit-spool.jsonl")
     }
+    fn default_pin_file() -> PathBuf {
+        PathBuf::from("capgate-mcp-pins.json")
+    }
     fn default_max_message_bytes() -> usize {
         1 << 20
     }
@@ -106,6 +113,9 @@ impl McpConfig {
         }
         if config.audit_spool.is_relative() {
             config.audit_spool = base.join(&config.audit_spool);
+        }
+        if config.pin_file.is_relative() {
+            config.pin_file = base.join(&config.pin_file);
         }
         config.validate()?;
         Ok(config)
@@ -150,6 +160,14 @@ impl McpConfig {
                         source,
                     }
                 })?;
+                if let Some(digest) = &tool.digest {
+                    if !super::pin::is_digest(digest) {
+                        return Err(fail(format!(
+                            "tool {}: digest must be sha256: and 64 lowercase hex digits",
+                            tool.name
+                        )));
+                    }
+                }
             }
         }
         Ok(())
@@ -190,14 +208,14 @@ impl ServerConfig {
         "Bearer ".into()
     }
 
-    /// Configured pins, keyed as the pin book wants them.
-    pub fn pins(&self) -> HashMap<(String, String), String> {
+    /// Configured pins as (server, tool, digest): the operator's acceptances.
+    pub fn pins(&self) -> Vec<(String, String, String)> {
         self.tools
             .iter()
             .filter_map(|t| {
                 t.digest
                     .as_ref()
-                    .map(|d| ((self.name.clone(), t.name.clone()), d.clone()))
+                    .map(|d| (self.name.clone(), t.name.clone(), d.clone()))
             })
             .collect()
     }
@@ -211,7 +229,8 @@ pub struct ToolConfig {
     /// call's arguments.
     pub resource: String,
     pub verb: Verb,
-    /// The accepted definition digest (`sha256:…`); without it, the first one seen is pinned.
+    /// The accepted definition digest (`sha256:…`), recorded in the pin file at start;
+    /// without it, the first one seen is pinned.
     #[serde(default)]
     pub digest: Option<String>,
 }
@@ -246,6 +265,10 @@ environment = "prod"
             (
                 "server name that is no URL segment",
                 "[[servers]]\nname = \"r/../x\"\nurl = \"http://h/mcp\"\n",
+            ),
+            (
+                "a digest that is not sha256",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.tools]]\nname = \"t\"\nresource = \"http://r/a\"\nverb = \"read\"\ndigest = \"md5:00\"\n",
             ),
             (
                 "a tool mapped twice",

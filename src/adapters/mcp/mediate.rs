@@ -140,14 +140,26 @@ impl SessionHandler {
                 ),
             ));
         };
-        if let PinCheck::Changed { pinned, seen } = self.pin(&tool) {
-            return Err(Refusal::new(
-                "tool_changed",
-                format!(
-                    "the definition of {} changed: now {seen}, pinned {pinned}; an operator must accept the new digest",
-                    params.name
-                ),
-            ));
+        match self.pin(&tool) {
+            PinCheck::Pinned | PinCheck::Recorded => {}
+            PinCheck::Changed { pinned, seen } => {
+                return Err(Refusal::new(
+                    "tool_changed",
+                    format!(
+                        "the definition of {} changed: now {seen}, pinned {pinned}; an operator accepts it by setting digest = \"{seen}\" on this tool in the gateway's configuration",
+                        params.name
+                    ),
+                ))
+            }
+            PinCheck::Unavailable(why) => {
+                return Err(Refusal::new(
+                    "pin_unavailable",
+                    format!(
+                        "tool {} is seen for the first time and its pin could not be recorded ({why})",
+                        params.name
+                    ),
+                ))
+            }
         }
         let arguments = Value::Object(params.arguments.clone().unwrap_or_default());
         let resource = mapped
@@ -243,22 +255,32 @@ impl SessionHandler {
             tracing::error!(error = %e, "upstream tools/list failed");
             Refusal::new("upstream_unavailable", "the upstream server did not answer")
         })?;
-        Ok(tools
+        let mapped: Vec<(&Tool, Mapped)> = tools
             .iter()
-            .filter(|tool| {
-                let Some(mapped) = self.mapped(tool) else {
-                    return false;
-                };
-                if matches!(self.pin(tool), PinCheck::Changed { .. }) {
-                    return false;
-                }
-                rights.iter().any(|(pattern, verb, env)| {
-                    env == environment
-                        && *verb == mapped.verb
-                        && mapped.template.reachable_by(pattern)
-                })
+            .filter_map(|tool| Some((tool, self.mapped(tool)?)))
+            .collect();
+        // Every first sight of one listing recorded with one write of the pin file.
+        let digests: Vec<(String, String)> = mapped
+            .iter()
+            .map(|(tool, _)| (tool.name.to_string(), tool_digest(tool)))
+            .collect();
+        let pairs: Vec<(&str, &str)> = digests
+            .iter()
+            .map(|(name, digest)| (name.as_str(), digest.as_str()))
+            .collect();
+        let pins = self.gateway.pins.check_all(self.upstream.name(), &pairs);
+        Ok(mapped
+            .into_iter()
+            .zip(pins)
+            .filter(|((_, mapped), pin)| {
+                matches!(pin, PinCheck::Pinned | PinCheck::Recorded)
+                    && rights.iter().any(|(pattern, verb, env)| {
+                        env == environment
+                            && *verb == mapped.verb
+                            && mapped.template.reachable_by(pattern)
+                    })
             })
-            .cloned()
+            .map(|((tool, _), _)| tool.clone())
             .collect())
     }
 }

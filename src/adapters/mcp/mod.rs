@@ -7,7 +7,7 @@
 //!
 //! - `config`: servers, credentials, the tool map.
 //! - `mapping`: resource templates filled from arguments; annotations raising verbs.
-//! - `pin`: tool definition digests and the pin book.
+//! - `pin`: tool definition digests and the pin file.
 //! - `upstream`: the gateway's client connection to one server.
 //! - `mediate`: the per-message decisions (the MCP server handler).
 //! - `intake`: what an HTTP body must be before the SDK parses it; a closed stream cancels.
@@ -72,15 +72,16 @@ impl Gateway {
             policy,
         )
         .with_containment(containment);
-        let mut pins = HashMap::new();
+        let mut configured = Vec::new();
         let mut upstreams = HashMap::new();
         for server in &config.servers {
-            pins.extend(server.pins());
+            configured.extend(server.pins());
             upstreams.insert(
                 server.name.clone(),
                 Arc::new(Upstream::new(server.clone())?),
             );
         }
+        let pins = PinBook::open(&config.pin_file, &configured)?;
         let approval_url = config.approval_url.clone().unwrap_or_else(|| {
             format!(
                 "{}/v1/approvals/{{id}}",
@@ -96,7 +97,7 @@ impl Gateway {
             config,
             guard: Arc::new(guard),
             ledger,
-            pins: PinBook::new(pins),
+            pins,
             upstreams,
         })
     }

@@ -34,6 +34,8 @@ pub enum McpError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
+    Pins(#[from] super::pin::PinFileError),
+    #[error(transparent)]
     Runtime(#[from] crate::adapters::runtime::RuntimeError),
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
