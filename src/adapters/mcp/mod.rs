@@ -7,6 +7,7 @@
 //!
 //! - `config`: servers, credentials, the tool map.
 //! - `mapping`: resource templates filled from arguments; annotations raising verbs.
+//! - `uri`: resource URIs matched against URI templates and prefixes.
 //! - `pin`: tool definition digests and the pin file.
 //! - `upstream`: the gateway's client connection to one server.
 //! - `mediate`: the per-message decisions (the MCP server handler).
@@ -21,6 +22,7 @@ pub mod mediate;
 pub mod pin;
 pub mod transport;
 pub mod upstream;
+pub mod uri;
 
 use std::collections::HashMap;
 use std::sync::Arc;
