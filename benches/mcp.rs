@@ -218,6 +218,8 @@ async fn main() {
                 verb: Verb::Read,
                 digest: None,
             }],
+            resources: Vec::new(),
+            prompts: Vec::new(),
         }],
     };
     let view = Arc::new(RevocationView::new());
