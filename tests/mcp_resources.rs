@@ -364,3 +364,74 @@ async fn a_server_without_mappings_serves_no_reads_or_prompts_at_all() {
     );
     assert!(railway.seen().is_empty(), "{:?}", railway.seen());
 }
+
+#[tokio::test]
+async fn the_stateless_2026_era_decides_reads_and_prompts_alike() {
+    use rmcp::model::ProtocolVersion;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::{ClientLifecycleMode, ClientServiceExt};
+    let broker = Broker::start_with_policy(OPS_POLICY).await;
+    let railway = Railway::default();
+    let railway_url = railway.start().await;
+    let gateway = start_gateway(&broker.url, &railway_url, &format!("{RAILWAY_TOOLS}{MAP}")).await;
+    let token = token_of(&broker.issue(OPS_KEY, &SCOPES_A, None).await);
+    let warm = connect_when_ready(&gateway.url("railway"), &token).await;
+    wait_synced(&warm, "get_volume", json!({"volume_id": "vol_1"})).await;
+    let config = StreamableHttpClientTransportConfig::with_uri(gateway.url("railway"))
+        .auth_header(token.clone());
+    let agent = ()
+        .serve_with_lifecycle(
+            rmcp::transport::StreamableHttpClientTransport::from_config(config),
+            ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            },
+        )
+        .await
+        .expect("2026-07-28 client");
+    assert_eq!(
+        agent
+            .peer()
+            .peer_info()
+            .map(|i| i.protocol_version.to_string()),
+        Some("2026-07-28".to_owned())
+    );
+    railway.clear();
+    assert!(read(&agent, "railway://volumes/vol_1/logs").await.is_ok());
+    assert_eq!(
+        read(&agent, "railway://volumes/vol_2/logs").await,
+        Err("policy_denied".to_owned())
+    );
+    assert_eq!(
+        read(&agent, "railway://secrets/db_password").await,
+        Err("resource_unmapped".to_owned())
+    );
+    assert!(
+        prompt(&agent, "summarize_volume", json!({"volume_id": "vol_1"}))
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        prompt(&agent, "free_text", json!({"text": "x"})).await,
+        Err("prompt_unmapped".to_owned())
+    );
+    assert_eq!(
+        resources(&agent).await,
+        [
+            "railway://docs/runbooks/restore.md",
+            "railway://volumes/vol_1/logs"
+        ]
+    );
+    let reached: Vec<_> = railway
+        .seen()
+        .into_iter()
+        .filter(|c| c.method == "resources/read" || c.method == "prompts/get")
+        .map(|c| c.tool)
+        .collect();
+    assert_eq!(
+        reached,
+        [
+            Some("railway://volumes/vol_1/logs".to_owned()),
+            Some("summarize_volume".to_owned())
+        ]
+    );
+}
