@@ -200,6 +200,7 @@ async fn main() {
         datalog: RunLimits::default(),
         adapter_key_env: None,
         audit_spool: dir.path().join("spool.jsonl"),
+        pin_file: dir.path().join("pins.json"),
         max_message_bytes: 1 << 20,
         allowed_hosts: vec!["127.0.0.1".into()],
         approval_url: None,
@@ -217,6 +218,8 @@ async fn main() {
                 verb: Verb::Read,
                 digest: None,
             }],
+            resources: Vec::new(),
+            prompts: Vec::new(),
         }],
     };
     let view = Arc::new(RevocationView::new());

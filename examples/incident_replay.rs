@@ -311,7 +311,7 @@ pub async fn run(quiet: bool) -> Result<Report, Box<dyn std::error::Error>> {
         });
     }
     // The same agent, the same API, as MCP tools behind the gateway.
-    let mcp_steps = mcp_leg(&broker_url, &client, &infra, &token, &say).await?;
+    let mcp_steps = mcp_leg(&broker_url, &client, &infra, &token, &data, &say).await?;
 
     // The database: production bookings behind the PostgreSQL proxy.
     let table = format!("incident_bookings_{}", &capgate::token::random_id()[..8]);
@@ -542,6 +542,7 @@ async fn mcp_leg(
     client: &Client,
     infra: &Infrastructure,
     token: &str,
+    data: &tempfile::TempDir,
     say: &impl Fn(String),
 ) -> Result<Vec<Step>, Box<dyn std::error::Error>> {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -565,6 +566,8 @@ async fn mcp_leg(
     config.broker = broker_url.to_owned();
     config.name = "railway-prod".into();
     config.adapter_key_env = None;
+    // The replay's pins are its own, never a file beside the example configuration.
+    config.pin_file = data.path().join("mcp-pins.json");
     for upstream in &mut config.servers {
         upstream.url = Some(format!("{server}/mcp"));
         upstream.credential_env = None;

@@ -10,10 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, JsonObject,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
-    ToolAnnotations,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam,
+    ContentBlock, GetPromptRequestParams, GetPromptResponse, GetPromptResult, JsonObject,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, Prompt, PromptArgument, PromptMessage, ReadResourceRequestParams,
+    ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ResourceTemplate, Role,
+    ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
+use rmcp::service::NotificationContext;
 use rmcp::service::{RequestContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -99,6 +103,47 @@ impl Railway {
             Tool::new("delete_backup", "Deletes a backup", id("backup_id"))
                 .with_annotations(ToolAnnotations::new().destructive(true)),
             Tool::new("shell", "Runs a command", id("command")),
+            Tool::new(
+                "watch_volume",
+                "Streams a volume's events until cancelled",
+                id("volume_id"),
+            )
+            .with_annotations(ToolAnnotations::new().read_only(true)),
+        ]
+    }
+
+    fn resources() -> Vec<Resource> {
+        vec![
+            Resource::new("railway://volumes/vol_1/logs", "vol_1 logs"),
+            Resource::new("railway://volumes/vol_2/logs", "vol_2 logs"),
+            Resource::new("railway://backups/bk_1/manifest", "bk_1 manifest"),
+            Resource::new("railway://docs/runbooks/restore.md", "restore runbook"),
+            Resource::new("railway://secrets/db_password", "database password"),
+        ]
+    }
+
+    fn resource_templates() -> Vec<ResourceTemplate> {
+        vec![
+            ResourceTemplate::new("railway://volumes/{volume_id}/logs", "volume logs"),
+            ResourceTemplate::new("railway://backups/{backup_id}/manifest", "backup manifest"),
+            ResourceTemplate::new("railway://secrets/{name}", "secrets"),
+        ]
+    }
+
+    fn prompts() -> Vec<Prompt> {
+        let argument = |name: &str| Some(vec![PromptArgument::new(name).with_required(true)]);
+        vec![
+            Prompt::new(
+                "summarize_volume",
+                Some("Summarises a volume"),
+                argument("volume_id"),
+            ),
+            Prompt::new(
+                "restore_plan",
+                Some("Plans a restore from a backup"),
+                argument("backup_id"),
+            ),
+            Prompt::new("free_text", Some("Anything at all"), argument("text")),
         ]
     }
 
@@ -201,7 +246,93 @@ impl Railway {
 
 impl ServerHandler for Railway {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .enable_prompts()
+                .build(),
+        )
+    }
+
+    async fn on_cancelled(
+        &self,
+        notification: CancelledNotificationParam,
+        _context: NotificationContext<RoleServer>,
+    ) {
+        let request_id = notification.request_id.map(|id| id.to_string());
+        self.state.lock().expect("lock").seen.push(UpstreamCall {
+            method: "notifications/cancelled".into(),
+            tool: request_id,
+            arguments: json!({"reason": notification.reason}),
+            headers: Vec::new(),
+        });
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        self.record("resources/list", None, Value::Null, &context);
+        Ok(ListResourcesResult::with_all_items(Self::resources()))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        self.record("resources/templates/list", None, Value::Null, &context);
+        Ok(ListResourceTemplatesResult::with_all_items(
+            Self::resource_templates(),
+        ))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        self.record(
+            "resources/read",
+            Some(request.uri.clone()),
+            Value::Null,
+            &context,
+        );
+        Ok(ReadResourceResult::new(vec![ResourceContents::text(
+            format!("railway read {}", request.uri),
+            request.uri,
+        )])
+        .into())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        self.record("prompts/list", None, Value::Null, &context);
+        Ok(ListPromptsResult::with_all_items(Self::prompts()))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
+        self.record(
+            "prompts/get",
+            Some(request.name.clone()),
+            arguments.clone(),
+            &context,
+        );
+        Ok(GetPromptResult::new(vec![PromptMessage::new_text(
+            Role::User,
+            format!("railway prompt {} {arguments}", request.name),
+        )])
+        .into())
     }
 
     async fn list_tools(
@@ -225,6 +356,20 @@ impl ServerHandler for Railway {
             arguments.clone(),
             &context,
         );
+        if request.name == "watch_volume" {
+            // Runs until the caller cancels (or a minute passes): what happens to it when the
+            // agent goes away is the point.
+            let outcome = tokio::select! {
+                _ = context.ct.cancelled() => "cancelled",
+                _ = tokio::time::sleep(Duration::from_secs(60)) => "finished",
+            };
+            self.record(
+                &format!("watch_volume {outcome}"),
+                Some(context.id.to_string()),
+                arguments.clone(),
+                &context,
+            );
+        }
         Ok(CallToolResult::success(vec![ContentBlock::text(format!(
             "railway did {} {arguments}",
             request.name
@@ -260,6 +405,7 @@ pub struct GatewayProcess {
     pub port: u16,
     child: Child,
     pub dir: tempfile::TempDir,
+    pub config: std::path::PathBuf,
 }
 
 impl GatewayProcess {
@@ -271,6 +417,35 @@ impl GatewayProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
+
+    /// Stops the process and starts it again on the same configuration, port and directory
+    /// (what a restart keeps on disk, it keeps).
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_gateway(&self.config, self.dir.path());
+        wait_listening(self.port, &mut self.child, self.dir.path()).await;
+    }
+
+    /// Stops the process and starts it again, expecting it to refuse to start: its exit
+    /// status and log.
+    pub async fn restart_failing(&mut self) -> (std::process::ExitStatus, String) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_gateway(&self.config, self.dir.path());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for GatewayProcess {
@@ -280,8 +455,55 @@ impl Drop for GatewayProcess {
     }
 }
 
+fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path) -> Child {
+    let log = std::fs::File::create(dir.join("gateway.log")).expect("log");
+    Command::new(env!("CARGO_BIN_EXE_capgate"))
+        .args(["proxy", "mcp", "--config"])
+        .arg(config)
+        .env("CAPGATE_TEST_MCP_SECRET", MCP_SECRET)
+        .env("CAPGATE_TEST_ADAPTER_KEY", super::ADAPTER_KEY)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn gateway")
+}
+
+async fn wait_listening(port: u16, child: &mut Child, dir: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "gateway exited ({status}); log:\n{}",
+                std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "gateway did not start; log:\n{}",
+        std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
+    );
+}
+
 /// Starts `capgate proxy mcp` in front of `railway_url` as server `railway`.
 pub async fn start_gateway(broker_url: &str, railway_url: &str, tools: &str) -> GatewayProcess {
+    start_gateway_with(broker_url, railway_url, "", tools).await
+}
+
+/// As [`start_gateway`], with `settings` added to the top level of the configuration.
+pub async fn start_gateway_with(
+    broker_url: &str,
+    railway_url: &str,
+    settings: &str,
+    tools: &str,
+) -> GatewayProcess {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = format!(
@@ -294,6 +516,7 @@ adapter_policies = "{policies}"
 max_staleness = "2s"
 adapter_key_env = "CAPGATE_TEST_ADAPTER_KEY"
 audit_spool = "{spool}"
+{settings}
 
 [[servers]]
 name = "railway"
@@ -306,29 +529,14 @@ credential_env = "CAPGATE_TEST_MCP_SECRET"
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).expect("config");
-    let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_capgate"))
-        .args(["proxy", "mcp", "--config"])
-        .arg(&path)
-        .env("CAPGATE_TEST_MCP_SECRET", MCP_SECRET)
-        .env("CAPGATE_TEST_ADAPTER_KEY", super::ADAPTER_KEY)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn gateway");
-    let gateway = GatewayProcess { port, child, dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return gateway;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut child = spawn_gateway(&path, dir.path());
+    wait_listening(port, &mut child, dir.path()).await;
+    GatewayProcess {
+        port,
+        child,
+        dir,
+        config: path,
     }
-    panic!("gateway did not start; log:\n{}", gateway.log());
 }
 
 pub type Agent = RunningService<RoleClient, ()>;

@@ -1,8 +1,8 @@
 //! The gateway's TOML configuration: the upstream MCP servers, how each is reached and
-//! credentialed, and the map from each tool to the (resource template, verb) the guard
-//! decides on. Validated whole at load; a tool not in the map is denied.
+//! credentialed, and the maps from each tool, resource URI and prompt to the (resource
+//! template, verb) the guard decides on. Validated whole at load; anything not in a map is
+//! denied.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::mapping::{ResourceTemplate, TemplateError};
+use super::uri::{UriPatternError, UriPrefix, UriTemplate};
 use crate::adapters::Mode;
 use crate::config::{duration, RunLimits};
 use crate::scope::Verb;
@@ -23,11 +24,18 @@ pub enum McpConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("server {server}, tool {tool}: {source}")]
+    #[error("server {server}, {entry}: {source}")]
     Template {
         server: String,
-        tool: String,
+        /// `tool NAME`, `resource URI` or `prompt NAME`.
+        entry: String,
         source: TemplateError,
+    },
+    #[error("server {server}, resource {uri}: {source}")]
+    Uri {
+        server: String,
+        uri: String,
+        source: UriPatternError,
     },
     #[error("server {server}: {message}")]
     Server { server: String, message: String },
@@ -61,6 +69,11 @@ pub struct McpConfig {
     pub adapter_key_env: Option<String>,
     #[serde(default = "McpConfig::default_spool")]
     pub audit_spool: PathBuf,
+    /// Where tool definition digests are kept across restarts (written atomically; an
+    /// unreadable or corrupt file stops the gateway). One file per configuration: stdio
+    /// sessions started from the same configuration share it under a lock.
+    #[serde(default = "McpConfig::default_pin_file")]
+    pub pin_file: PathBuf,
     /// Largest JSON-RPC message accepted from an agent (bytes).
     #[serde(default = "McpConfig::default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -84,6 +97,9 @@ impl McpConfig {
     fn default_spool() -> PathBuf {
         PathBuf::from("capgate-mcp-audit-spool.jsonl")
     }
+    fn default_pin_file() -> PathBuf {
+        PathBuf::from("capgate-mcp-pins.json")
+    }
     fn default_max_message_bytes() -> usize {
         1 << 20
     }
@@ -106,6 +122,9 @@ impl McpConfig {
         }
         if config.audit_spool.is_relative() {
             config.audit_spool = base.join(&config.audit_spool);
+        }
+        if config.pin_file.is_relative() {
+            config.pin_file = base.join(&config.pin_file);
         }
         config.validate()?;
         Ok(config)
@@ -138,18 +157,58 @@ impl McpConfig {
                 (None, Some(command)) if !command.is_empty() => {}
                 _ => return Err(fail("set exactly one of url and command".into())),
             }
+            let template = |entry: String, text: &str| {
+                ResourceTemplate::parse(text).map_err(|source| McpConfigError::Template {
+                    server: server.name.clone(),
+                    entry,
+                    source,
+                })
+            };
             let mut tools = std::collections::HashSet::new();
             for tool in &server.tools {
                 if !tools.insert(tool.name.as_str()) {
                     return Err(fail(format!("tool {} mapped twice", tool.name)));
                 }
-                ResourceTemplate::parse(&tool.resource).map_err(|source| {
-                    McpConfigError::Template {
-                        server: server.name.clone(),
-                        tool: tool.name.clone(),
-                        source,
+                template(format!("tool {}", tool.name), &tool.resource)?;
+                if let Some(digest) = &tool.digest {
+                    if !super::pin::is_digest(digest) {
+                        return Err(fail(format!(
+                            "tool {}: digest must be sha256: and 64 lowercase hex digits",
+                            tool.name
+                        )));
                     }
-                })?;
+                }
+            }
+            let mut uris = std::collections::HashSet::new();
+            for resource in &server.resources {
+                let uri = resource.pattern(&server.name)?;
+                if !uris.insert(uri.text().to_owned()) {
+                    return Err(fail(format!("resource {} mapped twice", uri.text())));
+                }
+                let filled = template(format!("resource {}", uri.text()), &resource.resource)?;
+                // Every placeholder must be one a match fills: a template variable by name,
+                // and nothing at all for a prefix (its rest is no single value).
+                let variables: Vec<&str> = match &uri {
+                    UriPattern::Template(t) => t.variables().collect(),
+                    UriPattern::Prefix(_) => Vec::new(),
+                };
+                let unfilled = filled
+                    .pointers()
+                    .find(|p| !variables.iter().any(|v| p.strip_prefix('/') == Some(*v)))
+                    .map(str::to_owned);
+                if let Some(pointer) = unfilled {
+                    return Err(fail(format!(
+                        "resource {}: placeholder {{{pointer}}} names no variable of the URI (a template's are {{/name}}; a prefix has none)",
+                        uri.text()
+                    )));
+                }
+            }
+            let mut prompts = std::collections::HashSet::new();
+            for prompt in &server.prompts {
+                if !prompts.insert(prompt.name.as_str()) {
+                    return Err(fail(format!("prompt {} mapped twice", prompt.name)));
+                }
+                template(format!("prompt {}", prompt.name), &prompt.resource)?;
             }
         }
         Ok(())
@@ -180,6 +239,10 @@ pub struct ServerConfig {
     pub credential_child_env: Option<String>,
     #[serde(default)]
     pub tools: Vec<ToolConfig>,
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+    #[serde(default)]
+    pub prompts: Vec<PromptConfig>,
 }
 
 impl ServerConfig {
@@ -190,14 +253,14 @@ impl ServerConfig {
         "Bearer ".into()
     }
 
-    /// Configured pins, keyed as the pin book wants them.
-    pub fn pins(&self) -> HashMap<(String, String), String> {
+    /// Configured pins as (server, tool, digest): the operator's acceptances.
+    pub fn pins(&self) -> Vec<(String, String, String)> {
         self.tools
             .iter()
             .filter_map(|t| {
                 t.digest
                     .as_ref()
-                    .map(|d| ((self.name.clone(), t.name.clone()), d.clone()))
+                    .map(|d| (self.name.clone(), t.name.clone(), d.clone()))
             })
             .collect()
     }
@@ -211,9 +274,77 @@ pub struct ToolConfig {
     /// call's arguments.
     pub resource: String,
     pub verb: Verb,
-    /// The accepted definition digest (`sha256:…`); without it, the first one seen is pinned.
+    /// The accepted definition digest (`sha256:…`), recorded in the pin file at start;
+    /// without it, the first one seen is pinned.
     #[serde(default)]
     pub digest: Option<String>,
+}
+
+/// A resource URI mapping: which URIs (a template or a prefix) and what reading one is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// `railway://volumes/{volume_id}/logs`: simple variables, each one value…
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// …or `railway://docs/`: every URI under it (plain segments only), one resource.
+    #[serde(default)]
+    pub uri_prefix: Option<String>,
+    /// e.g. `http://railway/volumes/{/volume_id}`: placeholders are JSON pointers into the
+    /// URI's variables.
+    pub resource: String,
+    pub verb: Verb,
+}
+
+/// Which URIs a resource mapping covers, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UriPattern {
+    Template(UriTemplate),
+    Prefix(UriPrefix),
+}
+
+impl UriPattern {
+    pub fn text(&self) -> &str {
+        match self {
+            UriPattern::Template(t) => t.as_str(),
+            UriPattern::Prefix(p) => p.as_str(),
+        }
+    }
+}
+
+impl ResourceConfig {
+    pub fn pattern(&self, server: &str) -> Result<UriPattern, McpConfigError> {
+        let uri_error = |uri: &str, source| McpConfigError::Uri {
+            server: server.to_owned(),
+            uri: uri.to_owned(),
+            source,
+        };
+        match (&self.uri, &self.uri_prefix) {
+            (Some(uri), None) => UriTemplate::parse(uri)
+                .map(UriPattern::Template)
+                .map_err(|e| uri_error(uri, e)),
+            (None, Some(prefix)) => UriPrefix::parse(prefix)
+                .map(UriPattern::Prefix)
+                .map_err(|e| uri_error(prefix, e)),
+            _ => Err(McpConfigError::Server {
+                server: server.to_owned(),
+                message: format!(
+                    "resource {}: set exactly one of uri and uri_prefix",
+                    self.resource
+                ),
+            }),
+        }
+    }
+}
+
+/// A prompt mapping: its name, and the resource its arguments name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptConfig {
+    pub name: String,
+    /// Placeholders are JSON pointers into the prompt's arguments, as for tools.
+    pub resource: String,
+    pub verb: Verb,
 }
 
 #[cfg(test)]
@@ -225,6 +356,8 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mcp-gateway.toml");
         let config = McpConfig::load(&path).expect("example loads");
         assert_eq!(config.servers[0].tools.len(), 4);
+        assert!(!config.servers[0].resources.is_empty());
+        assert!(!config.servers[0].prompts.is_empty());
     }
 
     #[test]
@@ -246,6 +379,30 @@ environment = "prod"
             (
                 "server name that is no URL segment",
                 "[[servers]]\nname = \"r/../x\"\nurl = \"http://h/mcp\"\n",
+            ),
+            (
+                "a digest that is not sha256",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.tools]]\nname = \"t\"\nresource = \"http://r/a\"\nverb = \"read\"\ndigest = \"md5:00\"\n",
+            ),
+            (
+                "a resource with both uri and uri_prefix",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.resources]]\nuri = \"r://a/{id}\"\nuri_prefix = \"r://a/\"\nresource = \"http://r/a\"\nverb = \"read\"\n",
+            ),
+            (
+                "a resource placeholder no URI variable fills",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.resources]]\nuri = \"r://a/{id}\"\nresource = \"http://r/a/{/other}\"\nverb = \"read\"\n",
+            ),
+            (
+                "a prefix filling a placeholder",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.resources]]\nuri_prefix = \"r://a/\"\nresource = \"http://r/a/{/id}\"\nverb = \"read\"\n",
+            ),
+            (
+                "a URI template that splits two ways",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.resources]]\nuri = \"r://a/{x}-{y}\"\nresource = \"http://r/a/{/x}\"\nverb = \"read\"\n",
+            ),
+            (
+                "a prompt mapped twice",
+                "[[servers]]\nname = \"r\"\nurl = \"http://h/mcp\"\n[[servers.prompts]]\nname = \"p\"\nresource = \"http://r/a\"\nverb = \"read\"\n[[servers.prompts]]\nname = \"p\"\nresource = \"http://r/b\"\nverb = \"read\"\n",
             ),
             (
                 "a tool mapped twice",

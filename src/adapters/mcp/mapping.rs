@@ -110,6 +110,14 @@ impl ResourceTemplate {
         &self.text
     }
 
+    /// The JSON pointers its placeholders read.
+    pub fn pointers(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Pointer(pointer) => Some(pointer.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
     /// The resource this call names. Only values of the small alphabet are accepted.
     pub fn render(&self, arguments: &Value) -> Result<String, ArgumentRejected> {
         let mut out = String::new();
@@ -143,11 +151,11 @@ impl ResourceTemplate {
     }
 }
 
-fn value_char(c: char) -> bool {
+pub(super) fn value_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-')
 }
 
-fn valid_value(value: &str) -> bool {
+pub(super) fn valid_value(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= MAX_VALUE_LEN
         && value != "."

@@ -1,36 +1,39 @@
 //! Per-message mediation: the gateway's MCP server side. Each `tools/call` becomes one guard
 //! operation (resource from the call's arguments, verb from the map, raised by annotations),
 //! decided before anything reaches the upstream; `tools/list` answers only tools this
-//! token could call and whose definitions still match their pins. Refusals reach the agent
-//! as tool results with `isError` (the model reads them) carrying the deny code and reason.
+//! token could call and whose definitions still match their pins. Reads and prompts are
+//! decided alike (`resources`, `prompts`); what every decision shares (the token, the
+//! approval retry, the guard, the cancellable relay) lives here. Tool refusals reach the
+//! agent as tool results with `isError` (the model reads them) carrying the deny code and
+//! reason.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use biscuit_auth::builder::AuthorizerBuilder;
 use rmcp::model::{
-    CacheScope, CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode,
-    Implementation, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
-    Tool,
+    CacheScope, CallToolRequestParams, CallToolResponse, GetPromptRequestParams, GetPromptResponse,
+    Implementation, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult,
+    ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse,
+    ServerCapabilities, ServerConfig, Tool,
 };
-use rmcp::service::RequestContext;
-use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
-use serde_json::{json, Value};
+use rmcp::service::{Peer, RequestContext, ServiceError};
+use rmcp::{ErrorData as McpError, RoleClient, RoleServer, ServerHandler};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::approvals::Collected;
 use super::mapping::{raised_by_annotations, ResourceTemplate};
 use super::pin::{tool_digest, write_canonical, PinCheck};
+use super::refusal::{Code, Refusal};
 use super::upstream::Upstream;
-use super::Gateway;
+use super::{Gateway, ServerMaps};
 use crate::adapters::screen::TokenSpellings;
 use crate::adapters::{extract_token, Mode, TokenHeader};
 use crate::guard::containment::operation;
 use crate::guard::{Authorized, Decision, Outcome, Request as GuardRequest};
 use crate::scope::{ResourcePattern, Verb};
 use crate::token::VerifiedToken;
-
-/// JSON-RPC code of the spec's `URLElicitationRequiredError` (2025-11-25 and later).
-pub const URL_ELICITATION_REQUIRED: i32 = -32042;
 
 /// Where a session's token comes from: each HTTP request's own headers, or (stdio) the
 /// environment the agent launched the gateway with.
@@ -43,8 +46,8 @@ pub enum TokenSource {
 /// One agent session in front of one upstream server.
 #[derive(Clone)]
 pub struct SessionHandler {
-    gateway: Arc<Gateway>,
-    upstream: Arc<Upstream>,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) upstream: Arc<Upstream>,
     token: TokenSource,
 }
 
@@ -52,6 +55,48 @@ pub struct SessionHandler {
 struct Mapped {
     template: ResourceTemplate,
     verb: Verb,
+}
+
+/// Why a read or prompt was not answered: the gateway refused, or the upstream's own error
+/// (passed on: it is the server's answer to a request the guard allowed).
+pub(super) enum Failure {
+    Refused(Refusal),
+    Upstream(McpError),
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Self {
+        Failure::Refused(refusal)
+    }
+}
+
+impl Failure {
+    fn into_error(self, url_elicitation: bool) -> McpError {
+        match self {
+            Failure::Refused(refusal) => refusal.request_error(url_elicitation),
+            Failure::Upstream(error) => error,
+        }
+    }
+}
+
+/// The rights of a token's authority block in the gateway's environment: what listings
+/// filter on (attenuation can only narrow further; the guard decides each request).
+pub(super) struct Rights(Vec<(ResourcePattern, Verb)>);
+
+impl Rights {
+    /// Could some request filling `template` name a resource one of the rights covers?
+    pub(super) fn could_reach(&self, template: &ResourceTemplate, verb: Verb) -> bool {
+        self.0
+            .iter()
+            .any(|(pattern, v)| *v == verb && template.reachable_by(pattern))
+    }
+
+    /// Does one of the rights cover `resource`?
+    pub(super) fn covers(&self, resource: &str, verb: Verb) -> bool {
+        self.0
+            .iter()
+            .any(|(pattern, v)| *v == verb && pattern.covers(resource))
+    }
 }
 
 impl SessionHandler {
@@ -63,7 +108,7 @@ impl SessionHandler {
         }
     }
 
-    fn token(&self, context: &RequestContext<RoleServer>) -> Result<String, Refusal> {
+    pub(super) fn token(&self, context: &RequestContext<RoleServer>) -> Result<String, Refusal> {
         match &self.token {
             TokenSource::Fixed(token) => Ok(token.to_string()),
             TokenSource::Headers => {
@@ -71,19 +116,132 @@ impl SessionHandler {
                     .extensions
                     .get::<http::request::Parts>()
                     .ok_or_else(|| {
-                        Refusal::new("token_missing", "no HTTP request to read the token from")
+                        Refusal::new(Code::TokenMissing, "no HTTP request to read the token from")
                     })?;
                 match extract_token(&parts.headers) {
                     TokenHeader::Present(token) => Ok(token),
                     TokenHeader::Missing => Err(Refusal::new(
-                        "token_missing",
+                        Code::TokenMissing,
                         "send your Capgate token as Authorization: Bearer",
                     )),
                     TokenHeader::Conflicting => Err(Refusal::new(
-                        "token_conflict",
+                        Code::TokenConflict,
                         "two different tokens were presented",
                     )),
                 }
+            }
+        }
+    }
+
+    /// The token's rights in this gateway's environment, the token verified first.
+    pub(super) fn rights(&self, context: &RequestContext<RoleServer>) -> Result<Rights, Refusal> {
+        let token = self.token(context)?;
+        let verified = self
+            .gateway
+            .guard
+            .verify_token(&token)
+            .map_err(|(code, reason)| Refusal::with_code(code.as_str(), reason))?;
+        let environment = &self.gateway.config.environment;
+        Ok(Rights(
+            authority_rights(&verified)
+                .into_iter()
+                .filter(|(_, _, env)| env == environment)
+                .map(|(pattern, verb, _)| (pattern, verb))
+                .collect(),
+        ))
+    }
+
+    pub(super) fn maps(&self) -> Arc<ServerMaps> {
+        self.gateway
+            .maps
+            .get(self.upstream.name())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// `true` when the token appears in `bytes` (arguments, a URI): it never travels upstream.
+    pub(super) fn carries_token(token: &str, bytes: &[u8]) -> bool {
+        TokenSpellings::new(token).is_some_and(|t| t.found_in(bytes))
+    }
+
+    /// The guard's decision on `request`, collecting the operator's grant first when this is
+    /// the retry of a request that asked for approval (its approval block names this exact
+    /// operation's digest). A refusal names the approval request where there is one.
+    pub(super) async fn decide<T>(
+        &self,
+        token: &str,
+        request: &GuardRequest,
+        payload: T,
+    ) -> Result<Authorized<T>, Refusal> {
+        let digest = operation(&self.gateway.config.name, request).digest();
+        let approvals = &self.gateway.approvals;
+        let mut deciding = token.to_owned();
+        if let Some(id) = approvals.pending(token, &digest) {
+            match approvals.collect(token, &digest, &id).await {
+                Collected::Granted(granted) => deciding = granted,
+                Collected::Waiting => {
+                    let mut refusal = Refusal::new(
+                        Code::ApprovalPending,
+                        format!("approval request {id} is still waiting for an operator"),
+                    );
+                    refusal.approval_id = Some(id.clone());
+                    refusal.approval_url = Some(approvals.url(&id));
+                    return Err(refusal);
+                }
+                Collected::Gone => {}
+            }
+        }
+        self.gateway
+            .authorize(&deciding, request, payload)
+            .await
+            .map_err(|decision| {
+                let mut refusal = Refusal::from_decision(&decision);
+                if let Outcome::ApprovalRequired {
+                    approval_id: Some(id),
+                    ..
+                } = &decision.outcome
+                {
+                    approvals.remember(token, &digest, id);
+                    refusal.approval_url = Some(approvals.url(id));
+                }
+                refusal
+            })
+    }
+
+    pub(super) async fn peer(&self) -> Result<Peer<RoleClient>, Refusal> {
+        self.upstream.peer().await.map_err(|e| {
+            tracing::error!(error = %e, server = self.upstream.name(), "upstream connect failed");
+            Refusal::new(
+                Code::UpstreamUnavailable,
+                "the upstream server did not answer",
+            )
+        })
+    }
+
+    /// Runs an allowed request upstream until it answers or the agent cancels; dropping the
+    /// upstream request (the agent went away) sends the server a cancellation.
+    pub(super) async fn relay<T>(
+        &self,
+        context: &RequestContext<RoleServer>,
+        upstream_call: impl Future<Output = Result<T, ServiceError>>,
+    ) -> Result<Result<T, ServiceError>, Refusal> {
+        tokio::select! {
+            result = upstream_call => Ok(result),
+            _ = context.ct.cancelled() => Err(Refusal::new(Code::Cancelled, "the client cancelled the call")),
+        }
+    }
+
+    /// What a read or prompt answers when the upstream fails: its own JSON-RPC error, or
+    /// `upstream_unavailable` for anything else.
+    pub(super) fn upstream_failure(&self, decision_id: &str, error: ServiceError) -> Failure {
+        match error {
+            ServiceError::McpError(error) => Failure::Upstream(error),
+            other => {
+                tracing::error!(error = %other, decision_id, "upstream request failed");
+                Failure::Refused(Refusal::new(
+                    Code::UpstreamUnavailable,
+                    "the upstream server failed the request",
+                ))
             }
         }
     }
@@ -114,7 +272,10 @@ impl SessionHandler {
     async fn definition(&self, name: &str) -> Result<Option<Tool>, Refusal> {
         let tools = self.upstream.recent_tools().await.map_err(|e| {
             tracing::error!(error = %e, "upstream tools/list failed");
-            Refusal::new("upstream_unavailable", "the upstream server did not answer")
+            Refusal::new(
+                Code::UpstreamUnavailable,
+                "the upstream server did not answer",
+            )
         })?;
         Ok(tools.iter().find(|t| t.name == name).cloned())
     }
@@ -127,39 +288,50 @@ impl SessionHandler {
         let token = self.token(&context)?;
         let Some(tool) = self.definition(&params.name).await? else {
             return Err(Refusal::new(
-                "unknown_tool",
+                Code::UnknownTool,
                 format!("the server offers no tool named {}", params.name),
             ));
         };
         let Some(mapped) = self.mapped(&tool) else {
             return Err(Refusal::new(
-                "tool_unmapped",
+                Code::ToolUnmapped,
                 format!(
                     "tool {} is not in the gateway's map: unmapped tools are denied",
                     params.name
                 ),
             ));
         };
-        if let PinCheck::Changed { pinned, seen } = self.pin(&tool) {
-            return Err(Refusal::new(
-                "tool_changed",
-                format!(
-                    "the definition of {} changed: now {seen}, pinned {pinned}; an operator must accept the new digest",
-                    params.name
-                ),
-            ));
+        match self.pin(&tool) {
+            PinCheck::Pinned | PinCheck::Recorded => {}
+            PinCheck::Changed { pinned, seen } => {
+                return Err(Refusal::new(
+                    Code::ToolChanged,
+                    format!(
+                        "the definition of {} changed: now {seen}, pinned {pinned}; an operator accepts it by setting digest = \"{seen}\" on this tool in the gateway's configuration",
+                        params.name
+                    ),
+                ))
+            }
+            PinCheck::Unavailable(why) => {
+                return Err(Refusal::new(
+                    Code::PinUnavailable,
+                    format!(
+                        "tool {} is seen for the first time and its pin could not be recorded ({why})",
+                        params.name
+                    ),
+                ))
+            }
         }
         let arguments = Value::Object(params.arguments.clone().unwrap_or_default());
         let resource = mapped
             .template
             .render(&arguments)
-            .map_err(|e| Refusal::new("argument_rejected", e.to_string()))?;
+            .map_err(|e| Refusal::new(Code::ArgumentRejected, e.to_string()))?;
         let mut canonical = String::new();
         write_canonical(&arguments, &mut canonical);
-        // The token never travels upstream, in arguments either.
-        if TokenSpellings::new(&token).is_some_and(|t| t.found_in(canonical.as_bytes())) {
+        if Self::carries_token(&token, canonical.as_bytes()) {
             return Err(Refusal::new(
-                "token_misplaced",
+                Code::TokenMisplaced,
                 "the arguments carry the Capgate token; it never leaves the gateway",
             ));
         }
@@ -177,89 +349,62 @@ impl SessionHandler {
                 ),
             ],
         };
-        // A retry of a call that asked for approval: collect the operator's grant and decide
-        // with it (its approval block names this exact operation's digest).
-        let digest = operation(&self.gateway.config.name, &request).digest();
-        let approvals = &self.gateway.approvals;
-        let mut deciding = token.clone();
-        if let Some(id) = approvals.pending(&token, &digest) {
-            match approvals.collect(&token, &digest, &id).await {
-                Collected::Granted(granted) => deciding = granted,
-                Collected::Waiting => {
-                    let mut refusal = Refusal::new(
-                        "approval_pending",
-                        format!("approval request {id} is still waiting for an operator"),
-                    );
-                    refusal.approval_id = Some(id.clone());
-                    refusal.approval_url = Some(approvals.url(&id));
-                    return Err(refusal);
-                }
-                Collected::Gone => {}
-            }
-        }
-        let authorized = match self.gateway.authorize(&deciding, &request, params).await {
-            Ok(authorized) => authorized,
-            Err(decision) => {
-                let mut refusal = Refusal::from_decision(&decision);
-                if let Outcome::ApprovalRequired {
-                    approval_id: Some(id),
-                    ..
-                } = &decision.outcome
-                {
-                    approvals.remember(&token, &digest, id);
-                    refusal.approval_url = Some(approvals.url(id));
-                }
-                return Err(refusal);
-            }
-        };
+        let authorized = self.decide(&token, &request, params).await?;
         let decision_id = authorized.decision_id().to_owned();
         let params = authorized.into_inner();
-        let peer = self.upstream.peer().await.map_err(|e| {
-            tracing::error!(error = %e, decision_id, "upstream connect failed");
-            Refusal::new("upstream_unavailable", "the upstream server did not answer")
-        })?;
-        // Dropping the upstream call (the agent went away) sends it a cancellation.
-        tokio::select! {
-            result = peer.call_tool_once(params) => result.map_err(|e| {
+        let peer = self.peer().await?;
+        self.relay(&context, peer.call_tool_once(params))
+            .await?
+            .map_err(|e| {
                 tracing::error!(error = %e, decision_id, "upstream tools/call failed");
-                Refusal::new("upstream_unavailable", "the upstream server failed the call")
-            }),
-            _ = context.ct.cancelled() => Err(Refusal::new("cancelled", "the client cancelled the call")),
-        }
+                Refusal::new(
+                    Code::UpstreamUnavailable,
+                    "the upstream server failed the call",
+                )
+            })
     }
 
-    /// Tools this token could call: mapped, pinned, and reachable by one of the rights of
-    /// its authority block (attenuation can only narrow further; the guard decides each call).
+    /// Tools this token could call: mapped, pinned, and reachable by one of its rights.
     async fn listing(&self, context: RequestContext<RoleServer>) -> Result<Vec<Tool>, Refusal> {
-        let token = self.token(&context)?;
-        let verified = self
-            .gateway
-            .guard
-            .verify_token(&token)
-            .map_err(|(code, reason)| Refusal::new(code.as_str(), reason))?;
-        let rights = authority_rights(&verified);
-        let environment = &self.gateway.config.environment;
+        let rights = self.rights(&context)?;
         let tools = self.upstream.tools().await.map_err(|e| {
             tracing::error!(error = %e, "upstream tools/list failed");
-            Refusal::new("upstream_unavailable", "the upstream server did not answer")
+            Refusal::new(
+                Code::UpstreamUnavailable,
+                "the upstream server did not answer",
+            )
         })?;
-        Ok(tools
+        let mapped: Vec<(&Tool, Mapped)> = tools
             .iter()
-            .filter(|tool| {
-                let Some(mapped) = self.mapped(tool) else {
-                    return false;
-                };
-                if matches!(self.pin(tool), PinCheck::Changed { .. }) {
-                    return false;
-                }
-                rights.iter().any(|(pattern, verb, env)| {
-                    env == environment
-                        && *verb == mapped.verb
-                        && mapped.template.reachable_by(pattern)
-                })
+            .filter_map(|tool| Some((tool, self.mapped(tool)?)))
+            .collect();
+        // Every first sight of one listing recorded with one write of the pin file.
+        let digests: Vec<(String, String)> = mapped
+            .iter()
+            .map(|(tool, _)| (tool.name.to_string(), tool_digest(tool)))
+            .collect();
+        let pairs: Vec<(&str, &str)> = digests
+            .iter()
+            .map(|(name, digest)| (name.as_str(), digest.as_str()))
+            .collect();
+        let pins = self.gateway.pins.check_all(self.upstream.name(), &pairs);
+        Ok(mapped
+            .into_iter()
+            .zip(pins)
+            .filter(|((_, mapped), pin)| {
+                matches!(pin, PinCheck::Pinned | PinCheck::Recorded)
+                    && rights.could_reach(&mapped.template, mapped.verb)
             })
-            .cloned()
+            .map(|((tool, _), _)| tool.clone())
             .collect())
+    }
+
+    fn url_elicitation(context: &RequestContext<RoleServer>) -> bool {
+        context
+            .peer
+            .peer_info()
+            .and_then(|info| info.capabilities.elicitation.clone())
+            .is_some_and(|e| e.url.is_some())
     }
 }
 
@@ -279,110 +424,18 @@ fn authority_rights(verified: &VerifiedToken) -> Vec<(ResourcePattern, Verb, Str
         .collect()
 }
 
-/// A refusal as the agent sees it: a stable code and a reason.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub code: String,
-    pub reason: String,
-    pub decision_id: Option<String>,
-    pub approval_id: Option<String>,
-    /// Where the operator approves (the URL-mode elicitation's target).
-    pub approval_url: Option<String>,
-}
-
-impl Refusal {
-    fn new(code: &str, reason: impl Into<String>) -> Self {
-        Refusal {
-            code: code.to_owned(),
-            reason: reason.into(),
-            decision_id: None,
-            approval_id: None,
-            approval_url: None,
-        }
-    }
-
-    fn from_decision(decision: &Decision) -> Self {
-        let (code, reason, approval_id) = match &decision.outcome {
-            Outcome::Deny { code, reason } => (code.as_str().to_owned(), reason.clone(), None),
-            Outcome::ApprovalRequired {
-                approval_id,
-                digest,
-            } => (
-                "approval_required".to_owned(),
-                match approval_id {
-                    Some(id) => format!("this call needs an operator's approval: request {id} (digest {digest}); retry with the token returned by POST /v1/approvals/{id}/grant once approved"),
-                    None => format!("this call needs an operator's approval (digest {digest})"),
-                },
-                approval_id.clone(),
-            ),
-            Outcome::Allow => ("policy_error".to_owned(), "allow mapped to a deny".to_owned(), None),
-        };
-        Refusal {
-            code,
-            reason,
-            decision_id: Some(decision.id.clone()),
-            approval_id,
-            approval_url: None,
-        }
-    }
-
-    /// `isError` tool result: the model reads the code and reason and can act on them.
-    fn tool_result(&self) -> CallToolResult {
-        let text = format!("capgate denied this call ({}): {}", self.code, self.reason);
-        let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
-        let mut meta = rmcp::model::MetaObject::new();
-        meta.0.insert(
-            "io.capgate/denial".into(),
-            json!({
-                "code": self.code,
-                "reason": self.reason,
-                "decision_id": self.decision_id,
-                "approval_id": self.approval_id,
-                "approval_url": self.approval_url,
-            }),
-        );
-        result.meta = Some(meta);
-        result
-    }
-
-    /// For clients that declared URL-mode elicitation: the spec's "URL elicitation required"
-    /// error (-32042) pointing at the operator's approval page, with the request id as the
-    /// elicitation id. The client shows the URL; the retry is what counts, never its answer.
-    fn url_elicitation(&self) -> Option<McpError> {
-        let (id, url) = (self.approval_id.as_ref()?, self.approval_url.as_ref()?);
-        let message = format!(
-            "An operator must approve this call (approval request {id}); retry it once approved."
-        );
-        Some(McpError::new(
-            ErrorCode(URL_ELICITATION_REQUIRED),
-            message.clone(),
-            Some(json!({
-                "elicitations": [{
-                    "mode": "url",
-                    "elicitationId": id,
-                    "url": url,
-                    "message": message,
-                }],
-                "code": self.code,
-                "reason": self.reason,
-                "decision_id": self.decision_id,
-            })),
-        ))
-    }
-
-    fn protocol_error(&self) -> McpError {
-        McpError::invalid_request(
-            format!("capgate refused ({}): {}", self.code, self.reason),
-            Some(
-                json!({"code": self.code, "reason": self.reason, "decision_id": self.decision_id}),
-            ),
-        )
-    }
-}
-
 impl ServerHandler for SessionHandler {
     fn get_info(&self) -> ServerConfig {
-        let mut info = ServerConfig::new(ServerCapabilities::builder().enable_tools().build());
+        let mut capabilities = ServerCapabilities::builder().enable_tools().build();
+        // Offered only where something is mapped: everything else would be refused anyway.
+        let maps = self.maps();
+        if !maps.resources.is_empty() {
+            capabilities.resources = Some(Default::default());
+        }
+        if !maps.prompts.is_empty() {
+            capabilities.prompts = Some(Default::default());
+        }
+        let mut info = ServerConfig::new(capabilities);
         info.server_info = Implementation::new("capgate-mcp-gateway", env!("CARGO_PKG_VERSION"));
         info.instructions = Some(format!(
             "Capgate gateway in front of {}: every call is decided by your Capgate token.",
@@ -409,11 +462,7 @@ impl ServerHandler for SessionHandler {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let url_elicitation = context
-            .peer
-            .peer_info()
-            .and_then(|info| info.capabilities.elicitation.clone())
-            .is_some_and(|e| e.url.is_some());
+        let url_elicitation = Self::url_elicitation(&context);
         match self.call(request, context).await {
             Ok(response) => Ok(response),
             Err(refusal) => match refusal.url_elicitation().filter(|_| url_elicitation) {
@@ -421,6 +470,65 @@ impl ServerHandler for SessionHandler {
                 None => Ok(refusal.tool_result().into()),
             },
         }
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        let resources = self
+            .readable_resources(context)
+            .await
+            .map_err(|r| r.protocol_error())?;
+        Ok(ListResourcesResult::with_all_items(resources).with_cache_scope(CacheScope::Private))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        let templates = self
+            .readable_templates(context)
+            .await
+            .map_err(|r| r.protocol_error())?;
+        Ok(ListResourceTemplatesResult::with_all_items(templates)
+            .with_cache_scope(CacheScope::Private))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
+        let url_elicitation = Self::url_elicitation(&context);
+        self.read(request, context)
+            .await
+            .map_err(|f| f.into_error(url_elicitation))
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        let prompts = self
+            .usable_prompts(context)
+            .await
+            .map_err(|r| r.protocol_error())?;
+        Ok(ListPromptsResult::with_all_items(prompts).with_cache_scope(CacheScope::Private))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, McpError> {
+        let url_elicitation = Self::url_elicitation(&context);
+        self.prompt(request, context)
+            .await
+            .map_err(|f| f.into_error(url_elicitation))
     }
 }
 

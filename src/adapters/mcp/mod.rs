@@ -1,24 +1,33 @@
 //! `capgate proxy mcp`: a terminating MCP gateway. Agents speak MCP to the gateway (Streamable
 //! HTTP in both protocol eras, or stdio), authenticated by their Capgate token; the gateway
 //! speaks MCP to each real server as its own client with the real credential. In between,
-//! every `tools/call` is one guard operation decided on its arguments, and `tools/list`
-//! shows only what this token could call. The protocol on both sides is the official SDK's
-//! (`rmcp`); this module owns only the decisions.
+//! every `tools/call`, `resources/read` and `prompts/get` is one guard operation decided on
+//! what it asks for, and each listing shows only what this token could use. The protocol
+//! on both sides is the official SDK's (`rmcp`); this module owns only the decisions.
 //!
-//! - `config`: servers, credentials, the tool map.
+//! - `config`: servers, credentials, the tool, resource and prompt maps.
 //! - `mapping`: resource templates filled from arguments; annotations raising verbs.
-//! - `pin`: tool definition digests and the pin book.
+//! - `uri`: resource URIs matched against URI templates and prefixes.
+//! - `pin`: tool definition digests and the pin file.
 //! - `upstream`: the gateway's client connection to one server.
-//! - `mediate`: the per-message decisions (the MCP server handler).
+//! - `mediate`: the per-message decisions (the MCP server handler) and tool calls.
+//! - `resources`, `prompts`: reads and prompts as guard operations; their listings.
+//! - `refusal`: refusals with stable codes, shaped for each kind of answer.
+//! - `intake`: what an HTTP body must be before the SDK parses it; a closed stream cancels.
 //! - `transport`: the HTTP router (`/mcp/{server}`) and the stdio wrapper.
 
 pub mod approvals;
 pub mod config;
+pub mod intake;
 pub mod mapping;
 pub mod mediate;
 pub mod pin;
+pub mod prompts;
+pub mod refusal;
+pub mod resources;
 pub mod transport;
 pub mod upstream;
+pub mod uri;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,9 +43,19 @@ use crate::guard::{
 use crate::policy::PolicySet;
 use crate::revocation::RevocationView;
 use pin::PinBook;
+use prompts::PromptMap;
+use resources::ResourceMap;
 use upstream::Upstream;
 
-/// What every session shares: the guard, the ledger, the pins and the upstream connections.
+/// One server's resource and prompt maps, parsed at start.
+#[derive(Default)]
+pub struct ServerMaps {
+    pub resources: ResourceMap,
+    pub prompts: PromptMap,
+}
+
+/// What every session shares: the guard, the ledger, the pins, the maps and the upstream
+/// connections.
 pub struct Gateway {
     config: McpConfig,
     guard: Arc<Guard>,
@@ -44,6 +63,7 @@ pub struct Gateway {
     pins: PinBook,
     approvals: approvals::PendingApprovals,
     upstreams: HashMap<String, Arc<Upstream>>,
+    maps: HashMap<String, Arc<ServerMaps>>,
 }
 
 impl Gateway {
@@ -70,15 +90,24 @@ impl Gateway {
             policy,
         )
         .with_containment(containment);
-        let mut pins = HashMap::new();
+        let mut configured = Vec::new();
         let mut upstreams = HashMap::new();
+        let mut maps = HashMap::new();
         for server in &config.servers {
-            pins.extend(server.pins());
+            configured.extend(server.pins());
             upstreams.insert(
                 server.name.clone(),
                 Arc::new(Upstream::new(server.clone())?),
             );
+            maps.insert(
+                server.name.clone(),
+                Arc::new(ServerMaps {
+                    resources: ResourceMap::compile(server)?,
+                    prompts: PromptMap::compile(server)?,
+                }),
+            );
         }
+        let pins = PinBook::open(&config.pin_file, &configured)?;
         let approval_url = config.approval_url.clone().unwrap_or_else(|| {
             format!(
                 "{}/v1/approvals/{{id}}",
@@ -94,8 +123,9 @@ impl Gateway {
             config,
             guard: Arc::new(guard),
             ledger,
-            pins: PinBook::new(pins),
+            pins,
             upstreams,
+            maps,
         })
     }
 

@@ -18,6 +18,7 @@ use rmcp::ServiceExt;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{McpConfig, McpConfigError};
+use super::intake::{self, Intake};
 use super::mediate::{SessionHandler, TokenSource};
 use super::upstream::{UpstreamError, TOKEN_ENV};
 use super::Gateway;
@@ -32,6 +33,8 @@ pub enum McpError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Pins(#[from] super::pin::PinFileError),
     #[error(transparent)]
     Runtime(#[from] crate::adapters::runtime::RuntimeError),
     #[error(transparent)]
@@ -53,7 +56,8 @@ pub enum McpError {
     Stdio(String),
 }
 
-/// The HTTP router: `/mcp/{server}` for every configured server, each behind the token check.
+/// The HTTP router: `/mcp/{server}` for every configured server, each behind the token check
+/// and the body's intake.
 pub fn router(gateway: Arc<Gateway>, shutdown: CancellationToken) -> axum::Router {
     let mut router = axum::Router::new();
     for upstream in gateway.upstreams.values() {
@@ -62,6 +66,7 @@ pub fn router(gateway: Arc<Gateway>, shutdown: CancellationToken) -> axum::Route
             .with_max_request_body_bytes(gateway.config.max_message_bytes)
             .with_cancellation_token(shutdown.child_token());
         let path = format!("/mcp/{}", upstream.name());
+        let sessions = Arc::new(LocalSessionManager::default());
         let (shared, upstream) = (gateway.clone(), upstream.clone());
         let service: StreamableHttpService<SessionHandler, LocalSessionManager> =
             StreamableHttpService::new(
@@ -72,10 +77,16 @@ pub fn router(gateway: Arc<Gateway>, shutdown: CancellationToken) -> axum::Route
                         TokenSource::Headers,
                     ))
                 },
-                Arc::new(LocalSessionManager::default()),
+                sessions.clone(),
                 config,
             );
-        router = router.nest_service(&path, service);
+        let screening = Intake {
+            max_bytes: gateway.config.max_message_bytes,
+            sessions,
+        };
+        router = router.merge(axum::Router::new().nest_service(&path, service).layer(
+            axum::middleware::from_fn_with_state(screening, intake::screen),
+        ));
     }
     router.layer(axum::middleware::from_fn_with_state(gateway, require_token))
 }
@@ -183,9 +194,16 @@ pub async fn serve_stdio(config: McpConfig, server: &str) -> Result<(), McpError
     let upstream = gateway
         .upstream(server)
         .ok_or_else(|| McpError::UnknownServer(server.to_owned()))?;
+    let max_line = gateway.config.max_message_bytes;
     let handler = SessionHandler::new(gateway, upstream, TokenSource::Fixed(token.into()));
+    // The same cap as over HTTP: a longer line is dropped unread, never buffered whole.
+    let transport = rmcp::transport::async_rw::AsyncRwTransport::<rmcp::RoleServer, _, _>::new(
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+    )
+    .with_max_line_length(max_line);
     let running = handler
-        .serve(rmcp::transport::stdio())
+        .serve(transport)
         .await
         .map_err(|e| McpError::Stdio(e.to_string()))?;
     let result = running
