@@ -4,126 +4,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pg::*;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::NoTls;
-
-const DIRECT: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
-
-struct PgProxyProcess {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for PgProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_pg_proxy(broker: &Broker) -> PgProxyProcess {
-    start_pg_proxy_with(
-        broker,
-        "addr = \"127.0.0.1:5432\"\ndatabase = \"test\"\nuser = \"postgres\"\n",
-        &[],
-    )
-    .await
-}
-
-/// A proxy in front of the given `[upstream]` table, with extra environment variables.
-async fn start_pg_proxy_with(
-    broker: &Broker,
-    upstream: &str,
-    env: &[(&str, &str)],
-) -> PgProxyProcess {
-    let dir = tempfile::tempdir().expect("dir");
-    let port = free_port();
-    let config = format!(
-        r#"
-listen = "127.0.0.1:{port}"
-broker = "{broker}"
-environment = "staging"
-database = "staging"
-name = "pg-staging"
-adapter_policies = "{policies}"
-max_staleness = "3s"
-adapter_key_env = "CAPGATE_TEST_ADAPTER_KEY"
-audit_spool = "{spool}"
-
-[upstream]
-{upstream}
-"#,
-        broker = broker.url,
-        policies = repo().join("policies/adapters").display(),
-        spool = dir.path().join("spool.jsonl").display(),
-    );
-    let path = dir.path().join("pg.toml");
-    std::fs::write(&path, config).expect("config");
-    let log = std::fs::File::create(dir.path().join("pg.log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_capgate"))
-        .args(["proxy", "pg", "--config"])
-        .arg(&path)
-        .env("CAPGATE_TEST_ADAPTER_KEY", ADAPTER_KEY)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "pg proxy did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    PgProxyProcess {
-        port,
-        child,
-        _dir: dir,
-    }
-}
-
-async fn connect(
-    port: u16,
-    user: &str,
-    token: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let config = format!(
-        "host=127.0.0.1 port={port} user={user} password={token} dbname=staging connect_timeout=5"
-    );
-    let (client, connection) = tokio_postgres::connect(&config, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-/// Keeps trying until the proxy has synced keys and containment settings from the broker.
-async fn connect_when_ready(port: u16, user: &str, token: &str) -> tokio_postgres::Client {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(client) = connect(port, user, token).await {
-            if client.simple_query("SELECT 1").await.is_ok() {
-                return client;
-            }
-        }
-        assert!(Instant::now() < deadline, "proxy never accepted the token");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn direct() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(DIRECT, NoTls)
-        .await
-        .expect("direct connection");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
 
 /// A fresh table with 3 rows; returns its name.
 async fn table() -> String {
@@ -134,41 +21,6 @@ async fn table() -> String {
         .await
         .expect("create");
     name
-}
-
-async fn rows(table: &str) -> i64 {
-    direct()
-        .await
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .map(|row| row.get::<_, i64>(0))
-        .unwrap_or(-1)
-}
-
-/// A token of deploy-bot that may read and write the staging database.
-async fn write_token(broker: &Broker) -> String {
-    token_of(
-        &broker
-            .issue(
-                DEPLOY_BOT_KEY,
-                &["pg://staging/:write", "pg://staging/:read"],
-                None,
-            )
-            .await,
-    )
-}
-
-/// A token of reporting-bot that may only read the staging database.
-async fn read_token(broker: &Broker) -> String {
-    token_of(
-        &broker
-            .issue(READER_KEY, &["pg://staging/:read"], None)
-            .await,
-    )
-}
-
-fn sqlstate(error: &tokio_postgres::Error) -> Option<String> {
-    error.as_db_error().map(|e| e.code().code().to_owned())
 }
 
 #[tokio::test]

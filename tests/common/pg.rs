@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
-use super::{free_port, repo, token_of, Broker, ADAPTER_KEY, DEPLOY_BOT_KEY};
+use super::{free_port, repo, token_of, Broker, ADAPTER_KEY, DEPLOY_BOT_KEY, READER_KEY};
 
 pub const DIRECT: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 
@@ -35,6 +35,20 @@ impl PgProxyProcess {
 
 /// A proxy for database alias `staging` (environment `staging`) in front of `test`.
 pub async fn start_pg_proxy(broker: &Broker) -> PgProxyProcess {
+    start_pg_proxy_with(
+        broker,
+        "addr = \"127.0.0.1:5432\"\ndatabase = \"test\"\nuser = \"postgres\"\n",
+        &[],
+    )
+    .await
+}
+
+/// A proxy in front of the given `[upstream]` table, with extra environment variables.
+pub async fn start_pg_proxy_with(
+    broker: &Broker,
+    upstream: &str,
+    env: &[(&str, &str)],
+) -> PgProxyProcess {
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
     let config = format!(
@@ -50,9 +64,7 @@ adapter_key_env = "CAPGATE_TEST_ADAPTER_KEY"
 audit_spool = "{spool}"
 
 [upstream]
-addr = "127.0.0.1:5432"
-database = "test"
-user = "postgres"
+{upstream}
 "#,
         broker = broker.url,
         policies = repo().join("policies/adapters").display(),
@@ -65,6 +77,7 @@ user = "postgres"
         .args(["proxy", "pg", "--config"])
         .arg(&path)
         .env("CAPGATE_TEST_ADAPTER_KEY", ADAPTER_KEY)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -151,6 +164,20 @@ pub async fn write_token(broker: &Broker) -> String {
             )
             .await,
     )
+}
+
+/// A token of reporting-bot that may only read the staging database.
+pub async fn read_token(broker: &Broker) -> String {
+    token_of(
+        &broker
+            .issue(READER_KEY, &["pg://staging/:read"], None)
+            .await,
+    )
+}
+
+/// The SQLSTATE of a PostgreSQL error, if the server (or the proxy) sent one.
+pub fn sqlstate(error: &tokio_postgres::Error) -> Option<String> {
+    error.as_db_error().map(|e| e.code().code().to_owned())
 }
 
 /// The message of a PostgreSQL error (the proxy's denials carry their reason there).
