@@ -42,7 +42,7 @@ fn evaluator() -> GrantEvaluator {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = BrokerConfig::load(&root.join("capgate.toml")).expect("capgate.toml");
     let policy = PolicySet::load_dir(&root.join("policies")).expect("policies");
-    GrantEvaluator::new(policy, &config)
+    GrantEvaluator::new(policy, config.grant_settings())
 }
 
 fn issuance(c: &mut Criterion) {

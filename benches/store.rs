@@ -91,7 +91,7 @@ async fn main() {
     let config = BrokerConfig::load(&root.join("capgate.toml")).expect("config");
     let evaluator = GrantEvaluator::new(
         PolicySet::load_dir(&root.join("policies")).expect("policies"),
-        &config,
+        config.grant_settings(),
     );
     let dir = tempfile::tempdir().expect("dir");
     let (keyring, _) = Keyring::open_or_create(dir.path()).expect("keys");

@@ -449,15 +449,7 @@ async fn run(command: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command } => audit_command(command).await,
-        Command::Proxy(ProxyCommand::Pg { config }) => {
-            let config =
-                capgate::adapters::pg::PgProxyConfig::load(&config).map_err(|e| e.to_string())?;
-            tokio::select! {
-                result = capgate::adapters::pg::serve(config) => result.map_err(|e| e.to_string())?,
-                _ = shutdown_signal() => {}
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Proxy(ProxyCommand::Pg { config }) => proxy_pg(&config).await,
         Command::Proxy(ProxyCommand::Http { config }) => {
             let config =
                 capgate::adapters::http::ProxyConfig::load(&config).map_err(|e| e.to_string())?;
@@ -626,7 +618,7 @@ async fn policy_command(command: PolicyCommand) -> CliResult {
             let config = load_config(&config)?;
             let cases = cases.unwrap_or_else(|| config.policies.join("tests"));
             let policy = PolicySet::load_dir(&config.policies).map_err(|e| e.to_string())?;
-            let evaluator = GrantEvaluator::new(policy, &config);
+            let evaluator = GrantEvaluator::new(policy, config.grant_settings());
             let reports = run_cases(&cases, &evaluator)?;
             let mut failed = 0;
             for report in &reports {
@@ -1050,6 +1042,27 @@ fn token_arg(token: Option<String>) -> Result<String, String> {
             Ok(text.trim().to_owned())
         }
     }
+}
+
+#[cfg(feature = "pg")]
+async fn proxy_pg(config: &std::path::Path) -> Result<ExitCode, String> {
+    let config = capgate::adapters::pg::PgProxyConfig::load(config).map_err(|e| e.to_string())?;
+    tokio::select! {
+        result = capgate::adapters::pg::serve(config) => result.map_err(|e| e.to_string())?,
+        _ = shutdown_signal() => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The PostgreSQL adapter is a build feature (pg_query needs libclang); say so rather than
+/// pretend the command does not exist.
+#[cfg(not(feature = "pg"))]
+async fn proxy_pg(_config: &std::path::Path) -> Result<ExitCode, String> {
+    Err(
+        "this capgate was built without the PostgreSQL adapter: rebuild with \
+         `cargo build --release --features pg` (needs libclang: apt-get install libclang-dev)"
+            .into(),
+    )
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,187 @@
+//! `capgate::adapters::tower`: the guard as a tower `Layer`, for existing axum/hyper services.
+//! A mapper turns each request into (resource, verb, attributes); requests it cannot map are
+//! denied. Requests carrying routing instructions, method overrides or the token outside its
+//! header are refused first, as at the proxy ([`super::screen`]). On allow the token is
+//! stripped and the decision is put into the request's extensions as [`GuardedRequest`] for
+//! handlers that want the agent's name.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ::http::request::Parts;
+use ::http::StatusCode;
+use axum::extract::Request;
+use axum::response::Response;
+use tower::Layer;
+use tower_service::Service;
+
+use super::screen::{self, RoutingHeaders, TokenSpellings};
+use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
+use capgate_core::guard::{Guard, Ledger, Request as GuardRequest};
+
+type Mapper = dyn Fn(&Parts) -> Option<GuardRequest> + Send + Sync;
+
+/// Added to the request's extensions when the guard let it through.
+#[derive(Debug, Clone)]
+pub struct GuardedRequest {
+    pub decision_id: String,
+    /// In shadow mode, whether enforce mode would have denied it.
+    pub shadow_denied: bool,
+}
+
+#[derive(Clone)]
+pub struct GuardLayer {
+    guard: Arc<Guard>,
+    mapper: Arc<Mapper>,
+    mode: Mode,
+    /// Without a ledger, allows that carry obligations (approval, counting, audit) are denied.
+    ledger: Option<Arc<dyn Ledger>>,
+    routing: RoutingHeaders,
+}
+
+impl GuardLayer {
+    pub fn new(
+        guard: Arc<Guard>,
+        mapper: impl Fn(&Parts) -> Option<GuardRequest> + Send + Sync + 'static,
+    ) -> Self {
+        GuardLayer {
+            guard,
+            mapper: Arc::new(mapper),
+            mode: Mode::Enforce,
+            ledger: None,
+            routing: RoutingHeaders::Refuse,
+        }
+    }
+
+    /// Strips routing headers (`X-Forwarded-Proto` from a TLS terminator…) instead of
+    /// refusing the request.
+    pub fn with_routing_headers(mut self, routing: RoutingHeaders) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    /// Lets the layer fulfil approvals, velocity counts and audit records through `ledger`
+    /// (e.g. a [`crate::ledger::BrokerLedger`]), so writes can be allowed.
+    pub fn with_ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GuardService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GuardService<S> {
+    inner: S,
+    layer: GuardLayer,
+}
+
+impl<S> Service<Request> for GuardService<S>
+where
+    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The service that was polled ready handles this request; a fresh clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let mode = layer.mode;
+            let (mut parts, body) = request.into_parts();
+            let Some(guard_request) = (layer.mapper)(&parts) else {
+                return Ok(problem(
+                    StatusCode::FORBIDDEN,
+                    "no_route",
+                    "no mapping allows this request",
+                    None,
+                    mode,
+                ));
+            };
+            let token = match extract_token(&parts.headers) {
+                TokenHeader::Present(token) => token,
+                TokenHeader::Missing => String::new(),
+                TokenHeader::Conflicting => {
+                    return Ok(problem(
+                        StatusCode::UNAUTHORIZED,
+                        "token_conflict",
+                        "two different tokens were presented",
+                        None,
+                        mode,
+                    ));
+                }
+            };
+            let spellings = TokenSpellings::new(&token);
+            if let Err(refusal) = screen::screen_head(&mut parts, layer.routing, spellings.as_ref())
+            {
+                return Ok(refusal.response(mode));
+            }
+            let body = match screen::screen_body(
+                &parts.method,
+                &mut parts.headers,
+                body,
+                spellings.as_ref(),
+            )
+            .await
+            {
+                Ok(screened) => screened.body,
+                Err(refusal) => return Ok(refusal.response(mode)),
+            };
+            strip_token_headers(&mut parts.headers);
+            let request = Request::from_parts(parts, body);
+            let authorized = match mode {
+                Mode::Enforce => match &layer.ledger {
+                    Some(ledger) => {
+                        layer
+                            .guard
+                            .authorize_with(&token, &guard_request, request, ledger.as_ref())
+                            .await
+                    }
+                    None => layer.guard.authorize(&token, &guard_request, request),
+                },
+                Mode::Shadow => {
+                    layer
+                        .guard
+                        .authorize_shadow(&token, &guard_request, request, layer.ledger.as_deref())
+                        .await
+                }
+            };
+            match authorized {
+                Ok(authorized) => {
+                    let guarded = GuardedRequest {
+                        decision_id: authorized.decision_id().to_owned(),
+                        shadow_denied: authorized.shadow_deny().is_some(),
+                    };
+                    let mut request = authorized.into_inner();
+                    request.extensions_mut().insert(guarded);
+                    inner.call(request).await
+                }
+                Err(decision) => Ok(deny_response(&decision, mode)),
+            }
+        })
+    }
+}

@@ -1,0 +1,833 @@
+//! One client session through the PostgreSQL proxy: startup (TLS and GSS refused, cancels
+//! mapped, parameters filtered), login with the Capgate token as password, the upstream
+//! session, then the relay. Every simple Query and every Parse is classified and checked
+//! before anything of it reaches the upstream; a denial is an ErrorResponse (42501) and the
+//! session stays usable.
+
+use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::classify::Transaction;
+use super::names::{self, Names, Owes, Step};
+use super::upstream::{self, UpstreamLogin};
+use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
+use super::PgProxy;
+use capgate_core::containment::audit::AuditEvent;
+use capgate_net::connections::Activity;
+
+use capgate_core::scope::Verb;
+
+/// Startup parameters a client may send; anything else (notably `options`) is refused.
+const ALLOWED_PARAMETERS: [&str; 8] = [
+    "user",
+    "database",
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "extra_float_digits",
+    "fallback_application_name",
+];
+
+mod check;
+
+/// Why a statement may not run, as the client will read it.
+struct Denial {
+    sqlstate: &'static str,
+    message: String,
+}
+
+/// A client that finished startup and login: its upstream session and cancel key.
+struct Established {
+    upstream: TcpStream,
+    token: String,
+    /// Pure built-ins' names the session's schema overloads (see `upstream::overloaded_builtins`).
+    overloaded: HashSet<String>,
+    _cancel: CancelKey,
+}
+
+/// A cancel key minted for a session; dropping it (the session ended, or its startup timed
+/// out after the key was minted) forgets the mapping to the real backend.
+struct CancelKey {
+    proxy: Arc<PgProxy>,
+    minted: (i32, i32),
+}
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        self.proxy.unregister_cancel(self.minted);
+    }
+}
+
+pub async fn run(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<PgProxy>,
+    activity: Arc<Activity>,
+) -> Result<(), WireError> {
+    let _ = client.set_nodelay(true);
+    let timeout = proxy.config.connections.startup_timeout;
+    let established = match tokio::time::timeout(timeout, start(&mut client, peer, &proxy)).await {
+        Ok(Ok(Some(established))) => established,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::warn!(%peer, ?timeout, "pg startup not completed in time: connection closed");
+            let message = format!("capgate: startup and login not completed within {timeout:?}");
+            let answer = refuse(&mut client, "08P01", &message);
+            let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+            return Ok(());
+        }
+    };
+    // A logged-in session is never shed to make room: only connections still in startup are.
+    let _busy = activity.begin();
+    activity.establish();
+    relay(
+        client,
+        established.upstream,
+        established.token,
+        established.overloaded,
+        proxy,
+    )
+    .await
+}
+
+/// Startup and login, bounded by the caller's startup timeout. `None`: the client was
+/// answered (refused, or a cancel request) and the connection ends.
+async fn start(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    proxy: &Arc<PgProxy>,
+) -> Result<Option<Established>, WireError> {
+    let parameters = loop {
+        let (code, body) = read_startup(client).await?;
+        match code {
+            // No TLS or GSS encryption in this version: say so, and the client continues in
+            // plaintext (or gives up). Nothing sent before this answer is ever processed.
+            wire::SSL_REQUEST | wire::GSSENC_REQUEST => client.write_all(b"N").await?,
+            wire::CANCEL_REQUEST => {
+                if body.len() == 8 {
+                    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    proxy.forward_cancel(pid, secret).await;
+                }
+                return Ok(None);
+            }
+            wire::PROTOCOL_3_0 => break wire::parse_parameters(&body)?,
+            _ => {
+                return refuse_startup(client, "0A000", "unsupported frontend protocol version")
+                    .await;
+            }
+        }
+    };
+    let get = |key: &str| {
+        parameters
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some((key, _)) = parameters
+        .iter()
+        .find(|(k, _)| !ALLOWED_PARAMETERS.contains(&k.to_ascii_lowercase().as_str()))
+    {
+        let message = format!("startup parameter {key:?} is not accepted by the Capgate proxy");
+        return refuse_startup(client, "42501", &message).await;
+    }
+    if let Some(encoding) = get("client_encoding") {
+        if !["utf8", "utf-8", "unicode"].contains(&encoding.to_ascii_lowercase().as_str()) {
+            return refuse_startup(client, "42501", "only client_encoding UTF8 is accepted").await;
+        }
+    }
+    let Some(user) = get("user").map(str::to_owned) else {
+        return refuse_startup(client, "28000", "no user given").await;
+    };
+    if get("database").is_some_and(|db| db != proxy.config.database) {
+        let message = format!(
+            "this proxy serves database {:?} only",
+            proxy.config.database
+        );
+        return refuse_startup(client, "3D000", &message).await;
+    }
+    if !peer.ip().is_loopback() && !proxy.config.allow_non_loopback_plaintext {
+        return refuse_startup(
+            client,
+            "28000",
+            "plaintext password from a non-loopback client refused (configure TLS)",
+        )
+        .await;
+    }
+    wire::write_message(client, &wire::authentication(3)).await?;
+    let password = read_message(client, 64 * 1024).await?;
+    if password.tag != b'p' {
+        return refuse_startup(client, "08P01", "expected a password message").await;
+    }
+    let token = cstr(&password.body)?.0.to_owned();
+    let verified = match proxy.guard.verify_token(&token) {
+        Ok(verified) => verified,
+        Err((code, reason)) => {
+            tracing::warn!(%peer, code = code.as_str(), %reason, "pg login refused");
+            return refuse_startup(
+                client,
+                "28P01",
+                &format!("Capgate token refused: {} ({reason})", code.as_str()),
+            )
+            .await;
+        }
+    };
+    if verified.agent != user {
+        return refuse_startup(client, "28000", "user name must be the token's agent").await;
+    }
+    let read_only = !proxy.token_may_change_database(&verified);
+    let application_name = get("application_name").unwrap_or("capgate").to_owned();
+    let upstream = match upstream::connect(&UpstreamLogin {
+        addr: &proxy.config.upstream.addr,
+        user: &proxy.config.upstream.user,
+        password: proxy.upstream_password.as_deref(),
+        database: &proxy.config.upstream.database,
+        application_name: &application_name,
+        default_schema: &proxy.config.default_schema,
+        read_only,
+    })
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::error!(error = %e, "upstream connection failed");
+            return refuse_startup(
+                client,
+                "08006",
+                "the database behind Capgate is unavailable",
+            )
+            .await;
+        }
+    };
+    let mut upstream = upstream;
+    let overloaded =
+        match upstream::overloaded_builtins(&mut upstream.stream, &proxy.config.default_schema)
+            .await
+        {
+            Ok(overloaded) => overloaded,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the session schema's functions failed");
+                return refuse_startup(
+                    client,
+                    "08006",
+                    "the database behind Capgate did not say which functions it defines",
+                )
+                .await;
+            }
+        };
+    wire::write_message(client, &wire::authentication(0)).await?;
+    for status in &upstream.parameters {
+        wire::write_message(client, status).await?;
+    }
+    let minted = proxy.register_cancel(upstream.backend_key);
+    let cancel = CancelKey {
+        proxy: proxy.clone(),
+        minted,
+    };
+    wire::write_message(client, &wire::backend_key(minted.0, minted.1)).await?;
+    wire::write_message(client, &wire::ready_for_query(b'I')).await?;
+    tracing::info!(%peer, agent = %user, read_only, "pg session started");
+    Ok(Some(Established {
+        upstream: upstream.stream,
+        token,
+        overloaded,
+        _cancel: cancel,
+    }))
+}
+
+async fn refuse_startup(
+    client: &mut TcpStream,
+    sqlstate: &str,
+    message: &str,
+) -> Result<Option<Established>, WireError> {
+    refuse(client, sqlstate, message).await.map(|()| None)
+}
+
+async fn refuse(client: &mut TcpStream, sqlstate: &str, message: &str) -> Result<(), WireError> {
+    wire::write_message(client, &error_response(sqlstate, message)).await?;
+    Ok(())
+}
+
+/// What the client is owed next, in the order the client must see it. Replies the proxy makes
+/// itself (a denial) wait behind upstream answers to anything forwarded before them, so a
+/// pipelining client never reads them out of order.
+enum Owed {
+    /// Upstream's answers up to and including its next ReadyForQuery.
+    Upstream,
+    /// The same, delivered to the session instead of the client (a row-budget check).
+    Intercepted(mpsc::UnboundedSender<Message>),
+    /// Bytes the proxy answers itself.
+    Local(Vec<u8>),
+    /// A ReadyForQuery of the proxy's own, with upstream's transaction status at that point.
+    Ready,
+}
+
+/// State both directions of one session read; they run in one task, so these are never
+/// contended, only shared.
+struct Shared {
+    /// Transaction status from upstream's latest ReadyForQuery.
+    status: AtomicU8,
+    copy_in: AtomicBool,
+    /// Forwarded requests whose ReadyForQuery has not come back yet.
+    in_flight: AtomicUsize,
+    /// Counts upstream's returns to idle: portals die with the transaction they were made in.
+    epoch: AtomicU64,
+    /// Prepared statement names as upstream has confirmed them, and the changes in flight.
+    names: std::sync::Mutex<Names>,
+}
+
+/// Both directions of a session run as two futures of one task: a statement's round trip
+/// costs no hand-off between threads.
+async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    token: String,
+    overloaded: HashSet<String>,
+    proxy: Arc<PgProxy>,
+) -> Result<(), WireError> {
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let shared = Shared {
+        status: AtomicU8::new(b'I'),
+        copy_in: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        epoch: AtomicU64::new(0),
+        names: std::sync::Mutex::new(Names::default()),
+    };
+    let (owe, owed) = mpsc::unbounded_channel();
+    let upstream_max = proxy.config.max_frame_bytes.max(16 << 20);
+    let mut session = Session {
+        row_budget: proxy.row_budget_of(&token),
+        proxy,
+        token,
+        overloaded,
+        portals: HashMap::new(),
+        batch: Vec::new(),
+        discarding: false,
+        unsynced: false,
+        deferred: std::sync::Mutex::new(Vec::new()),
+        shared: &shared,
+        owe,
+        upstream: upstream_write,
+    };
+    let outcome = {
+        let from_client = session.serve(client_read);
+        let to_client = deliver(upstream_read, client_write, owed, &shared, upstream_max);
+        tokio::pin!(from_client, to_client);
+        tokio::select! {
+            outcome = &mut from_client => {
+                // The client is done; let what it is owed (a last error, say) reach it.
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut to_client).await;
+                outcome
+            }
+            delivered = &mut to_client => delivered,
+        }
+    };
+    // The session is over; an open transaction dies with it upstream.
+    session.release_deferred();
+    outcome
+}
+
+/// Upstream to client: forwards upstream's answers, interleaving the proxy's own replies in
+/// order, and writes whatever is already buffered in one go.
+async fn deliver(
+    mut upstream: ReadHalf<'_>,
+    mut client: WriteHalf<'_>,
+    mut owed: mpsc::UnboundedReceiver<Owed>,
+    shared: &Shared,
+    max: usize,
+) -> Result<(), WireError> {
+    let mut framer = wire::Framer::new(max);
+    let mut queue: VecDeque<Owed> = VecDeque::new();
+    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut open = true;
+    loop {
+        while let Ok(entry) = owed.try_recv() {
+            queue.push_back(entry);
+        }
+        pay_local(&mut queue, &mut out, shared);
+        while let Some(frame) = framer.next_frame()? {
+            route(frame, &mut queue, &mut out, shared);
+        }
+        if !out.is_empty() {
+            client.write_all(&out).await?;
+            out.clear();
+        }
+        if !open && queue.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            entry = owed.recv(), if open => match entry {
+                Some(entry) => queue.push_back(entry),
+                None => open = false,
+            },
+            read = framer.fill(&mut upstream) => {
+                if read? == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Moves the proxy's own replies at the head of the queue into `out`.
+fn pay_local(queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared: &Shared) {
+    while let Some(Owed::Local(_) | Owed::Ready) = queue.front() {
+        match queue.pop_front() {
+            Some(Owed::Local(bytes)) => out.extend_from_slice(&bytes),
+            Some(Owed::Ready) => {
+                let ready = wire::ready_for_query(shared.status.load(Ordering::SeqCst));
+                out.extend_from_slice(&wire::encode(ready.tag, &ready.body));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn route(frame: BytesMut, queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared: &Shared) {
+    let tag = frame[0];
+    match tag {
+        b'Z' => {
+            let status = frame.get(5).copied().unwrap_or(b'I');
+            shared.status.store(status, Ordering::SeqCst);
+            shared.copy_in.store(false, Ordering::SeqCst);
+            if status == b'I' {
+                shared.epoch.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        b'G' => shared.copy_in.store(true, Ordering::SeqCst),
+        // The real backend's key must never reach the client.
+        b'K' => return,
+        _ => {}
+    }
+    if names::matters(tag) {
+        lock(&shared.names).observe(tag);
+    }
+    match queue.front() {
+        Some(Owed::Intercepted(session)) => {
+            let _ = session.send(wire::message_of(&frame));
+        }
+        _ => out.extend_from_slice(&frame),
+    }
+    if tag == b'Z' && matches!(queue.front(), Some(Owed::Upstream | Owed::Intercepted(_))) {
+        queue.pop_front();
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        pay_local(queue, out, shared);
+    }
+}
+
+fn nul(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    body
+}
+
+/// Rows a CommandComplete tag reports: `UPDATE 5`, `DELETE 3`, `INSERT 0 7`, `MERGE 2`, `COPY 9`.
+fn rows_in_tag(body: &[u8]) -> Option<u64> {
+    let tag = std::str::from_utf8(body).ok()?.trim_end_matches('\0');
+    tag.rsplit(' ').next()?.parse().ok()
+}
+
+/// The client-facing half of a session, and what it remembers between messages.
+struct Session<'s> {
+    row_budget: Option<u64>,
+    /// Pure built-ins' names that the session's schema overloads: calls of them are not reads.
+    overloaded: HashSet<String>,
+    proxy: Arc<PgProxy>,
+    token: String,
+    /// Portals by name: the statements bound and the transaction epoch they were bound in.
+    /// (Statement names live in `Shared::names`: upstream's answers change them.)
+    portals: HashMap<String, (check::Bound, u64)>,
+    /// An extended-protocol batch, held until Sync or Flush.
+    batch: Vec<BytesMut>,
+    discarding: bool,
+    /// Messages forwarded up to a Flush wait upstream for a Sync.
+    unsynced: bool,
+    /// Audit records of writes allowed inside the open transaction block; stored (all at
+    /// once) before its COMMIT is forwarded, or the transaction is rolled back instead.
+    deferred: std::sync::Mutex<Vec<AuditEvent>>,
+    shared: &'s Shared,
+    owe: mpsc::UnboundedSender<Owed>,
+    upstream: WriteHalf<'s>,
+}
+
+impl Session<'_> {
+    /// Client to upstream, until the client leaves; then nothing more is owed to it.
+    async fn serve(&mut self, client: ReadHalf<'_>) -> Result<(), WireError> {
+        let outcome = self.serve_messages(client).await;
+        let (closed, _) = mpsc::unbounded_channel();
+        self.owe = closed;
+        outcome
+    }
+
+    async fn serve_messages(&mut self, mut client: ReadHalf<'_>) -> Result<(), WireError> {
+        let mut framer = wire::Framer::new(self.proxy.config.max_frame_bytes);
+        let idle_limit = self.proxy.config.connections.session_idle_timeout;
+        loop {
+            let next = loop {
+                let Some(limit) = idle_limit else {
+                    break framer.read(&mut client).await;
+                };
+                // The framer's read is cancel-safe: a timeout loses no half-read frame.
+                match tokio::time::timeout(limit, framer.read(&mut client)).await {
+                    Ok(next) => break next,
+                    // Waiting on upstream's answer is not idleness.
+                    Err(_) if self.shared.in_flight.load(Ordering::SeqCst) > 0 => continue,
+                    Err(_) => {
+                        tracing::info!(?limit, "pg session idle too long: ended");
+                        self.reply(error_response(
+                            "57P05",
+                            "capgate: terminating connection due to idle-session timeout",
+                        ));
+                        return Ok(());
+                    }
+                }
+            };
+            let frame = match next {
+                Ok(frame) => frame,
+                Err(WireError::Io(_)) => return Ok(()),
+                Err(e) => {
+                    self.reply(error_response("08P01", &e.to_string()));
+                    return Err(e);
+                }
+            };
+            match frame[0] {
+                b'Q' => self.query(frame).await?,
+                // Extended protocol: a batch is held until Sync or Flush, then checked whole,
+                // so nothing of a batch with a denied message reaches the upstream.
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if !self.discarding {
+                        self.batch.push(frame);
+                    }
+                }
+                // In copy-in mode PostgreSQL ignores Sync and Flush: libpq and tokio-postgres
+                // send a Sync with the COPY's batch and another after CopyDone, and only the
+                // second is answered. Forwarded, owing nothing.
+                b'S' | b'H'
+                    if self.shared.copy_in.load(Ordering::SeqCst)
+                        && self.batch.is_empty()
+                        && !self.discarding =>
+                {
+                    self.upstream.write_all(&frame).await?
+                }
+                b'S' | b'H' => self.sync(frame).await?,
+                // Copy messages outside copy-in mode are ignored by PostgreSQL (a client still
+                // streaming after the server rejected its COPY), so they go upstream in order:
+                // within a held batch if there is one, never with a refused one.
+                b'd' | b'c' | b'f' if self.discarding => {}
+                b'd' | b'c' | b'f' if !self.batch.is_empty() => self.batch.push(frame),
+                b'd' | b'c' | b'f' => self.upstream.write_all(&frame).await?,
+                b'F' => {
+                    tracing::warn!("fastpath function call refused");
+                    self.reply(error_response(
+                        "42501",
+                        "capgate: fastpath function calls are not allowed",
+                    ));
+                    self.ready();
+                }
+                b'X' => {
+                    let _ = self.upstream.write_all(&frame).await;
+                    return Ok(());
+                }
+                other => {
+                    let text = format!("capgate: unexpected message type {:?}", other as char);
+                    self.reply(error_response("08P01", &text));
+                    return Err(WireError::Malformed("unexpected message type"));
+                }
+            }
+        }
+    }
+
+    /// Queues a reply of the proxy's own, after everything forwarded before it.
+    fn reply(&self, message: Message) {
+        let _ = self
+            .owe
+            .send(Owed::Local(wire::encode(message.tag, &message.body)));
+    }
+
+    /// Queues a ReadyForQuery carrying upstream's transaction status at that point.
+    fn ready(&self) {
+        let _ = self.owe.send(Owed::Ready);
+    }
+
+    fn deny(&self, denial: &Denial, ready: bool) {
+        self.reply(error_response(denial.sqlstate, &denial.message));
+        if ready {
+            self.ready();
+        }
+    }
+
+    /// Sends `bytes` upstream; `answered` when they end with a request upstream answers
+    /// with ReadyForQuery (a Query or a Sync). `steps`: what each message or statement in
+    /// them owes, and the name changes upstream's answers will confirm.
+    async fn forward(
+        &mut self,
+        bytes: &[u8],
+        steps: Vec<Step>,
+        answered: bool,
+    ) -> Result<(), WireError> {
+        lock(&self.shared.names).expect(steps, answered);
+        if answered {
+            self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            let _ = self.owe.send(Owed::Upstream);
+        }
+        self.upstream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    async fn query(&mut self, frame: BytesMut) -> Result<(), WireError> {
+        let sql = match cstr(&frame[5..]) {
+            Ok((sql, _)) => sql.to_owned(),
+            Err(e) => {
+                self.deny(&protocol_denial(e), true);
+                return Ok(());
+            }
+        };
+        let checked = match self.check(&sql).await {
+            Ok(checked) => checked,
+            Err(denial) => {
+                self.deny(&denial, true);
+                return Ok(());
+            }
+        };
+        if checked.writes && self.row_budget.is_some() {
+            if checked.statements > 1 {
+                let denial = Denial {
+                    sqlstate: "42501",
+                    message: "capgate: a multi-statement write cannot run under a row budget; send one statement at a time".into(),
+                };
+                self.deny(&denial, true);
+                return Ok(());
+            }
+            let budget = self.row_budget.unwrap_or(0);
+            return self.budgeted(frame, checked.steps, budget).await;
+        }
+        if !self.transaction_ends(checked.ends).await? {
+            self.ready();
+            return Ok(());
+        }
+        self.forward(&frame, checked.steps, true).await
+    }
+
+    async fn sync(&mut self, frame: BytesMut) -> Result<(), WireError> {
+        let sync = frame[0] == b'S';
+        if self.discarding {
+            if sync {
+                self.discarding = false;
+                self.end_sequence().await?;
+            }
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let (ends, staged) = match self.check_batch(&batch).await {
+            Ok(checked) => checked,
+            Err(denial) => {
+                self.deny(&denial, false);
+                self.discarding = !sync;
+                if sync {
+                    self.end_sequence().await?;
+                }
+                return Ok(());
+            }
+        };
+        if !self.transaction_ends(ends).await? {
+            if sync {
+                self.end_sequence().await?;
+            }
+            self.discarding = !sync;
+            return Ok(());
+        }
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        for (name, bound) in staged.portals {
+            match bound {
+                Some(bound) => self.portals.insert(name, (bound, epoch)),
+                None => self.portals.remove(&name),
+            };
+        }
+        let mut bytes = Vec::with_capacity(batch.iter().map(|f| f.len()).sum::<usize>() + 5);
+        for held in &batch {
+            bytes.extend_from_slice(held);
+        }
+        bytes.extend_from_slice(&frame);
+        self.unsynced = !sync;
+        self.forward(&bytes, staged.steps, sync).await
+    }
+
+    /// Answers a Sync the proxy did not forward with its batch: with upstream's own
+    /// ReadyForQuery if messages forwarded before (up to a Flush) still wait for a Sync
+    /// there, else with one of the proxy's. Either way exactly one per Sync.
+    async fn end_sequence(&mut self) -> Result<(), WireError> {
+        if !self.unsynced {
+            self.ready();
+            return Ok(());
+        }
+        self.unsynced = false;
+        self.forward(&wire::encode(b'S', &[]), Vec::new(), true)
+            .await
+    }
+
+    /// Before a COMMIT goes upstream, the transaction's deferred audit records are stored; if
+    /// they cannot be, the transaction is rolled back instead and the client told why.
+    /// Returns whether the statement may go on.
+    async fn transaction_ends(&mut self, ends: Option<Transaction>) -> Result<bool, WireError> {
+        match ends {
+            Some(Transaction::Commit) => {
+                let events = std::mem::take(&mut *lock(&self.deferred));
+                if events.is_empty() {
+                    return Ok(true);
+                }
+                match self.proxy.ledger.audit_batch(&events).await {
+                    Ok(()) => Ok(true),
+                    Err(failure) => {
+                        tracing::error!(code = failure.code, reason = %failure.reason, writes = events.len(), "audit records unstorable at commit; rolling back");
+                        for event in events {
+                            self.proxy.ledger.record_later(event);
+                        }
+                        let (answers, mut discard) = mpsc::unbounded_channel();
+                        lock(&self.shared.names).expect(vec![Step::plain(Owes::Statement)], true);
+                        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+                        let _ = self.owe.send(Owed::Intercepted(answers));
+                        self.upstream
+                            .write_all(&wire::encode(b'Q', &nul("ROLLBACK")))
+                            .await?;
+                        discard.close();
+                        self.reply(error_response("42501", &format!(
+                            "capgate: the audit records of this transaction's writes could not be stored ({}: {}); the transaction was rolled back",
+                            failure.code, failure.reason
+                        )));
+                        Ok(false)
+                    }
+                }
+            }
+            Some(Transaction::Rollback) => {
+                self.release_deferred();
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Deferred records of writes that will never commit still belong in the trail.
+    fn release_deferred(&self) {
+        for event in std::mem::take(&mut *lock(&self.deferred)) {
+            self.proxy.ledger.record_later(event);
+        }
+    }
+
+    /// Runs one write inside a transaction (or savepoint) and keeps its effect only if it
+    /// changed at most `budget` rows.
+    async fn budgeted(
+        &mut self,
+        query: BytesMut,
+        steps: Vec<Step>,
+        budget: u64,
+    ) -> Result<(), WireError> {
+        let in_transaction = self.shared.status.load(Ordering::SeqCst) == b'T';
+        let (open, keep, undo) = if in_transaction {
+            (
+                "SAVEPOINT capgate_row_budget",
+                "RELEASE SAVEPOINT capgate_row_budget",
+                "ROLLBACK TO SAVEPOINT capgate_row_budget",
+            )
+        } else {
+            ("BEGIN", "COMMIT", "ROLLBACK")
+        };
+        let opened = self
+            .run_intercepted(&wire::encode(b'Q', &nul(open)), Vec::new())
+            .await?;
+        if opened.iter().any(|m| m.tag == b'E') {
+            for message in opened {
+                self.reply(message);
+            }
+            return Ok(());
+        }
+        let answer = self.run_intercepted(&query, steps).await?;
+        let failed = answer.iter().any(|m| m.tag == b'E');
+        let changed = answer
+            .iter()
+            .filter(|m| m.tag == b'C')
+            .filter_map(|m| rows_in_tag(&m.body))
+            .max()
+            .unwrap_or(0);
+        let over = changed > budget;
+        let close = if failed || over { undo } else { keep };
+        let closed = self
+            .run_intercepted(&wire::encode(b'Q', &nul(close)), Vec::new())
+            .await?;
+        let ready = closed
+            .into_iter()
+            .rev()
+            .find(|m| m.tag == b'Z')
+            .unwrap_or(wire::ready_for_query(b'I'));
+        if over {
+            tracing::warn!(changed, budget, "row budget exceeded; rolled back");
+            let text = format!("capgate: row budget exceeded: the statement changed {changed} rows, more than the token's budget of {budget}; nothing was changed");
+            self.reply(error_response("42501", &text));
+        } else {
+            for message in answer.into_iter().filter(|m| m.tag != b'Z') {
+                self.reply(message);
+            }
+        }
+        self.reply(ready);
+        Ok(())
+    }
+
+    /// Sends one request and collects upstream's answers up to ReadyForQuery. `steps` as
+    /// for [`Session::forward`]; none means a single statement that changes no name.
+    async fn run_intercepted(
+        &mut self,
+        request: &[u8],
+        mut steps: Vec<Step>,
+    ) -> Result<Vec<Message>, WireError> {
+        if steps.is_empty() {
+            steps.push(Step::plain(Owes::Statement));
+        }
+        lock(&self.shared.names).expect(steps, true);
+        let (answers, mut collected_answers) = mpsc::unbounded_channel();
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _ = self.owe.send(Owed::Intercepted(answers));
+        self.upstream.write_all(request).await?;
+        let mut collected = Vec::new();
+        while let Some(message) = collected_answers.recv().await {
+            let done = message.tag == b'Z';
+            collected.push(message);
+            if done {
+                return Ok(collected);
+            }
+        }
+        Err(WireError::Malformed(
+            "upstream closed during a row-budget check",
+        ))
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn protocol_denial(e: WireError) -> Denial {
+    Denial {
+        sqlstate: "08P01",
+        message: format!("capgate: {e}"),
+    }
+}
+
+/// Verbs that change the database; a session whose token has none runs read-only upstream.
+pub(super) fn changes_database(verb: Verb) -> bool {
+    verb != Verb::Read
+}
