@@ -65,8 +65,8 @@ resolve_capgate_bin() {
   if [[ -n ${CAPGATE_BIN:-} ]]; then
     [[ -x $CAPGATE_BIN ]] || die "CAPGATE_BIN=$CAPGATE_BIN is not an executable"
   else
-    echo "CAPGATE_BIN unset: cargo build --release --bin capgate" >&2
-    (cd "$REPO" && cargo build --release --bin capgate) >&2
+    echo "CAPGATE_BIN unset: cargo build --release --features pg --bin capgate" >&2
+    (cd "$REPO" && cargo build --release --features pg --bin capgate) >&2
     CAPGATE_BIN=$REPO/target/release/capgate
   fi
   CAPGATE_BIN=$(realpath "$CAPGATE_BIN")

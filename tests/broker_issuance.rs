@@ -383,8 +383,8 @@ async fn published_keys_verify_tokens_offline() {
     );
     let verified = capgate::token::verify(&token, &set, 16 * 1024, std::time::SystemTime::now())
         .expect("verifies offline");
-    assert_eq!(verified.agent, "reporting-bot");
-    assert_eq!(verified.key_id, document.active_key_id);
+    assert_eq!(verified.agent(), "reporting-bot");
+    assert_eq!(verified.key_id(), document.active_key_id);
     let _: Value = serde_json::to_value(&document).expect("serialisable");
 }
 

@@ -239,7 +239,7 @@ fn revocation_freeze_and_key_retirement_reach_a_cached_allow_at_once() {
         &[Revocation {
             cursor: 1,
             kind: RevocationKind::Token,
-            value: verified.revocation_ids[0].clone(),
+            value: verified.revocation_ids()[0].clone(),
             reason: "test".into(),
             revoked_by: "operator".into(),
             revoked_at: NOW,

@@ -1,6 +1,6 @@
 //! Replays every committed fuzz seed (`fuzz/corpus/<target>/`) and every input a fuzzer once
 //! crashed on (`fuzz/regressions/<target>/`) through the same harness the fuzz targets run,
-//! under plain `cargo test`: a fixed crash stays fixed without running a fuzzer.
+//! under README's test command (`scripts/test`): a fixed crash stays fixed without running a fuzzer.
 
 #[path = "../fuzz/src/lib.rs"]
 mod harness;

@@ -82,7 +82,7 @@ fn token_fixture() -> &'static TokenFixture {
         let deploy = vectors["tokens"]["deploy"].as_str().expect("deploy token");
         let golden_authority = capgate::token::verify(deploy, &keys, MAX_TOKEN_BYTES, golden_now())
             .expect("the golden token verifies")
-            .revocation_ids
+            .revocation_ids()
             .first()
             .cloned()
             .expect("authority revocation id");
@@ -139,11 +139,11 @@ pub fn token(data: &[u8]) {
 fn decide_token(fixture: &TokenFixture, token: &str) {
     let verified = capgate::token::verify(token, &fixture.keys, MAX_TOKEN_BYTES, golden_now());
     if let Ok(verified) = &verified {
-        let canonical = capgate::token::encode(&verified.biscuit).expect("re-encode");
+        let canonical = capgate::token::encode(&verified.biscuit()).expect("re-encode");
         assert_eq!(canonical, token, "a non-canonical spelling verified");
-        assert!(verified.expires_at > golden_now());
+        assert!(verified.expires_at() > golden_now());
         assert_eq!(
-            verified.revocation_ids.first(),
+            verified.revocation_ids().first(),
             Some(&fixture.golden_authority),
             "an authority block other than the golden one verified"
         );

@@ -235,24 +235,12 @@ impl PgProxy {
     /// Does the token grant anything but `read` inside this database?
     fn token_may_change_database(&self, verified: &VerifiedToken) -> bool {
         let alias = resource::resource(&self.config.database, &classify::Object::Database);
-        rights(verified).iter().any(|(resource, verb)| {
-            let verb = verb.parse().unwrap_or(capgate_core::scope::Verb::Admin);
-            session::changes_database(verb)
-                && (resource.starts_with(&format!("{alias}/"))
-                    || *resource == alias
-                    || alias.starts_with(resource.as_str()))
-        })
+        verified.grants_within(&alias, session::changes_database)
     }
 
     /// The token's `row_budget(n)`, if its authority block states one.
     fn row_budget_of(&self, token: &str) -> Option<u64> {
-        let verified = self.guard.verify_token(token).ok()?;
-        let mut authorizer = biscuit_auth::AuthorizerBuilder::new()
-            .build(&verified.biscuit)
-            .ok()?;
-        let rule: biscuit_auth::builder::Rule = "data($n) <- row_budget($n)".try_into().ok()?;
-        let budgets: Vec<(i64,)> = authorizer.query(rule).ok()?;
-        budgets.into_iter().map(|(n,)| n.max(0) as u64).min()
+        self.guard.verify_token(token).ok()?.row_budget()
     }
 
     fn register_cancel(&self, real: Option<(i32, i32)>) -> (i32, i32) {
@@ -292,18 +280,6 @@ impl PgProxy {
             None => tracing::warn!(pid, "cancel request with an unknown key ignored"),
         }
     }
-}
-
-/// The `right(resource, verb, environment)` facts of the token's authority block.
-fn rights(verified: &VerifiedToken) -> Vec<(String, String)> {
-    let Ok(mut authorizer) = biscuit_auth::AuthorizerBuilder::new().build(&verified.biscuit) else {
-        return Vec::new();
-    };
-    let rule: Result<biscuit_auth::builder::Rule, _> =
-        "data($r, $v) <- right($r, $v, $e)".try_into();
-    rule.ok()
-        .and_then(|rule| authorizer.query::<_, (String, String), _>(rule).ok())
-        .unwrap_or_default()
 }
 
 /// Runs the PostgreSQL proxy: syncs from the broker and serves until the process ends.

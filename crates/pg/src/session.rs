@@ -184,7 +184,7 @@ async fn start(
             .await;
         }
     };
-    if verified.agent != user {
+    if verified.agent() != user {
         return refuse_startup(client, "28000", "user name must be the token's agent").await;
     }
     let read_only = !proxy.token_may_change_database(&verified);

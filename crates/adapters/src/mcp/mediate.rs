@@ -10,7 +10,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use biscuit_auth::builder::AuthorizerBuilder;
 use rmcp::model::{
     CacheScope, CallToolRequestParams, CallToolResponse, GetPromptRequestParams, GetPromptResponse,
     Implementation, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult,
@@ -33,7 +32,6 @@ use crate::{extract_token, Mode, TokenHeader};
 use capgate_core::guard::containment::operation;
 use capgate_core::guard::{Authorized, Decision, Outcome, Request as GuardRequest};
 use capgate_core::scope::{ResourcePattern, Verb};
-use capgate_core::token::VerifiedToken;
 
 /// Where a session's token comes from: each HTTP request's own headers, or (stdio) the
 /// environment the agent launched the gateway with.
@@ -143,10 +141,11 @@ impl SessionHandler {
             .map_err(|(code, reason)| Refusal::with_code(code.as_str(), reason))?;
         let environment = &self.gateway.config.environment;
         Ok(Rights(
-            authority_rights(&verified)
+            verified
+                .granted_rights()
                 .into_iter()
-                .filter(|(_, _, env)| env == environment)
-                .map(|(pattern, verb, _)| (pattern, verb))
+                .filter(|right| &right.environment == environment)
+                .map(|right| (right.resource, right.verb))
                 .collect(),
         ))
     }
@@ -406,22 +405,6 @@ impl SessionHandler {
             .and_then(|info| info.capabilities.elicitation.clone())
             .is_some_and(|e| e.url.is_some())
     }
-}
-
-/// The `right(resource, verb, environment)` facts of the token's authority block.
-fn authority_rights(verified: &VerifiedToken) -> Vec<(ResourcePattern, Verb, String)> {
-    let Ok(mut authorizer) = AuthorizerBuilder::new().build(&verified.biscuit) else {
-        return Vec::new();
-    };
-    let facts: Vec<(String, String, String)> = authorizer
-        .query("right_of($r, $v, $e) <- right($r, $v, $e)")
-        .unwrap_or_default();
-    facts
-        .into_iter()
-        .filter_map(|(r, v, e)| {
-            Some((ResourcePattern::parse(&r).ok()?, v.parse::<Verb>().ok()?, e))
-        })
-        .collect()
 }
 
 impl ServerHandler for SessionHandler {

@@ -86,7 +86,7 @@ fn approval_error(e: &ApprovalError) -> ApiError {
 
 /// The session and token lineage (authority block) of a verified agent token.
 fn requester(verified: &VerifiedToken) -> Result<Requester, ApiError> {
-    let lineage = verified.revocation_ids.first().cloned().ok_or_else(|| {
+    let lineage = verified.revocation_ids().first().cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "token_malformed",
@@ -94,7 +94,7 @@ fn requester(verified: &VerifiedToken) -> Result<Requester, ApiError> {
         )
     })?;
     Ok(Requester {
-        session: verified.session.clone(),
+        session: verified.session().to_owned(),
         lineage,
     })
 }
@@ -150,7 +150,7 @@ pub async fn create(
     let approval = Approval {
         id: random_id(),
         status: ApprovalStatus::Pending,
-        agent: verified.agent.clone(),
+        agent: verified.agent().to_owned(),
         session: asked_by.session,
         lineage: Some(asked_by.lineage),
         digest: operation.digest(),
@@ -167,7 +167,7 @@ pub async fn create(
         preview: None,
     };
     state.store.create_approval(&approval).await?;
-    record(&state, &verified.agent, &approval, "requested").await?;
+    record(&state, &verified.agent(), &approval, "requested").await?;
     state.announce("requested", &approval);
     tracing::warn!(approval_id = %approval.id, agent = %approval.agent, resource = %approval.operation.resource, verb = %approval.operation.verb, "approval requested");
     Ok((StatusCode::CREATED, Json(approval)))
@@ -196,7 +196,7 @@ pub async fn show(
     })?;
     if operator(&state, &headers).is_err() {
         let verified = agent_token(&state, &headers)?;
-        if verified.agent != approval.agent {
+        if verified.agent() != approval.agent {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "approval_not_found",
@@ -304,7 +304,7 @@ pub async fn grant(
         .store
         .approval(&id)
         .await?
-        .filter(|a| a.agent == verified.agent)
+        .filter(|a| a.agent == verified.agent())
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -345,12 +345,12 @@ pub async fn grant(
             HashMap::new(),
         )
         .map_err(internal)?;
-    let request = verified.biscuit.third_party_request().map_err(internal)?;
+    let request = verified.biscuit().third_party_request().map_err(internal)?;
     let signed = request
         .create_block(&keyring.approval_key().private(), block)
         .map_err(internal)?;
     let token = verified
-        .biscuit
+        .biscuit()
         .append_third_party(keyring.approval_key().public(), signed)
         .and_then(|t| capgate_core::token::encode(&t))
         .map_err(internal)?;
@@ -369,7 +369,7 @@ pub async fn consume(
     require_json(&headers)?;
     let request: ConsumeRequest = parse_json(&body)?;
     let approval = state.store.approval(&id).await?;
-    if approval.as_ref().is_none_or(|a| a.agent != verified.agent) {
+    if approval.as_ref().is_none_or(|a| a.agent != verified.agent()) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "approval_not_found",
@@ -387,7 +387,7 @@ pub async fn consume(
     )
     .await
     .map_err(update_error)?;
-    record(&state, &verified.agent, &used, "used").await?;
+    record(&state, &verified.agent(), &used, "used").await?;
     state.announce("used", &used);
     Ok(Json(used))
 }

@@ -45,7 +45,7 @@ pub async fn count(
     let Some(limit) = state
         .config
         .containment
-        .velocity_for(&verified.agent, request.verb)
+        .velocity_for(&verified.agent(), request.verb)
     else {
         return Ok(Json(CountResponse {
             count: 0,
@@ -58,7 +58,7 @@ pub async fn count(
             "rate_limited",
             format!(
                 "{} may {} at most {} times per {}",
-                verified.agent,
+                verified.agent(),
                 request.verb,
                 limit.limit,
                 humantime::format_duration(limit.per)
@@ -69,12 +69,12 @@ pub async fn count(
     if limit.limit == 0 {
         return Err(over(0));
     }
-    let key = format!("velocity:{}:{}", verified.agent, request.verb);
+    let key = format!("velocity:{}:{}", verified.agent(), request.verb);
     let count = state.store.increment(&key, limit.per).await?;
     if count > limit.limit {
-        tracing::warn!(agent = %verified.agent, verb = %request.verb, count, limit = limit.limit, "velocity limit reached");
+        tracing::warn!(agent = %verified.agent(), verb = %request.verb, count, limit = limit.limit, "velocity limit reached");
         state
-            .audit(AuditKind::Decision, Some(&verified.agent), json!({"event": "rate_limited", "verb": request.verb, "count": count, "limit": limit.limit}))
+            .audit(AuditKind::Decision, Some(&verified.agent()), json!({"event": "rate_limited", "verb": request.verb, "count": count, "limit": limit.limit}))
             .await?;
         return Err(over(count));
     }
@@ -90,13 +90,13 @@ pub async fn count_use(
     headers: HeaderMap,
 ) -> Result<Json<CountResponse>, ApiError> {
     let verified = agent_token(&state, &headers)?;
-    let Some(budget) = verified.use_budget else {
+    let Some(budget) = verified.use_budget() else {
         return Ok(Json(CountResponse {
             count: 0,
             limit: None,
         }));
     };
-    let authority = verified.revocation_ids.first().cloned().unwrap_or_default();
+    let authority = verified.revocation_ids().first().cloned().unwrap_or_default();
     // No window: the count lives as long as the token (the store key outlives it).
     let count = state
         .store

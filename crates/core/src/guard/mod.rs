@@ -179,7 +179,22 @@ impl Decision {
     }
 }
 
-/// Proof that the guard allowed `T`. Only this module can make one.
+/// Proof that the guard allowed `T`. Only this module can make one: adapters forward what an
+/// `Authorized` wraps, so nothing outside the core may forge it.
+///
+/// ```compile_fail,E0451
+/// // Outside the core crate the fields are private: no struct literal...
+/// let forged = capgate_core::guard::Authorized {
+///     inner: b"DROP TABLE bookings".to_vec(),
+///     decision_id: String::new(),
+///     shadow_deny: None,
+/// };
+/// ```
+///
+/// ```compile_fail,E0599
+/// // ...and no constructor.
+/// let forged = capgate_core::guard::Authorized::new(b"DROP TABLE bookings".to_vec());
+/// ```
 #[derive(Debug)]
 pub struct Authorized<T> {
     inner: T,

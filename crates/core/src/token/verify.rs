@@ -14,23 +14,131 @@ use prost::Message;
 use super::{decode_base64, from_unix_seconds, AuthorityContext, PublicKeySet, TokenRejected};
 use super::{FORMAT_VERSION, MAX_UNIX_SECONDS};
 
-/// A token whose signature chain verified against a published root key.
+/// A token whose signature chain verified against a published root key. Only [`verify`] makes
+/// one; outside the core its fields cannot be read or set, so no adapter can pass off an
+/// unverified token as verified.
+///
+/// ```compile_fail,E0451
+/// let forged = capgate_core::token::VerifiedToken {
+///     biscuit: unimplemented!(),
+///     key_id: 0,
+///     agent: "deploy-bot".into(),
+///     session: String::new(),
+///     expires_at: std::time::SystemTime::now(),
+///     revocation_ids: Vec::new(),
+///     use_budget: None,
+///     profile: unimplemented!(),
+///     audit_memo: Default::default(),
+/// };
+/// ```
+///
+/// ```compile_fail,E0616
+/// fn widen(token: &mut capgate_core::token::VerifiedToken) {
+///     token.agent = "someone-else".into();
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct VerifiedToken {
-    pub biscuit: Biscuit,
-    pub key_id: u32,
-    pub agent: String,
-    pub session: String,
-    pub expires_at: SystemTime,
+    pub(crate) biscuit: Biscuit,
+    pub(crate) key_id: u32,
+    pub(crate) agent: String,
+    pub(crate) session: String,
+    pub(crate) expires_at: SystemTime,
     /// One per block, hex; revoking any of them revokes this token and its descendants.
-    pub revocation_ids: Vec<String>,
+    pub(crate) revocation_ids: Vec<String>,
     /// The authority block's use budget: calls allowed in all, shared by attenuated copies.
-    pub use_budget: Option<u64>,
+    pub(crate) use_budget: Option<u64>,
     /// What the token's Datalog can depend on (its dates, whether it reads attributes).
-    pub profile: super::DatalogProfile,
+    pub(crate) profile: super::DatalogProfile,
     /// What every audit record of this token repeats, computed on first use: hashing the text
     /// and printing the blocks cost more than a cached decision.
-    pub audit_memo: std::sync::OnceLock<AuditMemo>,
+    pub(crate) audit_memo: std::sync::OnceLock<AuditMemo>,
+}
+
+/// What adapters and the broker may know of a verified token. The fields stay private so that
+/// only verification (in this crate) makes one, and adapters ask questions instead of reading
+/// the token's Datalog themselves.
+impl VerifiedToken {
+    pub fn biscuit(&self) -> &Biscuit {
+        &self.biscuit
+    }
+
+    /// The root key that signed it.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// The issuance session it (and every token attenuated from it) belongs to.
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// One per block, hex; revoking any of them revokes this token and its descendants.
+    pub fn revocation_ids(&self) -> &[String] {
+        &self.revocation_ids
+    }
+
+    /// The authority block's use budget: calls allowed in all, shared by attenuated copies.
+    pub fn use_budget(&self) -> Option<u64> {
+        self.use_budget
+    }
+
+    /// The `right(resource, verb, environment)` facts of the authority block: what the broker
+    /// granted, before any attenuation narrowed it. Unreadable facts are left out (a right this
+    /// cannot read is one an adapter cannot offer; the guard still decides every call).
+    pub fn granted_rights(&self) -> Vec<super::GrantedRight> {
+        let facts: Vec<(String, String, String)> = self
+            .authority_query("right_of($r, $v, $e) <- right($r, $v, $e)")
+            .unwrap_or_default();
+        facts
+            .into_iter()
+            .filter_map(|(resource, verb, environment)| {
+                Some(super::GrantedRight {
+                    resource: crate::scope::ResourcePattern::parse(&resource).ok()?,
+                    verb: verb.parse().ok()?,
+                    environment,
+                })
+            })
+            .collect()
+    }
+
+    /// Does any granted right whose verb satisfies `verb` reach into `root` (cover it, equal
+    /// it, or name something inside it)? Unparseable verbs count as `admin`: doubt widens.
+    pub fn grants_within(&self, root: &str, verb: impl Fn(crate::scope::Verb) -> bool) -> bool {
+        let facts: Vec<(String, String)> = self
+            .authority_query("data($r, $v) <- right($r, $v, $e)")
+            .unwrap_or_default();
+        let inside = format!("{root}/");
+        facts.iter().any(|(resource, v)| {
+            verb(v.parse().unwrap_or(crate::scope::Verb::Admin))
+                && (resource.starts_with(&inside) || resource == root || root.starts_with(resource.as_str()))
+        })
+    }
+
+    /// The most rows one write may change (`row_budget(n)` in the authority block), if stated.
+    pub fn row_budget(&self) -> Option<u64> {
+        let budgets: Vec<(i64,)> = self.authority_query("data($n) <- row_budget($n)")?;
+        budgets.into_iter().map(|(n,)| n.max(0) as u64).min()
+    }
+
+    /// Facts of the authority block, queried without any check or policy.
+    fn authority_query<R, E>(&self, rule: &str) -> Option<Vec<R>>
+    where
+        R: TryFrom<biscuit_auth::builder::Fact, Error = E>,
+        E: Into<biscuit_auth::error::Token>,
+    {
+        let mut authorizer = biscuit_auth::AuthorizerBuilder::new().build(&self.biscuit).ok()?;
+        let rule: biscuit_auth::builder::Rule = rule.try_into().ok()?;
+        authorizer.query(rule).ok()
+    }
 }
 
 /// The token as each audit record names it. Verification accepts one spelling per token, so
