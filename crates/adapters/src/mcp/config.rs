@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn the_example_configuration_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mcp-gateway.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mcp-gateway.toml");
         let config = McpConfig::load(&path).expect("example loads");
         assert_eq!(config.servers[0].tools.len(), 4);
         assert!(!config.servers[0].resources.is_empty());
