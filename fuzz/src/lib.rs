@@ -139,7 +139,7 @@ pub fn token(data: &[u8]) {
 fn decide_token(fixture: &TokenFixture, token: &str) {
     let verified = capgate::token::verify(token, &fixture.keys, MAX_TOKEN_BYTES, golden_now());
     if let Ok(verified) = &verified {
-        let canonical = capgate::token::encode(&verified.biscuit()).expect("re-encode");
+        let canonical = capgate::token::encode(verified.biscuit()).expect("re-encode");
         assert_eq!(canonical, token, "a non-canonical spelling verified");
         assert!(verified.expires_at() > golden_now());
         assert_eq!(

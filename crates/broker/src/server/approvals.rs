@@ -167,7 +167,7 @@ pub async fn create(
         preview: None,
     };
     state.store.create_approval(&approval).await?;
-    record(&state, &verified.agent(), &approval, "requested").await?;
+    record(&state, verified.agent(), &approval, "requested").await?;
     state.announce("requested", &approval);
     tracing::warn!(approval_id = %approval.id, agent = %approval.agent, resource = %approval.operation.resource, verb = %approval.operation.verb, "approval requested");
     Ok((StatusCode::CREATED, Json(approval)))
@@ -369,7 +369,10 @@ pub async fn consume(
     require_json(&headers)?;
     let request: ConsumeRequest = parse_json(&body)?;
     let approval = state.store.approval(&id).await?;
-    if approval.as_ref().is_none_or(|a| a.agent != verified.agent()) {
+    if approval
+        .as_ref()
+        .is_none_or(|a| a.agent != verified.agent())
+    {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "approval_not_found",
@@ -387,7 +390,7 @@ pub async fn consume(
     )
     .await
     .map_err(update_error)?;
-    record(&state, &verified.agent(), &used, "used").await?;
+    record(&state, verified.agent(), &used, "used").await?;
     state.announce("used", &used);
     Ok(Json(used))
 }

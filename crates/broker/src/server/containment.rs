@@ -45,7 +45,7 @@ pub async fn count(
     let Some(limit) = state
         .config
         .containment
-        .velocity_for(&verified.agent(), request.verb)
+        .velocity_for(verified.agent(), request.verb)
     else {
         return Ok(Json(CountResponse {
             count: 0,
@@ -74,7 +74,7 @@ pub async fn count(
     if count > limit.limit {
         tracing::warn!(agent = %verified.agent(), verb = %request.verb, count, limit = limit.limit, "velocity limit reached");
         state
-            .audit(AuditKind::Decision, Some(&verified.agent()), json!({"event": "rate_limited", "verb": request.verb, "count": count, "limit": limit.limit}))
+            .audit(AuditKind::Decision, Some(verified.agent()), json!({"event": "rate_limited", "verb": request.verb, "count": count, "limit": limit.limit}))
             .await?;
         return Err(over(count));
     }
@@ -96,7 +96,11 @@ pub async fn count_use(
             limit: None,
         }));
     };
-    let authority = verified.revocation_ids().first().cloned().unwrap_or_default();
+    let authority = verified
+        .revocation_ids()
+        .first()
+        .cloned()
+        .unwrap_or_default();
     // No window: the count lives as long as the token (the store key outlives it).
     let count = state
         .store

@@ -119,7 +119,9 @@ impl VerifiedToken {
         let inside = format!("{root}/");
         facts.iter().any(|(resource, v)| {
             verb(v.parse().unwrap_or(crate::scope::Verb::Admin))
-                && (resource.starts_with(&inside) || resource == root || root.starts_with(resource.as_str()))
+                && (resource.starts_with(&inside)
+                    || resource == root
+                    || root.starts_with(resource.as_str()))
         })
     }
 
@@ -135,7 +137,9 @@ impl VerifiedToken {
         R: TryFrom<biscuit_auth::builder::Fact, Error = E>,
         E: Into<biscuit_auth::error::Token>,
     {
-        let mut authorizer = biscuit_auth::AuthorizerBuilder::new().build(&self.biscuit).ok()?;
+        let mut authorizer = biscuit_auth::AuthorizerBuilder::new()
+            .build(&self.biscuit)
+            .ok()?;
         let rule: biscuit_auth::builder::Rule = rule.try_into().ok()?;
         authorizer.query(rule).ok()
     }
