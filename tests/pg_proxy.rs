@@ -83,62 +83,98 @@ async fn destructive_statements_are_denied_however_they_are_hidden() {
     let t = table().await;
     let write = write_token(&broker).await;
     let client = connect_when_ready(proxy.port, "deploy-bot", &write).await;
+    // What every denial must say: the verb and resource the statement really has, and why.
+    let deny_table = format!("denied delete on pg://staging/public.{t}: policy_denied");
+    let deny_database = "denied delete on pg://staging: policy_denied".to_owned();
+    let deny_admin = "denied admin on pg://staging: policy_denied".to_owned();
     let attacks = [
-        ("drop table", format!("DROP TABLE {t}")),
-        ("drop database", "DROP DATABASE test".to_owned()),
-        ("truncate", format!("TRUNCATE {t}")),
-        ("delete without where", format!("DELETE FROM {t}")),
-        ("drop after a select", format!("SELECT 1; DROP TABLE {t}")),
+        ("drop table", format!("DROP TABLE {t}"), deny_table.clone()),
+        (
+            "drop database",
+            "DROP DATABASE test".to_owned(),
+            deny_database.clone(),
+        ),
+        ("truncate", format!("TRUNCATE {t}"), deny_table.clone()),
+        (
+            "delete without where",
+            format!("DELETE FROM {t}"),
+            deny_table.clone(),
+        ),
+        (
+            "drop after a select",
+            format!("SELECT 1; DROP TABLE {t}"),
+            deny_table.clone(),
+        ),
         (
             "behind comments",
             format!("/* cleanup */ SELECT 1; -- x\n DROP TABLE {t}"),
+            deny_table.clone(),
         ),
         (
             "in a CTE",
             format!("WITH d AS (DELETE FROM {t} RETURNING *) SELECT count(*) FROM d"),
+            deny_table.clone(),
         ),
         (
             "in a DO block",
             format!("DO $$ BEGIN EXECUTE 'DROP TABLE {t}'; END $$"),
+            deny_admin.clone(),
         ),
         (
             "prepared statement",
             format!("PREPARE p AS DELETE FROM {t}"),
+            deny_table.clone(),
         ),
         (
             "EXPLAIN ANALYZE",
             format!("EXPLAIN ANALYZE DELETE FROM {t}"),
+            deny_table.clone(),
         ),
         (
             "backslash-quote smuggling",
             format!("SELECT 'a\\'; DROP TABLE {t}; --'"),
+            deny_table.clone(),
         ),
         (
             "lexer change",
             "SET standard_conforming_strings = off".to_owned(),
+            deny_admin.clone(),
         ),
         (
             "undo read-only",
             "SET default_transaction_read_only = off".to_owned(),
+            deny_admin.clone(),
         ),
-        ("role change", "SET ROLE postgres".to_owned()),
+        (
+            "role change",
+            "SET ROLE postgres".to_owned(),
+            deny_admin.clone(),
+        ),
         (
             "side-effect function",
             "SELECT pg_terminate_backend(pg_backend_pid())".to_owned(),
+            deny_admin.clone(),
         ),
         (
             "10k nested parentheses",
             format!("SELECT {}1{}", "(".repeat(10_000), ")".repeat(10_000)),
+            "statement not classified (query nests 10000 levels deep".to_owned(),
         ),
-        ("garbage", "DROP TABEL x".to_owned()),
+        (
+            "garbage",
+            "DROP TABEL x".to_owned(),
+            "statement not classified (query does not parse".to_owned(),
+        ),
     ];
-    for (attack, sql) in &attacks {
+    for (attack, sql, reason) in &attacks {
         let error = client.batch_execute(sql).await.expect_err(attack);
         assert_eq!(
             sqlstate(&error).as_deref(),
             Some("42501"),
             "{attack}: {error:?}"
         );
+        let message = db_message(&error);
+        assert!(message.contains(reason.as_str()), "{attack}: {message}");
         assert_eq!(rows(&t).await, 3, "{attack}: rows intact");
         client
             .simple_query("SELECT 1")
@@ -151,6 +187,11 @@ async fn destructive_statements_are_denied_however_they_are_hidden() {
         .await
         .expect_err("extended prepare");
     assert_eq!(sqlstate(&error).as_deref(), Some("42501"));
+    assert!(
+        db_message(&error).contains(&deny_table),
+        "{}",
+        db_message(&error)
+    );
     // Inside a transaction: the DROP is refused, the transaction goes on and rolls back.
     client.batch_execute("BEGIN").await.expect("begin");
     assert!(client
