@@ -10,6 +10,8 @@ mod cache;
 pub mod containment;
 mod decisions;
 mod record;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
