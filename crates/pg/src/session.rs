@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -40,6 +39,8 @@ const ALLOWED_PARAMETERS: [&str; 8] = [
 ];
 
 mod check;
+#[cfg(test)]
+mod tests;
 
 /// Why a statement may not run, as the client will read it.
 struct Denial {
@@ -299,6 +300,45 @@ async fn relay(
 ) -> Result<(), WireError> {
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
+    let client = Streams {
+        read: client_read,
+        write: client_write,
+    };
+    let upstream = Streams {
+        read: upstream_read,
+        write: upstream_write,
+    };
+    relay_streams(client, upstream, token, overloaded, proxy).await
+}
+
+/// Both halves of one side of a session. The relay is written against any byte streams, so
+/// that its state machine can be driven with in-memory frames (see the tests).
+struct Streams<R, W> {
+    read: R,
+    write: W,
+}
+
+async fn relay_streams<CR, CW, UR, UW>(
+    client: Streams<CR, CW>,
+    upstream: Streams<UR, UW>,
+    token: String,
+    overloaded: HashSet<String>,
+    proxy: Arc<PgProxy>,
+) -> Result<(), WireError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin + Send,
+{
+    let Streams {
+        read: client_read,
+        write: client_write,
+    } = client;
+    let Streams {
+        read: upstream_read,
+        write: upstream_write,
+    } = upstream;
     let shared = Shared {
         status: AtomicU8::new(b'I'),
         copy_in: AtomicBool::new(false),
@@ -343,8 +383,8 @@ async fn relay(
 /// Upstream to client: forwards upstream's answers, interleaving the proxy's own replies in
 /// order, and writes whatever is already buffered in one go.
 async fn deliver(
-    mut upstream: ReadHalf<'_>,
-    mut client: WriteHalf<'_>,
+    mut upstream: impl AsyncRead + Unpin,
+    mut client: impl AsyncWrite + Unpin,
     mut owed: mpsc::UnboundedReceiver<Owed>,
     shared: &Shared,
     max: usize,
@@ -442,7 +482,7 @@ fn rows_in_tag(body: &[u8]) -> Option<u64> {
 }
 
 /// The client-facing half of a session, and what it remembers between messages.
-struct Session<'s> {
+struct Session<'s, W> {
     row_budget: Option<u64>,
     /// Pure built-ins' names that the session's schema overloads: calls of them are not reads.
     overloaded: HashSet<String>,
@@ -461,19 +501,22 @@ struct Session<'s> {
     deferred: std::sync::Mutex<Vec<AuditEvent>>,
     shared: &'s Shared,
     owe: mpsc::UnboundedSender<Owed>,
-    upstream: WriteHalf<'s>,
+    upstream: W,
 }
 
-impl Session<'_> {
+impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
     /// Client to upstream, until the client leaves; then nothing more is owed to it.
-    async fn serve(&mut self, client: ReadHalf<'_>) -> Result<(), WireError> {
+    async fn serve(&mut self, client: impl AsyncRead + Unpin) -> Result<(), WireError> {
         let outcome = self.serve_messages(client).await;
         let (closed, _) = mpsc::unbounded_channel();
         self.owe = closed;
         outcome
     }
 
-    async fn serve_messages(&mut self, mut client: ReadHalf<'_>) -> Result<(), WireError> {
+    async fn serve_messages(
+        &mut self,
+        mut client: impl AsyncRead + Unpin,
+    ) -> Result<(), WireError> {
         let mut framer = wire::Framer::new(self.proxy.config.max_frame_bytes);
         let idle_limit = self.proxy.config.connections.session_idle_timeout;
         loop {

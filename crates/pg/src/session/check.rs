@@ -133,7 +133,7 @@ fn failure_changes(changes: &[Change]) -> Vec<Change> {
         .collect()
 }
 
-impl Session<'_> {
+impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
     /// Classifies a simple Query string and asks the guard about every access of every
     /// statement in it.
     pub(super) async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
