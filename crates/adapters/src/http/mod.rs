@@ -5,6 +5,8 @@
 mod graphql;
 pub mod path;
 pub mod routes;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -4,79 +4,22 @@
 //! then exactly one ReadyForQuery).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::io::{duplex, split, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 use super::{relay_streams, Streams};
 use crate::wire::{encode, read_message, Message};
 use crate::{PgProxy, PgProxyConfig};
-use capgate_core::containment::audit::AuditEvent;
-use capgate_core::containment::{ContainmentConfig, ContainmentDocument, Operation};
-use capgate_core::guard::containment::{Ledger, LedgerDenial};
-use capgate_core::guard::{ContainmentView, KeyView};
-use capgate_core::revocation::RevocationView;
 use capgate_core::scope::Verb;
-use capgate_core::token::{
-    encode as encode_token, mint, GrantedRight, KeySetDocument, PublicKeySet, PublishedKey,
-    TokenSpec,
-};
+use capgate_test_support::{Issuer, NoBroker};
 
 const MAX: usize = 1 << 20;
 
-/// No broker behind it: anything that needs one fails, which read-only tests never reach.
-struct NoBroker;
-
-#[async_trait]
-impl Ledger for NoBroker {
-    async fn request_approval(&self, _: &str, _: &Operation) -> Result<String, LedgerDenial> {
-        Err(unreachable_broker())
-    }
-    async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
-        Err(unreachable_broker())
-    }
-    async fn count(&self, _: &str, _: Verb) -> Result<(), LedgerDenial> {
-        Err(unreachable_broker())
-    }
-    async fn audit(&self, _: AuditEvent) -> Result<(), LedgerDenial> {
-        Err(unreachable_broker())
-    }
-}
-
-fn unreachable_broker() -> LedgerDenial {
-    LedgerDenial {
-        code: "broker_unreachable",
-        reason: "no broker in this test".into(),
-    }
-}
-
 /// A proxy for database `staging` and a token that may read it (and nothing else).
 fn proxy_and_read_token() -> (Arc<PgProxy>, String) {
-    let keypair = biscuit_auth::KeyPair::new();
-    let keys: KeyView = Arc::new(RwLock::new(Arc::new(
-        PublicKeySet::from_document(&KeySetDocument {
-            active_key_id: 1,
-            keys: vec![PublishedKey {
-                key_id: 1,
-                algorithm: "ed25519".into(),
-                public_key: keypair.public().to_string(),
-                created_at: "2026-01-01T00:00:00Z".into(),
-                verify_until: None,
-            }],
-        })
-        .expect("keys"),
-    )));
-    let revocations = Arc::new(RevocationView::new());
-    revocations.apply(&[], Instant::now());
-    let containment = Arc::new(ContainmentView::new());
-    containment
-        .set_document(ContainmentDocument::new(
-            &ContainmentConfig::default(),
-            &keypair.public(),
-        ))
-        .expect("containment");
+    let issuer = Issuer::new();
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/adapters");
     let config: PgProxyConfig = toml::from_str(&format!(
         "listen = \"127.0.0.1:0\"\nbroker = \"http://127.0.0.1:1\"\nenvironment = \"staging\"\n\
@@ -85,23 +28,15 @@ fn proxy_and_read_token() -> (Arc<PgProxy>, String) {
         policies.display().to_string()
     ))
     .expect("config");
-    let proxy =
-        PgProxy::new(config, keys, revocations, containment, Arc::new(NoBroker)).expect("proxy");
-    let now = SystemTime::now();
-    let spec = TokenSpec {
-        agent: "unit-bot".into(),
-        session_id: "0000000000000000000000000000000b".into(),
-        rights: vec![GrantedRight {
-            resource: "pg://staging/".parse().expect("pattern"),
-            verb: Verb::Read,
-            environment: "staging".into(),
-        }],
-        issued_at: now - Duration::from_secs(5),
-        expires_at: now + Duration::from_secs(600),
-        row_budget: None,
-        use_budget: None,
-    };
-    let token = encode_token(&mint(&spec, 1, &keypair).expect("mint")).expect("encode");
+    let proxy = PgProxy::new(
+        config,
+        issuer.key_view(),
+        issuer.synced_revocations(),
+        issuer.containment(),
+        Arc::new(NoBroker),
+    )
+    .expect("proxy");
+    let token = issuer.token("unit-bot", "staging", &[("pg://staging/", Verb::Read)]);
     (Arc::new(proxy), token)
 }
 
