@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates src/adapters/pg/classify/pure_functions.txt: the built-in functions the SQL
+# Regenerates crates/pg/src/classify/pure_functions.txt: the built-in functions the SQL
 # classifier treats as free of side effects, derived from PostgreSQL's own catalog.
 #
 # A name is pure when every pg_catalog function of that name is a plain function, an
