@@ -21,7 +21,7 @@ use capgate::adapters::Mode;
 use capgate::config::RunLimits;
 use capgate::containment::audit::AuditEvent;
 use capgate::containment::Operation;
-use capgate::guard::{ContainmentView, Ledger, LedgerDenial};
+use capgate::guard::{ContainmentView, Ledger, LedgerCode, LedgerDenial};
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
 use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
@@ -143,7 +143,7 @@ impl Ledger for ReadOnlyLedger {
 
 fn refused() -> LedgerDenial {
     LedgerDenial {
-        code: "bench",
+        code: LedgerCode::BrokerUnreachable,
         reason: "read-only benchmark".into(),
     }
 }

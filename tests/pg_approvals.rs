@@ -156,7 +156,9 @@ async fn an_approval_binds_all_of_a_long_statement() {
     assert_eq!(rows(&t).await, 2);
 }
 
-/// A token of ops-bot (granted whatever it asks) for the staging database.
+/// A token of ops-bot (granted whatever it asks) for the staging database. It may also write
+/// on the database itself (calls of functions not known to be pure are such writes): an
+/// approval is only ever asked for a statement the token could otherwise run.
 async fn ops_token(broker: &Broker) -> String {
     token_of(
         &broker
@@ -165,6 +167,7 @@ async fn ops_token(broker: &Broker) -> String {
                 &[
                     "pg://staging/:delete",
                     "pg://staging/:write",
+                    "pg://staging:write",
                     "pg://staging/:read",
                 ],
                 None,
@@ -371,4 +374,37 @@ async fn the_preview_never_changes_data() {
         0,
         "the function and the trigger never ran"
     );
+}
+
+/// A statement is asked about whole: when one of its accesses is denied, no operator is asked
+/// to approve another. Here the DELETE (a write on the table) would need an approval, but calling a function not
+/// known to be pure also writes on the database itself, which deploy-bot's token does not
+/// grant: the answer is that deny, and no approval request exists.
+#[tokio::test]
+async fn no_approval_is_asked_for_a_statement_the_token_could_never_run() {
+    let broker = Broker::start_custom("", APPROVE_WRITES).await;
+    let proxy = start_pg_proxy(&broker).await;
+    let t = table_with(3).await;
+    let token = write_token(&broker).await;
+    let client = connect_when_ready(proxy.port, "deploy-bot", &token).await;
+    let denied = client
+        .batch_execute(&format!(
+            "DELETE FROM {t} WHERE id = 1 AND txid_current() > 0"
+        ))
+        .await
+        .expect_err("the token does not grant writes on the database");
+    let message = db_message(&denied);
+    assert!(
+        message.contains("denied write on pg://staging: policy_denied"),
+        "{message}"
+    );
+    assert!(
+        message.contains("because it calls txid_current"),
+        "{message}"
+    );
+    assert!(approval_id(&message).is_none(), "{message}");
+    let (status, approvals) = broker.get_as("/v1/approvals", OPERATOR_KEY).await;
+    assert_eq!(status, 200, "{approvals}");
+    assert_eq!(approvals, json!([]), "no operator is asked");
+    assert_eq!(rows(&t).await, 3);
 }

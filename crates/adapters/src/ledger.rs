@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use capgate_client::{Client, ClientError};
 use capgate_core::containment::audit::AuditEvent;
 use capgate_core::containment::Operation;
-use capgate_core::guard::{Ledger, LedgerDenial};
+use capgate_core::guard::{Ledger, LedgerCode, LedgerDenial};
 use capgate_core::metrics::SpoolMetrics;
 use capgate_core::scope::Verb;
 use std::sync::atomic::Ordering;
@@ -37,38 +37,14 @@ impl BrokerLedger {
 fn denial(e: ClientError) -> LedgerDenial {
     match e {
         ClientError::Refused { code, detail, .. } => LedgerDenial {
-            code: static_code(&code),
+            code: LedgerCode::of_broker(&code),
             reason: detail,
         },
         other => LedgerDenial {
-            code: "broker_unreachable",
+            code: LedgerCode::BrokerUnreachable,
             reason: other.to_string(),
         },
     }
-}
-
-/// Broker codes this adapter passes on; anything else is reported generically.
-fn static_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 13] = [
-        "use_budget_exhausted",
-        "rate_limited",
-        "approval_used",
-        "approval_expired",
-        "approval_cancelled",
-        "approval_delayed",
-        "approval_digest_mismatch",
-        "approval_not_approved",
-        "approval_not_found",
-        "approval_other_session",
-        "approval_unbound",
-        "recovery_point",
-        "audit_unavailable",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or("broker_refused")
 }
 
 #[async_trait]
@@ -121,7 +97,7 @@ impl Ledger for BrokerLedger {
     async fn audit_batch(&self, events: &[AuditEvent]) -> Result<(), LedgerDenial> {
         let Some(key) = &self.adapter_key else {
             return Err(LedgerDenial {
-                code: "audit_unavailable",
+                code: LedgerCode::AuditUnavailable,
                 reason: "this adapter has no audit key configured, so it cannot record writes"
                     .into(),
             });
@@ -139,7 +115,7 @@ impl Ledger for BrokerLedger {
     async fn attach_preview(&self, approval_id: &str, preview: &str) -> Result<(), LedgerDenial> {
         let Some(key) = &self.adapter_key else {
             return Err(LedgerDenial {
-                code: "preview_unavailable",
+                code: LedgerCode::PreviewUnavailable,
                 reason: "this adapter has no adapter key configured".into(),
             });
         };

@@ -32,9 +32,6 @@ pub(super) struct Prepared {
     pub changes: Vec<Change>,
     /// Parameter type OIDs its Parse declared (0: unspecified), to show Bind values by.
     pub param_types: Vec<u32>,
-    /// Needs an approval, judged at each execution with the values it runs with: its
-    /// Parse was judged for everything else.
-    pub deferred: bool,
 }
 
 /// What a name holds on the server, as far as the proxy knows.
@@ -282,7 +279,6 @@ mod tests {
             transaction: None,
             changes: Vec::new(),
             param_types: Vec::new(),
-            deferred: false,
         })
     }
 

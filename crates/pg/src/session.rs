@@ -22,6 +22,7 @@ use super::upstream::{self, UpstreamLogin};
 use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
 use super::PgProxy;
 use capgate_core::containment::audit::AuditEvent;
+use capgate_core::guard::Authorized;
 use capgate_net::connections::Activity;
 
 use capgate_core::scope::Verb;
@@ -39,8 +40,11 @@ const ALLOWED_PARAMETERS: [&str; 8] = [
 ];
 
 mod check;
+mod outbound;
 #[cfg(test)]
 mod tests;
+
+use outbound::{Control, CopyMessage, Outgoing, OwnStatement, Upstream};
 
 /// Why a statement may not run, as the client will read it.
 struct Denial {
@@ -175,14 +179,10 @@ async fn start(
     let token = cstr(&password.body)?.0.to_owned();
     let verified = match proxy.guard.verify_token(&token) {
         Ok(verified) => verified,
-        Err((code, reason)) => {
-            tracing::warn!(%peer, code = code.as_str(), %reason, "pg login refused");
-            return refuse_startup(
-                client,
-                "28P01",
-                &format!("Capgate token refused: {} ({reason})", code.as_str()),
-            )
-            .await;
+        Err(denial) => {
+            tracing::warn!(%peer, %denial, "pg login refused");
+            return refuse_startup(client, "28P01", &format!("Capgate token refused: {denial}"))
+                .await;
         }
     };
     if verified.agent() != user {
@@ -360,7 +360,7 @@ where
         deferred: std::sync::Mutex::new(Vec::new()),
         shared: &shared,
         owe,
-        upstream: upstream_write,
+        upstream: Upstream::new(upstream_write),
     };
     let outcome = {
         let from_client = session.serve(client_read);
@@ -469,12 +469,6 @@ fn route(frame: BytesMut, queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared:
     }
 }
 
-fn nul(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    body
-}
-
 /// Rows a CommandComplete tag reports: `UPDATE 5`, `DELETE 3`, `INSERT 0 7`, `MERGE 2`, `COPY 9`.
 fn rows_in_tag(body: &[u8]) -> Option<u64> {
     let tag = std::str::from_utf8(body).ok()?.trim_end_matches('\0');
@@ -501,7 +495,8 @@ struct Session<'s, W> {
     deferred: std::sync::Mutex<Vec<AuditEvent>>,
     shared: &'s Shared,
     owe: mpsc::UnboundedSender<Owed>,
-    upstream: W,
+    /// Takes only what the guard authorised and the proxy's own control messages.
+    upstream: Upstream<W>,
 }
 
 impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
@@ -564,7 +559,12 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                         && self.batch.is_empty()
                         && !self.discarding =>
                 {
-                    self.upstream.write_all(&frame).await?
+                    let control = if frame[0] == b'S' {
+                        Control::Sync
+                    } else {
+                        Control::Flush
+                    };
+                    self.upstream.send(control).await?
                 }
                 b'S' | b'H' => self.sync(frame).await?,
                 // Copy messages outside copy-in mode are ignored by PostgreSQL (a client still
@@ -572,7 +572,11 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                 // within a held batch if there is one, never with a refused one.
                 b'd' | b'c' | b'f' if self.discarding => {}
                 b'd' | b'c' | b'f' if !self.batch.is_empty() => self.batch.push(frame),
-                b'd' | b'c' | b'f' => self.upstream.write_all(&frame).await?,
+                b'd' | b'c' | b'f' => {
+                    if let Some(copy) = CopyMessage::new(frame) {
+                        self.upstream.send(Control::Copy(copy)).await?
+                    }
+                }
                 b'F' => {
                     tracing::warn!("fastpath function call refused");
                     self.reply(error_response(
@@ -582,7 +586,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                     self.ready();
                 }
                 b'X' => {
-                    let _ = self.upstream.write_all(&frame).await;
+                    let _ = self.upstream.send(Control::Terminate).await;
                     return Ok(());
                 }
                 other => {
@@ -613,12 +617,13 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
         }
     }
 
-    /// Sends `bytes` upstream; `answered` when they end with a request upstream answers
-    /// with ReadyForQuery (a Query or a Sync). `steps`: what each message or statement in
-    /// them owes, and the name changes upstream's answers will confirm.
+    /// Sends what the guard authorised (or a control message of the proxy's) upstream;
+    /// `answered` when it ends with a request upstream answers with ReadyForQuery (a Query or
+    /// a Sync). `steps`: what each message or statement in it owes, and the name changes
+    /// upstream's answers will confirm.
     async fn forward(
         &mut self,
-        bytes: &[u8],
+        outgoing: impl Into<Outgoing<'_>>,
         steps: Vec<Step>,
         answered: bool,
     ) -> Result<(), WireError> {
@@ -627,7 +632,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
             self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
             let _ = self.owe.send(Owed::Upstream);
         }
-        self.upstream.write_all(bytes).await?;
+        self.upstream.send(outgoing).await?;
         Ok(())
     }
 
@@ -639,30 +644,21 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                 return Ok(());
             }
         };
-        let checked = match self.check(&sql).await {
+        let (checked, authorized) = match self.check(&sql, frame).await {
             Ok(checked) => checked,
             Err(denial) => {
                 self.deny(&denial, true);
                 return Ok(());
             }
         };
-        if checked.writes && self.row_budget.is_some() {
-            if checked.statements > 1 {
-                let denial = Denial {
-                    sqlstate: "42501",
-                    message: "capgate: a multi-statement write cannot run under a row budget; send one statement at a time".into(),
-                };
-                self.deny(&denial, true);
-                return Ok(());
-            }
-            let budget = self.row_budget.unwrap_or(0);
-            return self.budgeted(frame, checked.steps, budget).await;
+        if let (true, Some(budget)) = (checked.writes, self.row_budget) {
+            return self.budgeted(&authorized, checked.steps, budget).await;
         }
         if !self.transaction_ends(checked.ends).await? {
             self.ready();
             return Ok(());
         }
-        self.forward(&frame, checked.steps, true).await
+        self.forward(&authorized, checked.steps, true).await
     }
 
     async fn sync(&mut self, frame: BytesMut) -> Result<(), WireError> {
@@ -675,7 +671,12 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
-        let (ends, staged) = match self.check_batch(&batch).await {
+        if batch.is_empty() {
+            self.unsynced = !sync;
+            let control = if sync { Control::Sync } else { Control::Flush };
+            return self.forward(control, Vec::new(), sync).await;
+        }
+        let (ends, staged, authorized) = match self.check_batch(batch, &frame).await {
             Ok(checked) => checked,
             Err(denial) => {
                 self.deny(&denial, false);
@@ -700,13 +701,8 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                 None => self.portals.remove(&name),
             };
         }
-        let mut bytes = Vec::with_capacity(batch.iter().map(|f| f.len()).sum::<usize>() + 5);
-        for held in &batch {
-            bytes.extend_from_slice(held);
-        }
-        bytes.extend_from_slice(&frame);
         self.unsynced = !sync;
-        self.forward(&bytes, staged.steps, sync).await
+        self.forward(&authorized, staged.steps, sync).await
     }
 
     /// Answers a Sync the proxy did not forward with its batch: with upstream's own
@@ -718,8 +714,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
             return Ok(());
         }
         self.unsynced = false;
-        self.forward(&wire::encode(b'S', &[]), Vec::new(), true)
-            .await
+        self.forward(Control::Sync, Vec::new(), true).await
     }
 
     /// Before a COMMIT goes upstream, the transaction's deferred audit records are stored; if
@@ -735,7 +730,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                 match self.proxy.ledger.audit_batch(&events).await {
                     Ok(()) => Ok(true),
                     Err(failure) => {
-                        tracing::error!(code = failure.code, reason = %failure.reason, writes = events.len(), "audit records unstorable at commit; rolling back");
+                        tracing::error!(code = failure.code.as_str(), reason = %failure.reason, writes = events.len(), "audit records unstorable at commit; rolling back");
                         for event in events {
                             self.proxy.ledger.record_later(event);
                         }
@@ -744,7 +739,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
                         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
                         let _ = self.owe.send(Owed::Intercepted(answers));
                         self.upstream
-                            .write_all(&wire::encode(b'Q', &nul("ROLLBACK")))
+                            .send(Control::Statement(OwnStatement::Rollback))
                             .await?;
                         discard.close();
                         self.reply(error_response("42501", &format!(
@@ -774,22 +769,26 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
     /// changed at most `budget` rows.
     async fn budgeted(
         &mut self,
-        query: BytesMut,
+        query: &Authorized<BytesMut>,
         steps: Vec<Step>,
         budget: u64,
     ) -> Result<(), WireError> {
         let in_transaction = self.shared.status.load(Ordering::SeqCst) == b'T';
         let (open, keep, undo) = if in_transaction {
             (
-                "SAVEPOINT capgate_row_budget",
-                "RELEASE SAVEPOINT capgate_row_budget",
-                "ROLLBACK TO SAVEPOINT capgate_row_budget",
+                OwnStatement::Savepoint,
+                OwnStatement::ReleaseSavepoint,
+                OwnStatement::RollbackToSavepoint,
             )
         } else {
-            ("BEGIN", "COMMIT", "ROLLBACK")
+            (
+                OwnStatement::Begin,
+                OwnStatement::Commit,
+                OwnStatement::Rollback,
+            )
         };
         let opened = self
-            .run_intercepted(&wire::encode(b'Q', &nul(open)), Vec::new())
+            .run_intercepted(Control::Statement(open), Vec::new())
             .await?;
         if opened.iter().any(|m| m.tag == b'E') {
             for message in opened {
@@ -797,7 +796,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
             }
             return Ok(());
         }
-        let answer = self.run_intercepted(&query, steps).await?;
+        let answer = self.run_intercepted(query, steps).await?;
         let failed = answer.iter().any(|m| m.tag == b'E');
         let changed = answer
             .iter()
@@ -808,7 +807,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
         let over = changed > budget;
         let close = if failed || over { undo } else { keep };
         let closed = self
-            .run_intercepted(&wire::encode(b'Q', &nul(close)), Vec::new())
+            .run_intercepted(Control::Statement(close), Vec::new())
             .await?;
         let ready = closed
             .into_iter()
@@ -832,7 +831,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
     /// for [`Session::forward`]; none means a single statement that changes no name.
     async fn run_intercepted(
         &mut self,
-        request: &[u8],
+        request: impl Into<Outgoing<'_>>,
         mut steps: Vec<Step>,
     ) -> Result<Vec<Message>, WireError> {
         if steps.is_empty() {
@@ -842,7 +841,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<'_, W> {
         let (answers, mut collected_answers) = mpsc::unbounded_channel();
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let _ = self.owe.send(Owed::Intercepted(answers));
-        self.upstream.write_all(request).await?;
+        self.upstream.send(request).await?;
         let mut collected = Vec::new();
         while let Some(message) = collected_answers.recv().await {
             let done = message.tag == b'Z';

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use capgate_core::containment::audit::AuditEvent;
 use capgate_core::containment::{ContainmentConfig, ContainmentDocument, Operation};
-use capgate_core::guard::containment::{Ledger, LedgerDenial};
+use capgate_core::guard::containment::{Ledger, LedgerCode, LedgerDenial};
 use capgate_core::guard::{ContainmentView, KeyView};
 use capgate_core::revocation::RevocationView;
 use capgate_core::scope::Verb;
@@ -126,7 +126,7 @@ impl Ledger for NoBroker {
 
 fn unreachable_broker() -> LedgerDenial {
     LedgerDenial {
-        code: "broker_unreachable",
+        code: LedgerCode::BrokerUnreachable,
         reason: "no broker in this test".into(),
     }
 }

@@ -55,8 +55,9 @@ pub(super) async fn handle(
         return Refusal::TokenMisplaced.response(mode);
     }
     // Only a genuine, unrevoked token makes the adapter spend its credential on lookups.
-    if let Err((code, reason)) = proxy.guard.verify_token(token) {
-        return problem(status_of(code), code.as_str(), &reason, None, mode);
+    if let Err(denial) = proxy.guard.verify_token(token) {
+        let code = denial.code;
+        return problem(status_of(code), code.as_str(), &denial.reason, None, mode);
     }
     let operations = match endpoint
         .operations(&judged.pending, &proxy.config.environment)

@@ -138,7 +138,7 @@ impl SessionHandler {
             .gateway
             .guard
             .verify_token(&token)
-            .map_err(|(code, reason)| Refusal::with_code(code.as_str(), reason))?;
+            .map_err(|denial| Refusal::with_code(denial.code.as_str(), denial.reason))?;
         let environment = &self.gateway.config.environment;
         Ok(Rights(
             verified

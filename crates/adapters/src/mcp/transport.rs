@@ -120,10 +120,13 @@ async fn require_token(
             )
         }
     };
-    if let Err((code, reason)) = gateway.guard.verify_token(&token) {
+    if let Err(denial) = gateway.guard.verify_token(&token) {
         let decision = Decision {
             id: String::new(),
-            outcome: Outcome::Deny { code, reason },
+            outcome: Outcome::Deny {
+                code: denial.code,
+                reason: denial.reason,
+            },
             agent: None,
             session: None,
             explanation: Vec::new(),

@@ -23,6 +23,7 @@ use capgate_core::containment::approval::{
 };
 use capgate_core::containment::audit::AuditKind;
 use capgate_core::containment::{destroys_recovery_point, Operation};
+use capgate_core::guard::LedgerCode;
 use capgate_core::scope::Verb;
 use capgate_core::token::{from_unix_seconds, random_id, unix_seconds_now, VerifiedToken};
 
@@ -52,10 +53,13 @@ pub(super) fn agent_token(
     headers: &HeaderMap,
 ) -> Result<Arc<VerifiedToken>, ApiError> {
     let token = bearer(headers).ok_or(AuthError::MissingCredential)?;
-    state
-        .guard
-        .verify_token(token)
-        .map_err(|(code, reason)| ApiError::new(StatusCode::UNAUTHORIZED, code.as_str(), reason))
+    state.guard.verify_token(token).map_err(|denial| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            denial.code.as_str(),
+            denial.reason,
+        )
+    })
 }
 
 pub(super) fn operator(state: &BrokerState, headers: &HeaderMap) -> Result<Operator, ApiError> {
@@ -137,7 +141,7 @@ pub async fn create(
         {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "recovery_point",
+                LedgerCode::RecoveryPoint.as_str(),
                 format!(
                     "deleting {} would destroy recovery point {point}; no approval can allow it",
                     operation.resource

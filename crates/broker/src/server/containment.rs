@@ -16,6 +16,7 @@ use super::problem::{parse_json, require_json, ApiError, Body};
 use super::BrokerState;
 use capgate_core::containment::audit::AuditKind;
 use capgate_core::containment::ContainmentDocument;
+use capgate_core::guard::LedgerCode;
 use capgate_core::scope::Verb;
 
 pub async fn document(
@@ -55,7 +56,7 @@ pub async fn count(
     let over = |count: u64| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            LedgerCode::RateLimited.as_str(),
             format!(
                 "{} may {} at most {} times per {}",
                 verified.agent(),
@@ -112,7 +113,7 @@ pub async fn count_use(
     if count > budget {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "use_budget_exhausted",
+            LedgerCode::UseBudgetExhausted.as_str(),
             format!("this token may be used {budget} times and has been"),
         )
         .with_extra(json!({"count": count, "limit": budget})));

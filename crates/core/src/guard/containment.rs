@@ -30,11 +30,94 @@ pub enum Obligation {
     Use,
 }
 
+/// Why a ledger could not do what the guard asked of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct LedgerDenial {
-    pub code: &'static str,
+    pub code: LedgerCode,
     pub reason: String,
+}
+
+/// A ledger's refusals by stable code: the broker's, which it sends by these names, and the
+/// adapter's own when the broker cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerCode {
+    UseBudgetExhausted,
+    RateLimited,
+    ApprovalUsed,
+    ApprovalExpired,
+    ApprovalCancelled,
+    ApprovalDelayed,
+    ApprovalDigestMismatch,
+    ApprovalNotApproved,
+    ApprovalNotFound,
+    ApprovalOtherSession,
+    ApprovalUnbound,
+    RecoveryPoint,
+    AuditUnavailable,
+    /// The broker refused with a code this adapter does not know.
+    BrokerRefused,
+    BrokerUnreachable,
+    /// The adapter cannot count a token's uses (no broker behind it).
+    UseBudgetUnavailable,
+    /// The adapter cannot attach a preview to an approval.
+    PreviewUnavailable,
+}
+
+impl LedgerCode {
+    /// The codes a broker's refusal may carry.
+    const FROM_BROKER: [LedgerCode; 13] = [
+        LedgerCode::UseBudgetExhausted,
+        LedgerCode::RateLimited,
+        LedgerCode::ApprovalUsed,
+        LedgerCode::ApprovalExpired,
+        LedgerCode::ApprovalCancelled,
+        LedgerCode::ApprovalDelayed,
+        LedgerCode::ApprovalDigestMismatch,
+        LedgerCode::ApprovalNotApproved,
+        LedgerCode::ApprovalNotFound,
+        LedgerCode::ApprovalOtherSession,
+        LedgerCode::ApprovalUnbound,
+        LedgerCode::RecoveryPoint,
+        LedgerCode::AuditUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerCode::UseBudgetExhausted => "use_budget_exhausted",
+            LedgerCode::RateLimited => "rate_limited",
+            LedgerCode::ApprovalUsed => "approval_used",
+            LedgerCode::ApprovalExpired => "approval_expired",
+            LedgerCode::ApprovalCancelled => "approval_cancelled",
+            LedgerCode::ApprovalDelayed => "approval_delayed",
+            LedgerCode::ApprovalDigestMismatch => "approval_digest_mismatch",
+            LedgerCode::ApprovalNotApproved => "approval_not_approved",
+            LedgerCode::ApprovalNotFound => "approval_not_found",
+            LedgerCode::ApprovalOtherSession => "approval_other_session",
+            LedgerCode::ApprovalUnbound => "approval_unbound",
+            LedgerCode::RecoveryPoint => "recovery_point",
+            LedgerCode::AuditUnavailable => "audit_unavailable",
+            LedgerCode::BrokerRefused => "broker_refused",
+            LedgerCode::BrokerUnreachable => "broker_unreachable",
+            LedgerCode::UseBudgetUnavailable => "use_budget_unavailable",
+            LedgerCode::PreviewUnavailable => "preview_unavailable",
+        }
+    }
+
+    /// The code of a broker's refusal, read from its problem body; one this adapter does not
+    /// know is [`LedgerCode::BrokerRefused`] (the broker's own text still says why).
+    pub fn of_broker(code: &str) -> LedgerCode {
+        Self::FROM_BROKER
+            .into_iter()
+            .find(|known| known.as_str() == code)
+            .unwrap_or(LedgerCode::BrokerRefused)
+    }
+}
+
+impl std::fmt::Display for LedgerCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The adapter's connection to shared containment state (the broker, in practice).
@@ -65,7 +148,7 @@ pub trait Ledger: Send + Sync {
     /// Counts one call against the token's use budget; refuses once it is spent.
     async fn count_use(&self, _token: &str) -> Result<(), LedgerDenial> {
         Err(LedgerDenial {
-            code: "use_budget_unavailable",
+            code: LedgerCode::UseBudgetUnavailable,
             reason: "this adapter cannot count token uses".into(),
         })
     }
@@ -74,7 +157,7 @@ pub trait Ledger: Send + Sync {
     /// Attaches what a pending approval's operation would touch (a measured preview).
     async fn attach_preview(&self, _approval_id: &str, _preview: &str) -> Result<(), LedgerDenial> {
         Err(LedgerDenial {
-            code: "preview_unavailable",
+            code: LedgerCode::PreviewUnavailable,
             reason: "this adapter cannot attach previews".into(),
         })
     }

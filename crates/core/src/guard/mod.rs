@@ -27,9 +27,9 @@ use crate::scope::Verb;
 use crate::settings::RunLimits;
 use crate::token::{random_id, verify, PublicKeySet, TokenRejected, VerifiedToken};
 pub use cache::VerifiedCache;
-pub use containment::{ContainmentView, Ledger, LedgerDenial, Obligation};
+pub use containment::{ContainmentView, Ledger, LedgerCode, LedgerDenial, Obligation};
 pub use decisions::DecisionCache;
-pub use record::decision_event;
+pub use record::{decision_event, decision_verb};
 
 /// What an adapter asks about: one operation (kept under its first name for the adapters
 /// that ask about one at a time).
@@ -129,6 +129,15 @@ impl DenyCode {
     }
 }
 
+/// Why the guard refused a token itself, before any question about a resource.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} ({reason})", code.as_str())]
+pub struct TokenDenial {
+    pub code: DenyCode,
+    pub reason: String,
+}
+
+/// The one table from a token's rejection to its deny code.
 impl From<&TokenRejected> for DenyCode {
     fn from(rejected: &TokenRejected) -> Self {
         match rejected {
@@ -222,6 +231,29 @@ impl<T> Authorized<T> {
     pub fn into_inner(self) -> T {
         self.inner
     }
+}
+
+/// When an operation of a request takes effect, which decides what is settled when it is
+/// asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// It runs when the request is forwarded: every obligation is fulfilled first, an
+    /// approval consumed or (when missing) requested.
+    Run,
+    /// It is prepared now and may run later, any number of times (a PostgreSQL Parse). An
+    /// operation that needs an approval is judged now for everything else: the approval is
+    /// neither consumed nor requested (it must name what each run binds) and nothing is
+    /// counted or recorded; the adapter asks again, at [`Stage::Run`], for every run. An
+    /// operation that needs no approval is settled now, as if it ran.
+    Prepare,
+}
+
+/// A batch that was not authorised: the decision that stopped it and which operation (by
+/// its index in the request) it is about.
+#[derive(Debug)]
+pub struct Refusal {
+    pub decision: Box<Decision>,
+    pub index: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -345,9 +377,12 @@ impl Guard {
 
     /// Authenticates a Capgate token without asking about any resource: size, expiry, key,
     /// signature and revocation. The broker uses it where the token itself is the credential.
-    pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, (DenyCode, String)> {
+    pub fn verify_token(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenDenial> {
         self.token_check(token, SystemTime::now(), Instant::now())
-            .map_err(|failure| (failure.code, failure.reason))
+            .map_err(|failure| TokenDenial {
+                code: failure.code,
+                reason: failure.reason,
+            })
     }
 
     /// Key view, signature (or cache), expiry and revocation: everything about the token
@@ -459,39 +494,150 @@ impl Guard {
         payload: T,
         ledger: &dyn Ledger,
     ) -> Result<Authorized<T>, Box<Decision>> {
+        self.authorize_each(
+            token,
+            operations.len(),
+            |index| {
+                operations
+                    .get(index)
+                    .map(|operation| (operation, Stage::Run))
+            },
+            payload,
+            ledger,
+        )
+        .await
+        .map_err(|refusal| refusal.decision)
+    }
+
+    /// [`Guard::authorize_batch`] for a request whose operations do not all run now: each is
+    /// asked about at its [`Stage`]. The refusal names the operation it is about.
+    pub async fn authorize_staged<T>(
+        &self,
+        token: &str,
+        operations: &[(Operation, Stage)],
+        payload: T,
+        ledger: &dyn Ledger,
+    ) -> Result<Authorized<T>, Refusal> {
+        self.authorize_each(
+            token,
+            operations.len(),
+            |index| {
+                operations
+                    .get(index)
+                    .map(|(operation, stage)| (operation, *stage))
+            },
+            payload,
+            ledger,
+        )
+        .await
+    }
+
+    /// For a request that touches no resource at all (`SELECT 1`, a Describe): only the token
+    /// itself is judged (signature, expiry, key, revocation), and `payload` wrapped if it holds.
+    pub fn authorize_token<T>(
+        &self,
+        token: &str,
+        payload: T,
+    ) -> Result<Authorized<T>, Box<Decision>> {
+        match self.token_check(token, SystemTime::now(), Instant::now()) {
+            Ok(verified) => {
+                let decision_id = self.ids.next();
+                tracing::debug!(adapter = %self.config.adapter, agent = %verified.agent, %decision_id, "token alone: allow");
+                Ok(Authorized {
+                    inner: payload,
+                    decision_id,
+                    shadow_deny: None,
+                })
+            }
+            Err(failure) => {
+                let agent = failure.verified.as_ref().map(|v| v.agent.clone());
+                let session = failure.verified.as_ref().map(|v| v.session.clone());
+                tracing::info!(adapter = %self.config.adapter, code = failure.code.as_str(), reason = %failure.reason, "token alone: deny");
+                Err(Box::new(Decision {
+                    id: self.ids.next(),
+                    outcome: Outcome::Deny {
+                        code: failure.code,
+                        reason: failure.reason,
+                    },
+                    agent,
+                    session,
+                    explanation: vec![],
+                    obligations: vec![],
+                }))
+            }
+        }
+    }
+
+    /// The batch decision: `at(i)` is the `i`th of `count` operations and its stage.
+    async fn authorize_each<'o, T>(
+        &self,
+        token: &str,
+        count: usize,
+        at: impl Fn(usize) -> Option<(&'o Operation, Stage)>,
+        payload: T,
+        ledger: &dyn Ledger,
+    ) -> Result<Authorized<T>, Refusal> {
         let (now, mono) = (SystemTime::now(), Instant::now());
-        let decided: Vec<_> = operations
-            .iter()
-            .map(|operation| self.evaluate(token, operation, now, mono))
-            .collect();
+        let mut decided = Vec::with_capacity(count);
+        for index in 0..count {
+            let Some((operation, stage)) = at(index) else {
+                break;
+            };
+            // Read once per operation: the same answer decides here and when settling.
+            let approval_waits =
+                stage == Stage::Prepare && self.containment.needs_approval(operation.verb);
+            let (decision, verified) = self.evaluate(token, operation, now, mono);
+            decided.push((operation, approval_waits, decision, verified));
+        }
+        if decided.is_empty() || decided.len() != count {
+            return Err(Refusal {
+                decision: Box::new(self.empty_batch()),
+                index: 0,
+            });
+        }
         let first = |denies: bool| {
             decided
                 .iter()
-                .position(|(decision, _)| match decision.outcome {
+                .position(|(_, approval_waits, decision, _)| match decision.outcome {
                     Outcome::Deny { .. } => denies,
-                    Outcome::ApprovalRequired { .. } => !denies,
+                    Outcome::ApprovalRequired { .. } => !denies && !approval_waits,
                     Outcome::Allow => false,
                 })
         };
         if let Some(index) = first(true).or_else(|| first(false)) {
-            let (decision, verified) = decided.into_iter().nth(index).unzip();
-            let (Some(decision), Some(operation)) = (decision, operations.get(index)) else {
-                return Err(Box::new(self.empty_batch()));
+            let Some((operation, _, decision, verified)) = decided.into_iter().nth(index) else {
+                return Err(Refusal {
+                    decision: Box::new(self.empty_batch()),
+                    index,
+                });
             };
             let decision = self
                 .settle(
                     token,
                     operation,
                     decision,
-                    verified.flatten().as_deref(),
+                    verified.as_deref(),
                     ledger,
                     mono,
                 )
                 .await;
-            return Err(Box::new(decision));
+            return Err(Refusal {
+                decision: Box::new(decision),
+                index,
+            });
         }
         let mut ids = Vec::with_capacity(decided.len());
-        for ((decision, verified), operation) in decided.into_iter().zip(operations) {
+        for (index, (operation, approval_waits, decision, verified)) in
+            decided.into_iter().enumerate()
+        {
+            if approval_waits {
+                // Prepared, not run: nothing is consumed, requested, counted or recorded for
+                // it now; each run is asked about (and settled) on its own.
+                log_decision(&self.config.adapter, operation, &decision, "prepare");
+                self.metrics.record(operation.verb, &decision.outcome, mono);
+                ids.push(decision.id);
+                continue;
+            }
             let decision = self
                 .settle(
                     token,
@@ -503,12 +649,12 @@ impl Guard {
                 )
                 .await;
             if !decision.is_allow() {
-                return Err(Box::new(decision));
+                return Err(Refusal {
+                    decision: Box::new(decision),
+                    index,
+                });
             }
             ids.push(decision.id);
-        }
-        if ids.is_empty() {
-            return Err(Box::new(self.empty_batch()));
         }
         Ok(Authorized {
             inner: payload,

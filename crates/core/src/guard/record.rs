@@ -4,6 +4,7 @@
 use super::{Decision, Request};
 use crate::containment::audit::{AuditEvent, AuditKind};
 use crate::containment::token_record::{blocks_of, token_digest};
+use crate::scope::Verb;
 use crate::token::{AuditMemo, VerifiedToken};
 
 /// `verified` is the token as the guard verified it; a token that never verified (malformed,
@@ -49,4 +50,14 @@ pub fn decision_event(
         actor: decision.agent.clone(),
         detail,
     }
+}
+
+/// The verb a decision event records, for a ledger that treats verbs differently (the
+/// PostgreSQL session holds the records of writes until their transaction commits). `None`
+/// for any other event.
+pub fn decision_verb(event: &AuditEvent) -> Option<Verb> {
+    if event.kind != AuditKind::Decision {
+        return None;
+    }
+    event.detail.get("verb")?.as_str()?.parse().ok()
 }

@@ -1,6 +1,7 @@
 //! The guard's own rules, decided in-process: every way a token fails is its own deny code,
 //! an allow wraps exactly its payload, an allow's obligations are fulfilled through the ledger
-//! (and a ledger failure is a deny), and a batch passes only whole.
+//! (and a ledger failure is a deny), a batch passes only whole, and an operation prepared for
+//! later runs keeps its approval for them.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::containment::{Ledger, LedgerDenial};
+use super::containment::{Ledger, LedgerCode, LedgerDenial};
 use super::*;
 use crate::containment::audit::AuditEvent;
 use crate::containment::{ContainmentConfig, ContainmentDocument, Operation};
@@ -126,12 +127,14 @@ fn code_of(decision: &Decision) -> &'static str {
 #[derive(Default)]
 struct RecordingLedger {
     audited: Mutex<Vec<AuditEvent>>,
+    approvals_requested: Mutex<usize>,
     refuse_audit: bool,
 }
 
 #[async_trait]
 impl Ledger for RecordingLedger {
     async fn request_approval(&self, _: &str, _: &Operation) -> Result<String, LedgerDenial> {
+        *self.approvals_requested.lock().expect("lock") += 1;
         Ok("approval-1".into())
     }
     async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
@@ -143,7 +146,7 @@ impl Ledger for RecordingLedger {
     async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial> {
         if self.refuse_audit {
             return Err(LedgerDenial {
-                code: "audit_down",
+                code: LedgerCode::AuditUnavailable,
                 reason: "the audit trail is unreachable".into(),
             });
         }
@@ -253,7 +256,10 @@ async fn a_write_is_allowed_only_once_its_obligations_are_fulfilled() {
     let Outcome::Deny { reason, .. } = &denied.outcome else {
         unreachable!()
     };
-    assert!(reason.contains("audit_down"), "{reason}");
+    assert!(
+        reason.contains("the audit trail is unreachable (audit_unavailable)"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -287,4 +293,69 @@ async fn a_batch_passes_whole_or_not_at_all() {
         .await
         .expect_err("nothing to authorise");
     assert_eq!(code_of(&empty), "policy_denied");
+}
+
+#[tokio::test]
+async fn a_prepared_operation_leaves_its_approval_for_each_run() {
+    let f = fixture(true, true);
+    let token = token_from(&f.keypair, &[("pg://staging/", Verb::Delete)], 600);
+    let delete = op("pg://staging/public.bookings", Verb::Delete);
+    let ledger = RecordingLedger::default();
+    let prepared = f
+        .guard
+        .authorize_staged(
+            &token,
+            &[(delete.clone(), Stage::Prepare)],
+            "Parse",
+            &ledger,
+        )
+        .await
+        .expect("granted but for the approval, which waits for the run");
+    assert_eq!(*prepared.get(), "Parse");
+    assert_eq!(*ledger.approvals_requested.lock().expect("lock"), 0);
+    assert!(ledger.audited.lock().expect("lock").is_empty());
+
+    let run = f
+        .guard
+        .authorize_staged(&token, &[(delete.clone(), Stage::Run)], "Execute", &ledger)
+        .await
+        .expect_err("a run needs the approval");
+    assert_eq!(run.index, 0);
+    assert_eq!(code_of(&run.decision), "approval_required");
+    assert_eq!(*ledger.approvals_requested.lock().expect("lock"), 1);
+
+    // Preparing is no way around a deny: an operation the token lacks fails at either stage.
+    let drop = op("pg://staging", Verb::Admin);
+    let refused = f
+        .guard
+        .authorize_staged(
+            &token,
+            &[(delete, Stage::Prepare), (drop, Stage::Prepare)],
+            "Parse",
+            &ledger,
+        )
+        .await
+        .expect_err("admin is not granted");
+    assert_eq!(
+        (refused.index, code_of(&refused.decision)),
+        (1, "policy_denied")
+    );
+}
+
+#[test]
+fn a_request_that_touches_nothing_still_needs_a_valid_token() {
+    let f = fixture(true, true);
+    let token = token_from(&f.keypair, &[("pg://staging/", Verb::Read)], 600);
+    let allowed = f
+        .guard
+        .authorize_token(&token, "SELECT 1")
+        .expect("a valid token");
+    assert_eq!(*allowed.get(), "SELECT 1");
+    let stranger = biscuit_auth::KeyPair::new();
+    let forged = token_from(&stranger, &[("pg://staging/", Verb::Read)], 600);
+    let refused = f
+        .guard
+        .authorize_token(&forged, "SELECT 1")
+        .expect_err("a forged token");
+    assert_eq!(code_of(&refused), "token_bad_signature");
 }

@@ -46,16 +46,9 @@ pub enum TokenRejected {
 }
 
 impl TokenRejected {
-    /// Stable machine-readable code.
+    /// Stable machine-readable code: the guard's deny code for it (one table, there).
     pub fn code(&self) -> &'static str {
-        match self {
-            TokenRejected::TooLarge { .. } => "token_too_large",
-            TokenRejected::Malformed => "token_malformed",
-            TokenRejected::MissingKeyId | TokenRejected::UnknownRootKey(_) => "token_unknown_key",
-            TokenRejected::RetiredRootKey(_) => "token_key_retired",
-            TokenRejected::BadSignature => "token_bad_signature",
-            TokenRejected::Expired => "token_expired",
-        }
+        crate::guard::DenyCode::from(self).as_str()
     }
 }
 

@@ -2,7 +2,9 @@
 //! statements, an extended-protocol batch's Parse, Bind and Execute messages. Every
 //! statement is judged by its own accesses plus those of every prepared statement it runs,
 //! looked up by name as the server will find it then (`names`); what a request changes about
-//! names is staged with it and applied only when upstream confirms.
+//! names is staged with it and applied only when upstream confirms. A request's operations
+//! are gathered into one [`Plan`] and asked of the guard in one call, which wraps the
+//! request's bytes: what the session forwards is that `Authorized` and nothing else.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +17,10 @@ use super::super::parameters::{self, read_bind, read_parse_types};
 use super::super::wire::cstr;
 use super::{lock, protocol_denial, Denial, Session};
 use capgate_core::containment::audit::AuditEvent;
-use capgate_core::guard::{Ledger, LedgerDenial, Outcome, Request as GuardRequest};
+use capgate_core::guard::{
+    decision_verb, Authorized, Ledger, LedgerDenial, Outcome, Refusal, Request as GuardRequest,
+    Stage,
+};
 use capgate_core::scope::Verb;
 
 /// How deep EXECUTE may nest through prepared statements before the proxy stops looking
@@ -54,28 +59,69 @@ pub(super) struct Binding {
 
 pub(super) type Bound = Arc<Binding>;
 
-/// How far a statement goes when it is judged. A Parse only prepares it: an access that
-/// needs an approval is judged then for everything but the approval, which is asked for at
-/// each execution, over the statement and the parameter values that execution binds (an
-/// approval of the text alone would admit any value).
-#[derive(Clone, Copy)]
-pub(super) enum Phase<'a> {
-    Prepare,
-    Run {
-        /// The bound values as shown to approvers (none for a simple Query).
-        parameters: Option<&'a str>,
-        /// What the statement runs with, for a preview of its effect.
-        types: &'a [u32],
-        values: &'a [parameters::Value],
+/// What one request asks the guard, gathered while its messages are checked and asked in
+/// one call once they all are: each operation at its stage, and where it came from.
+#[derive(Default)]
+pub(super) struct Plan {
+    operations: Vec<(GuardRequest, Stage)>,
+    /// For each operation, the statement it is about (an index into `sources`).
+    origins: Vec<usize>,
+    sources: Vec<Source>,
+}
+
+/// A statement a refusal is about: what explains the refusal and previews its effect.
+enum Source {
+    /// A statement of a simple Query, run now.
+    Query {
+        text: String,
+        impure_functions: Vec<String>,
+    },
+    /// A statement of a Parse, prepared now.
+    Parse { impure_functions: Vec<String> },
+    /// A run of a prepared statement, with the values its Bind gave.
+    Execute {
+        prepared: Arc<Prepared>,
+        binding: Bound,
     },
 }
 
-impl Phase<'_> {
-    const SIMPLE: Phase<'static> = Phase::Run {
-        parameters: None,
-        types: &[],
-        values: &[],
-    };
+/// One statement of a Parse, kept until the batch shows whether it also runs there.
+struct ParsedStatement {
+    accesses: Vec<Access>,
+    text: String,
+    impure_functions: Vec<String>,
+}
+
+impl Plan {
+    /// Adds one operation per access of a statement. The approval digest covers what is
+    /// shown: a long statement is cut for the approver but carries the SHA-256 of all of
+    /// it, so statements sharing a prefix stay distinct.
+    fn ask(
+        &mut self,
+        proxy: &super::super::PgProxy,
+        accesses: &[Access],
+        sql: &str,
+        parameters: Option<&str>,
+        stage: Stage,
+        source: Source,
+    ) {
+        let origin = self.sources.len();
+        self.sources.push(source);
+        let mut attributes = vec![("sql".to_owned(), parameters::bounded(sql.to_owned()))];
+        if let Some(parameters) = parameters {
+            attributes.push(("parameters".into(), parameters.to_owned()));
+        }
+        for access in accesses {
+            let request = GuardRequest {
+                resource: super::super::resource::resource(&proxy.config.database, &access.object),
+                verb: access.verb,
+                environment: proxy.config.environment.clone(),
+                attributes: attributes.clone(),
+            };
+            self.operations.push((request, stage));
+            self.origins.push(origin);
+        }
+    }
 }
 
 /// A name that may hold anything: its use is a deny.
@@ -114,7 +160,6 @@ fn changes_of(statement: &Statement) -> Vec<Change> {
                 transaction: None,
                 changes: Vec::new(),
                 param_types: Vec::new(),
-                deferred: false,
             }),
         )],
         Some(NameChange::Deallocate(name)) => vec![Change::Drop(name.clone())],
@@ -135,8 +180,12 @@ fn failure_changes(changes: &[Change]) -> Vec<Change> {
 
 impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
     /// Classifies a simple Query string and asks the guard about every access of every
-    /// statement in it.
-    pub(super) async fn check(&mut self, sql: &str) -> Result<Checked, Denial> {
+    /// statement in it, in one call that wraps the Query message itself.
+    pub(super) async fn check(
+        &mut self,
+        sql: &str,
+        frame: BytesMut,
+    ) -> Result<(Checked, Authorized<BytesMut>), Denial> {
         let statements = self.classify(sql).await?;
         let control = statements.iter().any(|s| s.transaction.is_some());
         let mut checked = Checked {
@@ -145,11 +194,10 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
             ends: None,
             steps: Vec::new(),
         };
+        let mut plan = Plan::default();
         let mut overlay = Vec::new();
         for statement in statements {
-            let (accesses, changes, _) = self
-                .check_statement(&statement, control, &overlay, Phase::SIMPLE)
-                .await?;
+            let (accesses, changes) = self.check_statement(&statement, &overlay)?;
             checked.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             if matches!(
                 statement.transaction,
@@ -163,37 +211,49 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
                 err: failure_changes(&changes),
                 ok: changes,
             });
+            let source = Source::Query {
+                text: statement.text.clone(),
+                impure_functions: statement.impure_functions,
+            };
+            plan.ask(
+                &self.proxy,
+                &accesses,
+                &statement.text,
+                None,
+                Stage::Run,
+                source,
+            );
         }
-        Ok(checked)
+        if checked.writes && self.row_budget.is_some() && checked.statements > 1 {
+            return Err(Denial {
+                sqlstate: "42501",
+                message: "capgate: a multi-statement write cannot run under a row budget; send one statement at a time".into(),
+            });
+        }
+        let authorized = self.authorize_plan(plan, control, frame).await?;
+        Ok((checked, authorized))
     }
 
-    /// Authorizes what one classified statement touches, its own accesses and those of what
-    /// it executes; returns them with the name changes it makes, and whether an approval
-    /// waits for its execution.
-    async fn check_statement(
-        &mut self,
+    /// What one classified statement touches, its own accesses and those of what it
+    /// executes, with the name changes it makes.
+    fn check_statement(
+        &self,
         statement: &Statement,
-        control: bool,
         overlay: &[Change],
-        phase: Phase<'_>,
-    ) -> Result<(Vec<Access>, Vec<Change>, bool), Denial> {
+    ) -> Result<(Vec<Access>, Vec<Change>), Denial> {
         let mut accesses = statement.accesses.clone();
         for name in &statement.executes {
             self.resolve(name, overlay, statement.plans_only, 0, &mut accesses)?;
         }
         accesses.sort();
         accesses.dedup();
-        let deferred = self
-            .authorize_all(&accesses, &statement.text, control, phase)
-            .await
-            .map_err(|denial| explained(denial, statement))?;
         if let Some(NameChange::Prepare(name)) = &statement.names {
             // PostgreSQL refuses a name in use; so does the proxy, and for a name in doubt.
             if self.candidates(name, overlay).iter().any(Option::is_some) {
                 return Err(exists(name));
             }
         }
-        Ok((accesses, changes_of(statement), deferred))
+        Ok((accesses, changes_of(statement)))
     }
 
     fn candidates(&self, name: &str, overlay: &[Change]) -> Vec<Option<Entry>> {
@@ -267,14 +327,14 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
         Ok(statements)
     }
 
-    /// Classifies one Parse and authorizes what it touches (approvals wait for executions).
+    /// Classifies one Parse; what it touches is asked about when the batch is (see
+    /// [`Session::check_batch`]).
     async fn parse(
         &mut self,
         sql: &str,
         param_types: Vec<u32>,
-        control: bool,
         overlay: &[Change],
-    ) -> Result<Prepared, Denial> {
+    ) -> Result<(Prepared, Vec<ParsedStatement>), Denial> {
         let statements = self.classify(sql).await?;
         let mut parsed = Prepared {
             text: sql.to_owned(),
@@ -285,39 +345,47 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
             transaction: None,
             changes: Vec::new(),
             param_types,
-            deferred: false,
         };
+        let mut asks = Vec::with_capacity(statements.len());
         for statement in statements {
-            let (accesses, changes, deferred) = self
-                .check_statement(&statement, control, overlay, Phase::Prepare)
-                .await?;
-            parsed.deferred |= deferred;
+            let (accesses, changes) = self.check_statement(&statement, overlay)?;
             parsed.writes |= accesses.iter().any(|a| a.verb != Verb::Read);
             parsed.transaction = parsed.transaction.or(statement.transaction);
             parsed.accesses.extend(statement.accesses.iter().cloned());
             parsed.executes.extend(statement.executes.iter().cloned());
             parsed.plans_only |= statement.plans_only;
             parsed.changes.extend(changes);
+            asks.push(ParsedStatement {
+                accesses,
+                text: statement.text,
+                impure_functions: statement.impure_functions,
+            });
         }
-        Ok(parsed)
+        Ok((parsed, asks))
     }
 
-    /// Checks an extended-protocol batch: every Parse is classified and authorized, every
-    /// Execute of a statement parsed earlier is authorized again (the token may have been
-    /// revoked, a freeze begun, a limit reached since) against every statement its portal
-    /// may run. Returns how the batch ends a transaction, and what to apply and expect once
-    /// it is forwarded.
+    /// Checks an extended-protocol batch and asks the guard about all of it in one call,
+    /// which wraps the batch's bytes (its messages, then `terminator`, the Sync or Flush
+    /// that ends it). Every Execute is asked about at [`Stage::Run`] with the values its
+    /// portal binds, against every statement the portal may run: a statement parsed earlier
+    /// is judged again (the token may have been revoked, a freeze begun, a limit reached
+    /// since). A Parse that no Execute of the batch runs is asked about at
+    /// [`Stage::Prepare`]: an approval it needs waits for each run's values. Returns how the
+    /// batch ends a transaction, and what to apply and expect once it is forwarded.
     pub(super) async fn check_batch(
         &mut self,
-        batch: &[BytesMut],
-    ) -> Result<(Option<Transaction>, Staged), Denial> {
+        batch: Vec<BytesMut>,
+        terminator: &[u8],
+    ) -> Result<(Option<Transaction>, Staged, Authorized<Vec<u8>>), Denial> {
         let mut staged = Staged::default();
-        let mut fresh: Vec<Arc<Prepared>> = Vec::new();
+        let mut plan = Plan::default();
+        // Parsed here: the statement, what each of its statements touches, whether it ran.
+        let mut fresh: Vec<(Arc<Prepared>, Vec<ParsedStatement>, bool)> = Vec::new();
         let mut bound_here: Vec<String> = Vec::new();
         let mut ends = None;
-        let control = self.batch_has_control(batch);
+        let control = self.batch_has_control(&batch);
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
-        for frame in batch {
+        for frame in &batch {
             let body = frame.get(5..).unwrap_or_default();
             match frame.first() {
                 Some(b'P') => {
@@ -330,7 +398,7 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
                     {
                         return Err(exists(name));
                     }
-                    let parsed = self.parse(sql, types, control, overlay).await?;
+                    let (parsed, statements) = self.parse(sql, types, overlay).await?;
                     if parsed.writes && self.row_budget.is_some() {
                         return Err(Denial {
                             sqlstate: "42501",
@@ -338,7 +406,7 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
                         });
                     }
                     let parsed = Arc::new(parsed);
-                    fresh.push(parsed.clone());
+                    fresh.push((parsed.clone(), statements, false));
                     let created = Change::Create(name.to_owned(), parsed);
                     staged.overlay.push(created.clone());
                     // A failed Parse of the unnamed statement has dropped the old one, or
@@ -385,31 +453,36 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
                             message: format!("capgate: portal {portal:?} was not bound in this batch or transaction"),
                         })?;
                     for parsed in bound.statements.iter() {
-                        // Parsed in this batch: authorized moments ago, once is enough,
-                        // unless an approval waits for the values this execution binds.
-                        if parsed.deferred || !fresh.iter().any(|p| Arc::ptr_eq(p, parsed)) {
-                            let mut accesses = parsed.accesses.clone();
-                            for name in &parsed.executes {
-                                self.resolve(
-                                    name,
-                                    &staged.overlay,
-                                    parsed.plans_only,
-                                    0,
-                                    &mut accesses,
-                                )?;
+                        for (candidate, _, ran) in fresh.iter_mut() {
+                            if Arc::ptr_eq(candidate, parsed) {
+                                *ran = true;
                             }
-                            accesses.sort();
-                            accesses.dedup();
-                            let shown = parameters::render(&bound.values, &parsed.param_types);
-                            let parameters = (!shown.is_empty()).then_some(shown.as_str());
-                            let phase = Phase::Run {
-                                parameters,
-                                types: &parsed.param_types,
-                                values: &bound.values,
-                            };
-                            self.authorize_all(&accesses, &parsed.text, control, phase)
-                                .await?;
                         }
+                        let mut accesses = parsed.accesses.clone();
+                        for name in &parsed.executes {
+                            self.resolve(
+                                name,
+                                &staged.overlay,
+                                parsed.plans_only,
+                                0,
+                                &mut accesses,
+                            )?;
+                        }
+                        accesses.sort();
+                        accesses.dedup();
+                        let shown = parameters::render(&bound.values, &parsed.param_types);
+                        let source = Source::Execute {
+                            prepared: parsed.clone(),
+                            binding: bound.clone(),
+                        };
+                        plan.ask(
+                            &self.proxy,
+                            &accesses,
+                            &parsed.text,
+                            (!shown.is_empty()).then_some(shown.as_str()),
+                            Stage::Run,
+                            source,
+                        );
                         if parsed.transaction.is_some() {
                             ends = parsed.transaction;
                         }
@@ -446,7 +519,26 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
                 _ => {}
             }
         }
-        Ok((ends, staged))
+        for (_, statements, ran) in fresh {
+            if ran {
+                continue; // its runs were asked about, with their values
+            }
+            for statement in statements {
+                let source = Source::Parse {
+                    impure_functions: statement.impure_functions,
+                };
+                let (accesses, text) = (statement.accesses, statement.text);
+                plan.ask(&self.proxy, &accesses, &text, None, Stage::Prepare, source);
+            }
+        }
+        let length = batch.iter().map(|f| f.len()).sum::<usize>() + terminator.len();
+        let mut bytes = Vec::with_capacity(length);
+        for held in &batch {
+            bytes.extend_from_slice(held);
+        }
+        bytes.extend_from_slice(terminator);
+        let authorized = self.authorize_plan(plan, control, bytes).await?;
+        Ok((ends, staged, authorized))
     }
 
     /// Whether any statement of the batch controls transactions, judged on what is known
@@ -494,25 +586,31 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
         }
     }
 
-    /// Asks the guard about each access; a statement that touches nothing still needs a
-    /// valid token. `control`: the request also controls transactions, so no write in it
-    /// may have its audit record deferred to a commit. Returns whether an approval was left
-    /// for the execution (only when preparing).
-    pub(super) async fn authorize_all(
+    /// Asks the guard about every operation of `plan` in one call that wraps `payload`; a
+    /// request that touches nothing still needs a valid token. `control`: the request also
+    /// controls transactions, so no write in it may have its audit record held for a commit.
+    pub(super) async fn authorize_plan<P>(
         &self,
-        accesses: &[Access],
-        sql: &str,
+        plan: Plan,
         control: bool,
-        phase: Phase<'_>,
-    ) -> Result<bool, Denial> {
-        if accesses.is_empty() {
-            self.proxy
-                .guard
-                .verify_token(&self.token)
-                .map_err(|(code, reason)| Denial {
-                    sqlstate: "42501",
-                    message: format!("capgate denied: {} ({reason})", code.as_str()),
-                })?;
+        payload: P,
+    ) -> Result<Authorized<P>, Denial> {
+        let guard = &self.proxy.guard;
+        if plan.operations.is_empty() {
+            return guard
+                .authorize_token(&self.token, payload)
+                .map_err(|decision| {
+                    let message = match &decision.outcome {
+                        Outcome::Deny { code, reason } => {
+                            format!("capgate denied: {} ({reason})", code.as_str())
+                        }
+                        _ => format!("capgate denied (decision {})", decision.id),
+                    };
+                    Denial {
+                        sqlstate: "42501",
+                        message,
+                    }
+                });
         }
         // A write inside an open transaction block becomes durable only at COMMIT, so its
         // audit record need only be stored by then; the COMMIT is held until it is. Only
@@ -520,80 +618,48 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send> Session<'_, W> {
         let in_block = !control
             && self.shared.status.load(Ordering::SeqCst) == b'T'
             && self.shared.in_flight.load(Ordering::SeqCst) == 0;
-        let mut deferred = false;
-        for access in accesses {
-            let defer = in_block && access.verb == Verb::Write;
-            deferred |= self.authorize(access, sql, defer, phase).await?;
-        }
-        Ok(deferred)
-    }
-
-    /// One access; `Ok(true)`: prepared, its approval left for each execution.
-    async fn authorize(
-        &self,
-        access: &Access,
-        sql: &str,
-        defer: bool,
-        phase: Phase<'_>,
-    ) -> Result<bool, Denial> {
-        let resource =
-            super::super::resource::resource(&self.proxy.config.database, &access.object);
-        // The approval digest covers what is shown: a long statement is cut for the approver
-        // but carries the SHA-256 of all of it, so statements sharing a prefix stay distinct.
-        let mut attributes = vec![(
-            "sql".into(),
-            super::super::parameters::bounded(sql.to_owned()),
-        )];
-        if let Phase::Run {
-            parameters: Some(parameters),
-            ..
-        } = phase
-        {
-            attributes.push(("parameters".into(), parameters.to_owned()));
-        }
-        let request = GuardRequest {
-            resource,
-            verb: access.verb,
-            environment: self.proxy.config.environment.clone(),
-            attributes,
-        };
-        let guard = &self.proxy.guard;
-        if matches!(phase, Phase::Prepare) && guard.containment().needs_approval(access.verb) {
-            // Judged without consuming or requesting an approval: one presented now (for
-            // the text alone) must not be spent on a Parse, and one asked for now could
-            // not name the values.
-            let decision = guard.decide(&self.token, &request);
-            return match decision.outcome {
-                Outcome::Allow | Outcome::ApprovalRequired { .. } => Ok(true),
-                Outcome::Deny { .. } => Err(denial_of(&decision, &request)),
-            };
-        }
-        let deferring = Deferring {
+        let ledger = Deferring {
             inner: self.proxy.ledger.as_ref(),
             deferred: &self.deferred,
-        };
-        let ledger: &dyn Ledger = if defer {
-            &deferring
-        } else {
-            self.proxy.ledger.as_ref()
+            hold_writes: in_block,
         };
         match guard
-            .authorize_with(&self.token, &request, (), ledger)
+            .authorize_staged(&self.token, &plan.operations, payload, &ledger)
             .await
         {
-            Ok(_) => Ok(false),
-            Err(decision) => {
-                if let (
-                    Outcome::ApprovalRequired {
-                        approval_id: Some(id),
-                        ..
-                    },
-                    Phase::Run { types, values, .. },
-                ) = (&decision.outcome, phase)
+            Ok(authorized) => Ok(authorized),
+            Err(Refusal { decision, index }) => {
+                let source = plan
+                    .origins
+                    .get(index)
+                    .and_then(|origin| plan.sources.get(*origin));
+                let Some(((request, _), source)) = plan.operations.get(index).zip(source) else {
+                    return Err(Denial {
+                        sqlstate: "42501",
+                        message: format!("capgate denied (decision {})", decision.id),
+                    });
+                };
+                if let Outcome::ApprovalRequired {
+                    approval_id: Some(id),
+                    ..
+                } = &decision.outcome
                 {
-                    self.preview(id, sql, types, values);
+                    match source {
+                        Source::Query { text, .. } => self.preview(id, text, &[], &[]),
+                        Source::Execute { prepared, binding } => {
+                            self.preview(id, &prepared.text, &prepared.param_types, &binding.values)
+                        }
+                        Source::Parse { .. } => {}
+                    }
                 }
-                Err(denial_of(&decision, &request))
+                let denial = denial_of(&decision, request);
+                Err(match source {
+                    Source::Query {
+                        impure_functions, ..
+                    }
+                    | Source::Parse { impure_functions } => explained(denial, impure_functions),
+                    Source::Execute { .. } => denial,
+                })
             }
         }
     }
@@ -675,21 +741,23 @@ fn looks_like_transaction_control(sql: &str) -> bool {
 }
 
 /// A denial that names the functions which made the statement a write, when there are any.
-fn explained(mut denial: Denial, statement: &Statement) -> Denial {
-    if !statement.impure_functions.is_empty() {
+fn explained(mut denial: Denial, impure_functions: &[String]) -> Denial {
+    if !impure_functions.is_empty() {
         denial.message.push_str(&format!(
             "; the statement is a write on the database because it calls {}, not known to be free of side effects",
-            statement.impure_functions.join(", ")
+            impure_functions.join(", ")
         ));
     }
     denial
 }
 
-/// The session's ledger while a write's audit record waits for its transaction's COMMIT;
-/// everything else goes straight to the adapter's ledger.
+/// The session's ledger for one request: with `hold_writes` (the request runs inside an open
+/// transaction block), the audit records of its writes wait for the block's COMMIT; every
+/// other record, and everything else, goes straight to the adapter's ledger.
 struct Deferring<'a> {
     inner: &'a dyn Ledger,
     deferred: &'a std::sync::Mutex<Vec<AuditEvent>>,
+    hold_writes: bool,
 }
 
 #[async_trait::async_trait]
@@ -722,8 +790,11 @@ impl Ledger for Deferring<'_> {
     }
 
     async fn audit(&self, event: AuditEvent) -> Result<(), LedgerDenial> {
-        lock(self.deferred).push(event);
-        Ok(())
+        if self.hold_writes && decision_verb(&event) == Some(Verb::Write) {
+            lock(self.deferred).push(event);
+            return Ok(());
+        }
+        self.inner.audit(event).await
     }
 
     fn record_later(&self, event: AuditEvent) {

@@ -17,8 +17,9 @@ use capgate_test_support::{Issuer, NoBroker};
 
 const MAX: usize = 1 << 20;
 
-/// A proxy for database `staging` and a token that may read it (and nothing else).
-fn proxy_and_read_token() -> (Arc<PgProxy>, String) {
+/// A proxy for database `staging` and a token that may read it (and nothing else); a forged
+/// one (signed by another key under the same key id) when `forged`.
+fn proxy_and_read_token(forged: bool) -> (Arc<PgProxy>, String) {
     let issuer = Issuer::new();
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/adapters");
     let config: PgProxyConfig = toml::from_str(&format!(
@@ -36,7 +37,8 @@ fn proxy_and_read_token() -> (Arc<PgProxy>, String) {
         Arc::new(NoBroker),
     )
     .expect("proxy");
-    let token = issuer.token("unit-bot", "staging", &[("pg://staging/", Verb::Read)]);
+    let signer = if forged { Issuer::new() } else { issuer };
+    let token = signer.token("unit-bot", "staging", &[("pg://staging/", Verb::Read)]);
     (Arc::new(proxy), token)
 }
 
@@ -68,7 +70,11 @@ struct Harness {
 
 impl Harness {
     fn start() -> Harness {
-        let (proxy, token) = proxy_and_read_token();
+        Harness::start_as(false)
+    }
+
+    fn start_as(forged: bool) -> Harness {
+        let (proxy, token) = proxy_and_read_token(forged);
         let (client_end, proxy_client) = duplex(MAX);
         let (proxy_upstream, upstream_end) = duplex(MAX);
         let upstream_saw = Arc::new(Mutex::new(Vec::new()));
@@ -142,6 +148,10 @@ fn bind() -> Vec<u8> {
 
 fn execute() -> Vec<u8> {
     encode(b'E', b"\0\0\0\0\0")
+}
+
+fn describe_unnamed_statement() -> Vec<u8> {
+    encode(b'D', b"S\0")
 }
 
 fn sync() -> Vec<u8> {
@@ -230,4 +240,23 @@ async fn a_statement_that_does_not_parse_is_denied_not_forwarded() {
     assert_eq!(code, "42501");
     assert!(text.contains("statement not classified"), "{text}");
     assert!(h.upstream_tags().is_empty());
+}
+
+#[tokio::test]
+async fn a_request_that_touches_nothing_still_needs_a_valid_token() {
+    let mut h = Harness::start_as(true);
+    h.send(&[describe_unnamed_statement(), sync()]).await;
+    let answer = h.until_ready().await;
+    assert_eq!(tags(&answer), b"EZ");
+    let (code, text) = error_fields(&answer[0]);
+    assert_eq!(code, "42501");
+    assert!(text.contains("token_bad_signature"), "{text}");
+    h.send(&[query("SELECT 1")]).await;
+    let answer = h.until_ready().await;
+    assert!(error_fields(&answer[0]).1.contains("token_bad_signature"));
+    assert!(h.upstream_tags().is_empty(), "nothing went upstream");
+    // A Sync alone asks for nothing: the proxy's own Sync goes upstream and answers it.
+    h.send(&[sync()]).await;
+    assert_eq!(tags(&h.until_ready().await), b"Z");
+    assert_eq!(h.upstream_tags(), b"S");
 }
