@@ -12,7 +12,11 @@ use axum::{Extension, Router};
 use capgate::adapters::tower::{GuardLayer, GuardedRequest};
 use capgate::adapters::Mode;
 use capgate::config::RunLimits;
-use capgate::guard::{Guard, GuardConfig, Request as GuardRequest};
+use capgate::containment::audit::AuditEvent;
+use capgate::containment::{ContainmentConfig, ContainmentDocument, Operation};
+use capgate::guard::{
+    ContainmentView, Guard, GuardConfig, Ledger, LedgerCode, LedgerDenial, Request as GuardRequest,
+};
 use capgate::policy::PolicySet;
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
@@ -87,6 +91,10 @@ fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
 }
 
 fn app(guard: Arc<Guard>, mode: Mode) -> Router {
+    app_with(guard, mode, None)
+}
+
+fn app_with(guard: Arc<Guard>, mode: Mode, ledger: Option<Arc<dyn Ledger>>) -> Router {
     let mapper = |parts: &axum::http::request::Parts| {
         let id = parts.uri.path().strip_prefix("/items/")?;
         let verb = match parts.method.as_str() {
@@ -118,7 +126,12 @@ fn app(guard: Arc<Guard>, mode: Mode) -> Router {
             )
             .delete(|| async { "deleted" }),
         )
-        .layer(GuardLayer::new(guard, mapper).with_mode(mode))
+        .layer(match ledger {
+            Some(ledger) => GuardLayer::new(guard, mapper)
+                .with_mode(mode)
+                .with_ledger(ledger),
+            None => GuardLayer::new(guard, mapper).with_mode(mode),
+        })
 }
 
 async fn send(
@@ -127,12 +140,22 @@ async fn send(
     uri: &str,
     token: Option<&str>,
 ) -> (StatusCode, String) {
+    send_body(router, method, uri, token, "").await
+}
+
+async fn send_body(
+    router: &mut Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: &'static str,
+) -> (StatusCode, String) {
     let mut request = Request::builder().method(method).uri(uri);
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
     let response = router
-        .call(request.body(Body::empty()).expect("request"))
+        .call(request.body(Body::from(body)).expect("request"))
         .await
         .expect("infallible");
     let status = response.status();
@@ -385,4 +408,121 @@ async fn the_layer_refuses_routing_instructions_and_misplaced_tokens() {
     // The same request without the extras is served.
     let (status, body) = send(&mut router, "GET", "/items/1?verbose=1", Some(&token)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The mapper reads the one canonical path the guard judges, as at the proxy: a dot segment
+/// or an encoded slash is refused before any mapping, so a mapper that reads a prefix cannot
+/// be walked out of it; a path in any other spelling than its canonical one is refused too
+/// (the router in front of the layer has routed on the raw path already).
+#[tokio::test]
+async fn the_layer_judges_one_canonical_path() {
+    let fixture = fixture();
+    let mut router = app(fixture.guard.clone(), Mode::Enforce);
+    let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
+    for target in [
+        "/items/../admin",
+        "/items/%2e%2e/admin",
+        "/items/1%2Fsecret",
+        "//items//42",
+        "/items/%34%32",
+    ] {
+        let (status, body) = send(&mut router, "GET", target, Some(&token)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{target}: {body}");
+        assert!(
+            body.contains("\"code\":\"path_rejected\""),
+            "{target}: {body}"
+        );
+    }
+    let (status, body) = send(&mut router, "GET", "/items/42?x=1", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("item 42 decision "), "{body}");
+}
+
+/// Keeps the operations approvals were asked for.
+#[derive(Default)]
+struct AskingLedger {
+    asked: std::sync::Mutex<Vec<Operation>>,
+}
+
+#[async_trait::async_trait]
+impl Ledger for AskingLedger {
+    async fn request_approval(
+        &self,
+        _: &str,
+        operation: &Operation,
+    ) -> Result<String, LedgerDenial> {
+        self.asked.lock().expect("lock").push(operation.clone());
+        Ok("approval-1".into())
+    }
+    async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
+        Err(LedgerDenial {
+            code: LedgerCode::ApprovalNotFound,
+            reason: "no approvals in this test".into(),
+        })
+    }
+    async fn count(&self, _: &str, _: Verb) -> Result<(), LedgerDenial> {
+        Ok(())
+    }
+    async fn audit(&self, _: AuditEvent) -> Result<(), LedgerDenial> {
+        Ok(())
+    }
+}
+
+/// An approval asked through the layer is bound to the request's body, as at the proxy: the
+/// operation an operator sees carries the body's SHA-256, so an approval of one body cannot
+/// be spent on another.
+#[tokio::test]
+async fn an_approval_asked_through_the_layer_binds_the_body() {
+    let fixture = fixture();
+    let approvals = biscuit_auth::KeyPair::new();
+    let view = Arc::new(ContainmentView::new());
+    view.set_document(ContainmentDocument::new(
+        &ContainmentConfig::default(),
+        &approvals.public(),
+    ))
+    .expect("containment");
+    let guard = Guard::new(
+        GuardConfig {
+            adapter: "items-app".into(),
+            max_token_bytes: 16 * 1024,
+            max_staleness: Duration::from_secs(3600 * 2),
+            limits: RunLimits::default(),
+            cache_capacity: 100,
+        },
+        Arc::new(RwLock::new(Arc::new(
+            fixture.keyring.public_keys().expect("public"),
+        ))),
+        fixture.revocations.clone(),
+        PolicySet::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
+        )
+        .expect("policy"),
+    )
+    .with_containment(view);
+    let ledger = Arc::new(AskingLedger::default());
+    let mut router = app_with(Arc::new(guard), Mode::Enforce, Some(ledger.clone()));
+    let token = token(
+        &fixture,
+        &[("http://app/items/", Verb::Delete)],
+        &random_id(),
+    );
+    let (status, body) = send_body(
+        &mut router,
+        "DELETE",
+        "/items/1",
+        Some(&token),
+        "{\"cascade\":true}",
+    )
+    .await;
+    assert_ne!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("approval"), "{body}");
+    let asked = ledger.asked.lock().expect("lock").clone();
+    assert_eq!(asked.len(), 1, "one approval asked");
+    // sha256 of `{"cascade":true}`
+    assert_eq!(
+        asked[0].detail.get("body_sha256").map(String::as_str),
+        Some("371d3d17e553de53d34616e5f8eb8642601e17774c704489fe23b5c6ff50c32a"),
+        "{:?}",
+        asked[0].detail
+    );
 }

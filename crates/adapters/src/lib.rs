@@ -18,7 +18,9 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use capgate_core::guard::{Decision, DenyCode, Outcome};
+use capgate_core::guard::{
+    Authorized, Decision, DenyCode, Guard, Ledger, Outcome, Request as GuardRequest,
+};
 
 /// The header an agent may use instead of `Authorization: Bearer`.
 pub const TOKEN_HEADER: &str = "capgate-token";
@@ -74,6 +76,30 @@ pub fn extract_token(headers: &HeaderMap) -> TokenHeader {
         0 => TokenHeader::Missing,
         1 => TokenHeader::Present(tokens.remove(0)),
         _ => TokenHeader::Conflicting,
+    }
+}
+
+/// The one place an adapter's mode picks how the guard is asked about one operation: in
+/// enforce mode a deny is final (and without a ledger, an allow that still has obligations
+/// is a deny); in shadow mode the request goes through with the deny it would have had.
+pub async fn authorize<T>(
+    guard: &Guard,
+    mode: Mode,
+    ledger: Option<&dyn Ledger>,
+    token: &str,
+    request: &GuardRequest,
+    payload: T,
+) -> Result<Authorized<T>, Box<Decision>> {
+    match (mode, ledger) {
+        (Mode::Enforce, Some(ledger)) => {
+            guard.authorize_with(token, request, payload, ledger).await
+        }
+        (Mode::Enforce, None) => guard.authorize(token, request, payload),
+        (Mode::Shadow, ledger) => {
+            guard
+                .authorize_shadow(token, request, payload, ledger)
+                .await
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! `capgate::adapters::tower`: the guard as a tower `Layer`, for existing axum/hyper services.
 //! A mapper turns each request into (resource, verb, attributes); requests it cannot map are
-//! denied. Requests carrying routing instructions, method overrides or the token outside its
-//! header are refused first, as at the proxy ([`super::screen`]). On allow the token is
-//! stripped and the decision is put into the request's extensions as [`GuardedRequest`] for
-//! handlers that want the agent's name.
+//! denied. The layer screens a request exactly as the proxy does ([`super::screen`]): routing
+//! instructions, method overrides and a misplaced token are refused first; the target is made
+//! canonical before the mapper sees it (a dot segment or an encoded slash is refused, so the
+//! mapper and the service agree on the path); the body of an operation that needs an approval
+//! is bound into it by digest. On allow the token is stripped and the decision is put into
+//! the request's extensions as [`GuardedRequest`] for handlers that want the agent's name.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -113,15 +115,6 @@ where
         Box::pin(async move {
             let mode = layer.mode;
             let (mut parts, body) = request.into_parts();
-            let Some(guard_request) = (layer.mapper)(&parts) else {
-                return Ok(problem(
-                    StatusCode::FORBIDDEN,
-                    "no_route",
-                    "no mapping allows this request",
-                    None,
-                    mode,
-                ));
-            };
             let token = match extract_token(&parts.headers) {
                 TokenHeader::Present(token) => token,
                 TokenHeader::Missing => String::new(),
@@ -140,6 +133,29 @@ where
             {
                 return Ok(refusal.response(mode));
             }
+            // The mapper and the service behind the layer must read one path, the one the
+            // guard judges: the layer may sit behind a router that has already routed on the
+            // raw target, so a target not already canonical is refused, not rewritten.
+            if let Err(refusal) = canonical_target(&parts) {
+                return Ok(refusal.response(mode));
+            }
+            let Some(mut guard_request) = (layer.mapper)(&parts) else {
+                return Ok(problem(
+                    StatusCode::FORBIDDEN,
+                    "no_route",
+                    "no mapping allows this request",
+                    None,
+                    mode,
+                ));
+            };
+            let needs_approval = layer.guard.containment().needs_approval(guard_request.verb);
+            let body = match screen::bind_body(body, needs_approval).await {
+                Ok((body, digest)) => {
+                    guard_request.attributes.extend(digest);
+                    body
+                }
+                Err(refusal) => return Ok(refusal.response(mode)),
+            };
             let body = match screen::screen_body(
                 &parts.method,
                 &mut parts.headers,
@@ -153,23 +169,9 @@ where
             };
             strip_token_headers(&mut parts.headers);
             let request = Request::from_parts(parts, body);
-            let authorized = match mode {
-                Mode::Enforce => match &layer.ledger {
-                    Some(ledger) => {
-                        layer
-                            .guard
-                            .authorize_with(&token, &guard_request, request, ledger.as_ref())
-                            .await
-                    }
-                    None => layer.guard.authorize(&token, &guard_request, request),
-                },
-                Mode::Shadow => {
-                    layer
-                        .guard
-                        .authorize_shadow(&token, &guard_request, request, layer.ledger.as_deref())
-                        .await
-                }
-            };
+            let ledger = layer.ledger.as_deref();
+            let authorized =
+                crate::authorize(&layer.guard, mode, ledger, &token, &guard_request, request).await;
             match authorized {
                 Ok(authorized) => {
                     let guarded = GuardedRequest {
@@ -184,4 +186,16 @@ where
             }
         })
     }
+}
+
+/// Accepts only an origin-form target whose path is already canonical.
+fn canonical_target(parts: &Parts) -> Result<(), screen::Refusal> {
+    let canonical = screen::request_target(&parts.uri)?;
+    if canonical.encoded != parts.uri.path() {
+        return Err(screen::Refusal::NotCanonical {
+            given: parts.uri.path().to_owned(),
+            canonical: canonical.encoded,
+        });
+    }
+    Ok(())
 }

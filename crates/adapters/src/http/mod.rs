@@ -3,7 +3,6 @@
 //! agent's token, given the real upstream credential, and streamed through.
 
 mod graphql;
-pub mod path;
 pub mod routes;
 #[cfg(test)]
 mod tests;
@@ -22,8 +21,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
-use sha2::Digest;
 
+/// Kept under its old name: the canonicaliser is the screen's, shared with the tower layer.
+pub use super::screen::path;
 use super::screen::{self, headers, RoutingHeaders, TokenSpellings, Tripwire};
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
 use super::{DECISION_HEADER, MODE_HEADER};
@@ -201,9 +201,6 @@ pub struct Proxy {
     graphql: Vec<Endpoint>,
 }
 
-/// Largest body hashed into an approval digest.
-const MAX_APPROVAL_BODY: usize = 1 << 20;
-
 /// Hop-by-hop and forwarding headers never passed through (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 12] = [
     "connection",
@@ -333,14 +330,10 @@ fn load_credential(config: &UpstreamConfig) -> Result<(HeaderName, HeaderValue),
 async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     let mode = proxy.config.mode;
     let reject = |status, code: &str, detail: &str| problem(status, code, detail, None, mode);
-    // Absolute-form targets and authority-form would let the client pick what "path" means.
-    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "absolute_form_rejected",
-            "use an origin-form request target",
-        );
-    }
+    let canonical = match screen::request_target(request.uri()) {
+        Ok(canonical) => canonical,
+        Err(refusal) => return refusal.response(mode),
+    };
     let (mut parts, body) = request.into_parts();
     let token = match extract_token(&parts.headers) {
         TokenHeader::Present(token) => token,
@@ -364,10 +357,6 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         return refusal.response(mode);
     }
     let query = parts.uri.query().map(str::to_owned);
-    let canonical = match path::canonicalize(parts.uri.path()) {
-        Ok(canonical) => canonical,
-        Err(e) => return reject(StatusCode::BAD_REQUEST, "path_rejected", &e.to_string()),
-    };
     if let Some(endpoint) = proxy.graphql.iter().find(|e| e.path == canonical.encoded) {
         return graphql::handle(
             &proxy,
@@ -397,24 +386,15 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     if let Some(query) = &query {
         attributes.push(("query".into(), query.clone()));
     }
-    // An approval is bound to the exact operation, body included: buffer (bounded) and hash
-    // it for verbs that need one. Every body is screened (method overrides, the token); what
-    // is not buffered streams.
-    let body = if proxy.guard.containment().needs_approval(route.verb) {
-        let Ok(bytes) = axum::body::to_bytes(body, MAX_APPROVAL_BODY).await else {
-            return reject(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "bodies of operations that need approval are limited to 1 MiB",
-            );
-        };
-        attributes.push((
-            "body_sha256".into(),
-            hex::encode(sha2::Sha256::digest(&bytes)),
-        ));
-        Body::from(bytes)
-    } else {
-        body
+    // Every body is screened (method overrides, the token); what is not bound into an
+    // approval streams.
+    let needs_approval = proxy.guard.containment().needs_approval(route.verb);
+    let body = match screen::bind_body(body, needs_approval).await {
+        Ok((body, digest)) => {
+            attributes.extend(digest);
+            body
+        }
+        Err(refusal) => return refusal.response(mode),
     };
     let screened = match screen::screen_body(
         &parts.method,
@@ -439,30 +419,10 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         query,
         tripwire: screened.tripwire,
     };
-    let authorized = match mode {
-        Mode::Enforce => {
-            proxy
-                .guard
-                .authorize_with(
-                    &token,
-                    &guard_request,
-                    (request, target),
-                    proxy.ledger.as_ref(),
-                )
-                .await
-        }
-        Mode::Shadow => {
-            proxy
-                .guard
-                .authorize_shadow(
-                    &token,
-                    &guard_request,
-                    (request, target),
-                    Some(proxy.ledger.as_ref()),
-                )
-                .await
-        }
-    };
+    let ledger = Some(proxy.ledger.as_ref());
+    let payload = (request, target);
+    let authorized =
+        super::authorize(&proxy.guard, mode, ledger, &token, &guard_request, payload).await;
     match authorized {
         Ok(authorized) => forward(&proxy, authorized, mode).await,
         Err(decision) => deny_response(&decision, mode),

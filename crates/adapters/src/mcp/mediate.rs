@@ -28,7 +28,7 @@ use super::refusal::{Code, Refusal};
 use super::upstream::Upstream;
 use super::{Gateway, ServerMaps};
 use crate::screen::TokenSpellings;
-use crate::{extract_token, Mode, TokenHeader};
+use crate::{extract_token, TokenHeader};
 use capgate_core::guard::containment::operation;
 use capgate_core::guard::{Authorized, Decision, Outcome, Request as GuardRequest};
 use capgate_core::scope::{ResourcePattern, Verb};
@@ -523,18 +523,14 @@ pub(super) async fn authorize_operation<T>(
     request: &GuardRequest,
     payload: T,
 ) -> Result<Authorized<T>, Box<Decision>> {
-    match gateway.config.mode {
-        Mode::Enforce => {
-            gateway
-                .guard
-                .authorize_with(token, request, payload, gateway.ledger.as_ref())
-                .await
-        }
-        Mode::Shadow => {
-            gateway
-                .guard
-                .authorize_shadow(token, request, payload, Some(gateway.ledger.as_ref()))
-                .await
-        }
-    }
+    let ledger = Some(gateway.ledger.as_ref());
+    crate::authorize(
+        &gateway.guard,
+        gateway.config.mode,
+        ledger,
+        token,
+        request,
+        payload,
+    )
+    .await
 }
