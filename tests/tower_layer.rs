@@ -526,3 +526,54 @@ async fn an_approval_asked_through_the_layer_binds_the_body() {
         asked[0].detail
     );
 }
+
+/// The layer can take the proxy's own route table instead of a hand-written mapper: the same
+/// routes, resources and attributes as `capgate proxy http`, a method or path no route names
+/// denied before the guard is asked.
+#[tokio::test]
+async fn the_layer_can_judge_by_the_proxys_route_table() {
+    use capgate::adapters::http::routes::{RouteConfig, RouteTable};
+    let fixture = fixture();
+    let route = |method: &str, verb| RouteConfig {
+        method: method.into(),
+        path: "/items/{id}".into(),
+        resource: "http://app/items/{id}".into(),
+        verb,
+        mode: None,
+    };
+    let table = RouteTable::new(&[route("GET", Verb::Read)]).expect("routes");
+    let layer = GuardLayer::with_routes(fixture.guard.clone(), table, "prod").expect("layer");
+    let mut router = Router::new()
+        .route(
+            "/items/{id}",
+            get(|Path(id): Path<String>| async move { format!("item {id}") })
+                .delete(|| async { "deleted" }),
+        )
+        .layer(layer);
+    let token = token(
+        &fixture,
+        &[
+            ("http://app/items/", Verb::Read),
+            ("http://app/items/", Verb::Delete),
+        ],
+        &random_id(),
+    );
+    let (status, body) = send(&mut router, "GET", "/items/7", Some(&token)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "item 7"));
+    let (status, body) = send(&mut router, "DELETE", "/items/7", Some(&token)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("\"code\":\"no_route\""), "{body}");
+
+    let overriding = RouteConfig {
+        mode: Some(Mode::Shadow),
+        ..route("GET", Verb::Read)
+    };
+    let table = RouteTable::new(&[overriding]).expect("routes");
+    let refused = GuardLayer::with_routes(fixture.guard.clone(), table, "prod")
+        .err()
+        .expect("a route's own mode is the proxy's");
+    assert!(
+        refused.to_string().contains("applies at the proxy only"),
+        "{refused}"
+    );
+}

@@ -21,6 +21,7 @@ use tower_service::Service;
 
 use super::screen::{self, RoutingHeaders, TokenSpellings};
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
+use crate::http::routes::{RouteError, RouteTable};
 use capgate_core::guard::{Guard, Ledger, Request as GuardRequest};
 
 type Mapper = dyn Fn(&Parts) -> Option<GuardRequest> + Send + Sync;
@@ -55,6 +56,29 @@ impl GuardLayer {
             ledger: None,
             routing: RoutingHeaders::Refuse,
         }
+    }
+
+    /// A layer whose mapper is a route table, the proxy's own: `METHOD /path/{param}` to
+    /// resource and verb, asked about with the same attributes as at the proxy. Routes that
+    /// set their own mode are refused (the layer has one mode; only the proxy applies those).
+    pub fn with_routes(
+        guard: Arc<Guard>,
+        routes: RouteTable,
+        environment: impl Into<String>,
+    ) -> Result<Self, RouteError> {
+        if let Some(route) = routes.mode_override() {
+            return Err(RouteError {
+                route: route.to_owned(),
+                why: "a route's own mode applies at the proxy only; set the layer's mode".into(),
+            });
+        }
+        let environment = environment.into();
+        Ok(GuardLayer::new(guard, move |parts: &Parts| {
+            // The layer has made sure the path is canonical before any mapper runs.
+            let path = screen::canonicalize(parts.uri.path()).ok()?;
+            let matched = routes.find(&parts.method, &path.segments)?;
+            Some(matched.operation(&parts.method, &path, parts.uri.query(), &environment))
+        }))
     }
 
     /// Strips routing headers (`X-Forwarded-Proto` from a TLS terminator…) instead of

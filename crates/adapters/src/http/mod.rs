@@ -28,9 +28,7 @@ use super::screen::{self, headers, RoutingHeaders, TokenSpellings, Tripwire};
 use super::{deny_response, extract_token, problem, strip_token_headers, Mode, TokenHeader};
 use super::{DECISION_HEADER, MODE_HEADER};
 use crate::graphql::{Endpoint, GraphqlConfig, Upstream as GraphqlUpstream};
-use capgate_core::guard::{
-    Authorized, ContainmentView, Guard, GuardConfig, KeyView, Ledger, Request as GuardRequest,
-};
+use capgate_core::guard::{Authorized, ContainmentView, Guard, GuardConfig, KeyView, Ledger};
 use capgate_core::policy::PolicySet;
 use capgate_core::revocation::RevocationView;
 use capgate_core::settings::{duration, RunLimits};
@@ -378,20 +376,15 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         );
     };
     let mode = route.mode.unwrap_or(mode);
-    let mut attributes = vec![
-        ("method".into(), parts.method.to_string()),
-        ("route".into(), route.label.clone()),
-        ("path".into(), canonical.encoded.clone()),
-    ];
-    if let Some(query) = &query {
-        attributes.push(("query".into(), query.clone()));
-    }
+    let environment = &proxy.config.environment;
+    let mut guard_request =
+        route.operation(&parts.method, &canonical, query.as_deref(), environment);
     // Every body is screened (method overrides, the token); what is not bound into an
     // approval streams.
     let needs_approval = proxy.guard.containment().needs_approval(route.verb);
     let body = match screen::bind_body(body, needs_approval).await {
         Ok((body, digest)) => {
-            attributes.extend(digest);
+            guard_request.attributes.extend(digest);
             body
         }
         Err(refusal) => return refusal.response(mode),
@@ -408,12 +401,6 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
         Err(refusal) => return refusal.response(mode),
     };
     let request = Request::from_parts(parts, screened.body);
-    let guard_request = GuardRequest {
-        resource: route.resource.clone(),
-        verb: route.verb,
-        environment: proxy.config.environment.clone(),
-        attributes,
-    };
     let target = Target {
         canonical: canonical.encoded,
         query,

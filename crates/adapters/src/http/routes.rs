@@ -4,7 +4,9 @@
 use http::Method;
 use serde::Deserialize;
 
+use crate::screen::CanonicalPath;
 use crate::Mode;
+use capgate_core::operation::Operation;
 use capgate_core::scope::{ResourcePattern, Verb};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +47,34 @@ pub struct Matched {
     pub verb: Verb,
     pub mode: Option<Mode>,
     pub label: String,
+}
+
+impl Matched {
+    /// The operation the guard is asked about, the same for the proxy and the tower layer:
+    /// the route's resource and verb, and the method, route, canonical path and query as
+    /// attributes (policies read them, approval digests bind them).
+    pub fn operation(
+        &self,
+        method: &Method,
+        path: &CanonicalPath,
+        query: Option<&str>,
+        environment: &str,
+    ) -> Operation {
+        let mut attributes = vec![
+            ("method".into(), method.to_string()),
+            ("route".into(), self.label.clone()),
+            ("path".into(), path.encoded.clone()),
+        ];
+        if let Some(query) = query {
+            attributes.push(("query".into(), query.to_owned()));
+        }
+        Operation {
+            resource: self.resource.clone(),
+            verb: self.verb,
+            environment: environment.to_owned(),
+            attributes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,6 +211,14 @@ impl RouteTable {
             .map(Route::parse)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RouteTable { routes })
+    }
+
+    /// The route a route-level mode is set on, if any (only the proxy applies those).
+    pub fn mode_override(&self) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|route| route.mode.is_some())
+            .map(|route| route.label.as_str())
     }
 
     /// The first route that matches, with its resource rendered from the path parameters.
