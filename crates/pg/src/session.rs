@@ -1,10 +1,10 @@
-//! One client session through the PostgreSQL proxy: startup (TLS and GSS refused, cancels
-//! mapped, parameters filtered), login with the Capgate token as password, the upstream
-//! session, then the relay. Every simple Query and every Parse is classified and checked
-//! before anything of it reaches the upstream; a denial is an ErrorResponse (42501) and the
-//! session stays usable.
+//! One client session through the PostgreSQL proxy, split by job: startup and login
+//! ([`startup`]), the relay of client messages (here: held, checked, forwarded or refused),
+//! the statement checks ([`check`]), the write half that only takes what the guard authorised
+//! ([`outbound`]) and the reply order towards the client ([`reply`]). Every simple Query and
+//! every extended-protocol batch is classified and checked before anything of it reaches the
+//! upstream; a denial is an ErrorResponse (42501) and the session stays usable.
 
-use std::collections::VecDeque;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -12,14 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::classify::Transaction;
-use super::names::{self, Names, Owes, Step};
-use super::upstream::{self, UpstreamLogin};
-use super::wire::{self, cstr, error_response, read_message, read_startup, Message, WireError};
+use super::names::{Names, Owes, Step};
+use super::wire::{self, cstr, error_response, Message, WireError};
 use super::PgProxy;
 use capgate_core::containment::audit::AuditEvent;
 use capgate_core::guard::Authorized;
@@ -27,51 +26,21 @@ use capgate_net::connections::Activity;
 
 use capgate_core::scope::Verb;
 
-/// Startup parameters a client may send; anything else (notably `options`) is refused.
-const ALLOWED_PARAMETERS: [&str; 8] = [
-    "user",
-    "database",
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "extra_float_digits",
-    "fallback_application_name",
-];
-
 mod check;
 mod outbound;
+mod reply;
+mod startup;
 #[cfg(test)]
 mod tests;
 
 use outbound::{Control, CopyMessage, Outgoing, OwnStatement, Upstream};
+use reply::{deliver, Owed};
+use startup::{refuse, start};
 
 /// Why a statement may not run, as the client will read it.
 struct Denial {
     sqlstate: &'static str,
     message: String,
-}
-
-/// A client that finished startup and login: its upstream session and cancel key.
-struct Established {
-    upstream: TcpStream,
-    token: String,
-    /// Pure built-ins' names the session's schema overloads (see `upstream::overloaded_builtins`).
-    overloaded: HashSet<String>,
-    _cancel: CancelKey,
-}
-
-/// A cancel key minted for a session; dropping it (the session ended, or its startup timed
-/// out after the key was minted) forgets the mapping to the real backend.
-struct CancelKey {
-    proxy: Arc<PgProxy>,
-    minted: (i32, i32),
-}
-
-impl Drop for CancelKey {
-    fn drop(&mut self) {
-        self.proxy.unregister_cancel(self.minted);
-    }
 }
 
 pub async fn run(
@@ -105,174 +74,6 @@ pub async fn run(
         proxy,
     )
     .await
-}
-
-/// Startup and login, bounded by the caller's startup timeout. `None`: the client was
-/// answered (refused, or a cancel request) and the connection ends.
-async fn start(
-    client: &mut TcpStream,
-    peer: SocketAddr,
-    proxy: &Arc<PgProxy>,
-) -> Result<Option<Established>, WireError> {
-    let parameters = loop {
-        let (code, body) = read_startup(client).await?;
-        match code {
-            // No TLS or GSS encryption in this version: say so, and the client continues in
-            // plaintext (or gives up). Nothing sent before this answer is ever processed.
-            wire::SSL_REQUEST | wire::GSSENC_REQUEST => client.write_all(b"N").await?,
-            wire::CANCEL_REQUEST => {
-                if body.len() == 8 {
-                    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    let secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-                    proxy.forward_cancel(pid, secret).await;
-                }
-                return Ok(None);
-            }
-            wire::PROTOCOL_3_0 => break wire::parse_parameters(&body)?,
-            _ => {
-                return refuse_startup(client, "0A000", "unsupported frontend protocol version")
-                    .await;
-            }
-        }
-    };
-    let get = |key: &str| {
-        parameters
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v.as_str())
-    };
-    if let Some((key, _)) = parameters
-        .iter()
-        .find(|(k, _)| !ALLOWED_PARAMETERS.contains(&k.to_ascii_lowercase().as_str()))
-    {
-        let message = format!("startup parameter {key:?} is not accepted by the Capgate proxy");
-        return refuse_startup(client, "42501", &message).await;
-    }
-    if let Some(encoding) = get("client_encoding") {
-        if !["utf8", "utf-8", "unicode"].contains(&encoding.to_ascii_lowercase().as_str()) {
-            return refuse_startup(client, "42501", "only client_encoding UTF8 is accepted").await;
-        }
-    }
-    let Some(user) = get("user").map(str::to_owned) else {
-        return refuse_startup(client, "28000", "no user given").await;
-    };
-    if get("database").is_some_and(|db| db != proxy.config.database) {
-        let message = format!(
-            "this proxy serves database {:?} only",
-            proxy.config.database
-        );
-        return refuse_startup(client, "3D000", &message).await;
-    }
-    if !peer.ip().is_loopback() && !proxy.config.allow_non_loopback_plaintext {
-        return refuse_startup(
-            client,
-            "28000",
-            "plaintext password from a non-loopback client refused (configure TLS)",
-        )
-        .await;
-    }
-    wire::write_message(client, &wire::authentication(3)).await?;
-    let password = read_message(client, 64 * 1024).await?;
-    if password.tag != b'p' {
-        return refuse_startup(client, "08P01", "expected a password message").await;
-    }
-    let token = cstr(&password.body)?.0.to_owned();
-    let verified = match proxy.guard.verify_token(&token) {
-        Ok(verified) => verified,
-        Err(denial) => {
-            tracing::warn!(%peer, %denial, "pg login refused");
-            return refuse_startup(client, "28P01", &format!("Capgate token refused: {denial}"))
-                .await;
-        }
-    };
-    if verified.agent() != user {
-        return refuse_startup(client, "28000", "user name must be the token's agent").await;
-    }
-    let read_only = !proxy.token_may_change_database(&verified);
-    let application_name = get("application_name").unwrap_or("capgate").to_owned();
-    let upstream = match upstream::connect(&UpstreamLogin {
-        addr: &proxy.config.upstream.addr,
-        user: &proxy.config.upstream.user,
-        password: proxy.upstream_password.as_deref(),
-        database: &proxy.config.upstream.database,
-        application_name: &application_name,
-        default_schema: &proxy.config.default_schema,
-        read_only,
-    })
-    .await
-    {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracing::error!(error = %e, "upstream connection failed");
-            return refuse_startup(
-                client,
-                "08006",
-                "the database behind Capgate is unavailable",
-            )
-            .await;
-        }
-    };
-    let mut upstream = upstream;
-    let overloaded =
-        match upstream::overloaded_builtins(&mut upstream.stream, &proxy.config.default_schema)
-            .await
-        {
-            Ok(overloaded) => overloaded,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the session schema's functions failed");
-                return refuse_startup(
-                    client,
-                    "08006",
-                    "the database behind Capgate did not say which functions it defines",
-                )
-                .await;
-            }
-        };
-    wire::write_message(client, &wire::authentication(0)).await?;
-    for status in &upstream.parameters {
-        wire::write_message(client, status).await?;
-    }
-    let minted = proxy.register_cancel(upstream.backend_key);
-    let cancel = CancelKey {
-        proxy: proxy.clone(),
-        minted,
-    };
-    wire::write_message(client, &wire::backend_key(minted.0, minted.1)).await?;
-    wire::write_message(client, &wire::ready_for_query(b'I')).await?;
-    tracing::info!(%peer, agent = %user, read_only, "pg session started");
-    Ok(Some(Established {
-        upstream: upstream.stream,
-        token,
-        overloaded,
-        _cancel: cancel,
-    }))
-}
-
-async fn refuse_startup(
-    client: &mut TcpStream,
-    sqlstate: &str,
-    message: &str,
-) -> Result<Option<Established>, WireError> {
-    refuse(client, sqlstate, message).await.map(|()| None)
-}
-
-async fn refuse(client: &mut TcpStream, sqlstate: &str, message: &str) -> Result<(), WireError> {
-    wire::write_message(client, &error_response(sqlstate, message)).await?;
-    Ok(())
-}
-
-/// What the client is owed next, in the order the client must see it. Replies the proxy makes
-/// itself (a denial) wait behind upstream answers to anything forwarded before them, so a
-/// pipelining client never reads them out of order.
-enum Owed {
-    /// Upstream's answers up to and including its next ReadyForQuery.
-    Upstream,
-    /// The same, delivered to the session instead of the client (a row-budget check).
-    Intercepted(mpsc::UnboundedSender<Message>),
-    /// Bytes the proxy answers itself.
-    Local(Vec<u8>),
-    /// A ReadyForQuery of the proxy's own, with upstream's transaction status at that point.
-    Ready,
 }
 
 /// State both directions of one session read; they run in one task, so these are never
@@ -378,95 +179,6 @@ where
     // The session is over; an open transaction dies with it upstream.
     session.release_deferred();
     outcome
-}
-
-/// Upstream to client: forwards upstream's answers, interleaving the proxy's own replies in
-/// order, and writes whatever is already buffered in one go.
-async fn deliver(
-    mut upstream: impl AsyncRead + Unpin,
-    mut client: impl AsyncWrite + Unpin,
-    mut owed: mpsc::UnboundedReceiver<Owed>,
-    shared: &Shared,
-    max: usize,
-) -> Result<(), WireError> {
-    let mut framer = wire::Framer::new(max);
-    let mut queue: VecDeque<Owed> = VecDeque::new();
-    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut open = true;
-    loop {
-        while let Ok(entry) = owed.try_recv() {
-            queue.push_back(entry);
-        }
-        pay_local(&mut queue, &mut out, shared);
-        while let Some(frame) = framer.next_frame()? {
-            route(frame, &mut queue, &mut out, shared);
-        }
-        if !out.is_empty() {
-            client.write_all(&out).await?;
-            out.clear();
-        }
-        if !open && queue.is_empty() {
-            return Ok(());
-        }
-        tokio::select! {
-            biased;
-            entry = owed.recv(), if open => match entry {
-                Some(entry) => queue.push_back(entry),
-                None => open = false,
-            },
-            read = framer.fill(&mut upstream) => {
-                if read? == 0 {
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
-/// Moves the proxy's own replies at the head of the queue into `out`.
-fn pay_local(queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared: &Shared) {
-    while let Some(Owed::Local(_) | Owed::Ready) = queue.front() {
-        match queue.pop_front() {
-            Some(Owed::Local(bytes)) => out.extend_from_slice(&bytes),
-            Some(Owed::Ready) => {
-                let ready = wire::ready_for_query(shared.status.load(Ordering::SeqCst));
-                out.extend_from_slice(&wire::encode(ready.tag, &ready.body));
-            }
-            _ => {}
-        }
-    }
-}
-
-fn route(frame: BytesMut, queue: &mut VecDeque<Owed>, out: &mut Vec<u8>, shared: &Shared) {
-    let tag = frame[0];
-    match tag {
-        b'Z' => {
-            let status = frame.get(5).copied().unwrap_or(b'I');
-            shared.status.store(status, Ordering::SeqCst);
-            shared.copy_in.store(false, Ordering::SeqCst);
-            if status == b'I' {
-                shared.epoch.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        b'G' => shared.copy_in.store(true, Ordering::SeqCst),
-        // The real backend's key must never reach the client.
-        b'K' => return,
-        _ => {}
-    }
-    if names::matters(tag) {
-        lock(&shared.names).observe(tag);
-    }
-    match queue.front() {
-        Some(Owed::Intercepted(session)) => {
-            let _ = session.send(wire::message_of(&frame));
-        }
-        _ => out.extend_from_slice(&frame),
-    }
-    if tag == b'Z' && matches!(queue.front(), Some(Owed::Upstream | Owed::Intercepted(_))) {
-        queue.pop_front();
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        pay_local(queue, out, shared);
-    }
 }
 
 /// Rows a CommandComplete tag reports: `UPDATE 5`, `DELETE 3`, `INSERT 0 7`, `MERGE 2`, `COPY 9`.
