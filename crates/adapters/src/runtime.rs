@@ -88,8 +88,3 @@ impl AdapterRuntime {
         }))
     }
 }
-
-/// How old an adapter's revocation view may grow before it denies everything.
-pub fn default_max_staleness() -> std::time::Duration {
-    capgate_core::revocation::DEFAULT_MAX_STALENESS
-}

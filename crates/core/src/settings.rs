@@ -127,6 +127,12 @@ pub struct GrantSettings {
     pub recovery_points: Vec<ResourcePattern>,
 }
 
+/// How old an adapter's revocation view may grow before it denies everything, unless its
+/// configuration says otherwise.
+pub fn default_max_staleness() -> std::time::Duration {
+    crate::revocation::DEFAULT_MAX_STALENESS
+}
+
 /// Where adapters (and the broker's dry run) find the adapter policies by default.
 pub fn default_adapter_policies() -> PathBuf {
     PathBuf::from("policies/adapters")

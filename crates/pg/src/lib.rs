@@ -78,7 +78,7 @@ pub struct PgProxyConfig {
     #[serde(default = "capgate_core::settings::default_adapter_policies")]
     pub adapter_policies: PathBuf,
     #[serde(
-        default = "capgate_adapters::runtime::default_max_staleness",
+        default = "capgate_core::settings::default_max_staleness",
         deserialize_with = "duration"
     )]
     pub max_staleness: Duration,

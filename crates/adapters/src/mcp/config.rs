@@ -57,7 +57,7 @@ pub struct McpConfig {
     #[serde(default = "capgate_core::settings::default_adapter_policies")]
     pub adapter_policies: PathBuf,
     #[serde(
-        default = "crate::runtime::default_max_staleness",
+        default = "capgate_core::settings::default_max_staleness",
         deserialize_with = "duration"
     )]
     pub max_staleness: Duration,

@@ -138,7 +138,7 @@ impl SessionHandler {
             .gateway
             .guard
             .verify_token(&token)
-            .map_err(|denial| Refusal::with_code(denial.code.as_str(), denial.reason))?;
+            .map_err(Refusal::from_token)?;
         let environment = &self.gateway.config.environment;
         Ok(Rights(
             verified

@@ -8,7 +8,7 @@ use rmcp::model::{CallToolResult, ContentBlock, ErrorCode};
 use rmcp::ErrorData as McpError;
 use serde_json::json;
 
-use capgate_core::guard::{Decision, Outcome};
+use capgate_core::guard::{Decision, Outcome, TokenDenial};
 
 /// JSON-RPC code of the spec's `URLElicitationRequiredError` (2025-11-25 and later).
 pub const URL_ELICITATION_REQUIRED: i32 = -32042;
@@ -75,8 +75,7 @@ impl Refusal {
         Self::with_code(code.as_str(), reason)
     }
 
-    /// A refusal carrying a code from elsewhere (the guard's token verification).
-    pub fn with_code(code: &str, reason: impl Into<String>) -> Self {
+    fn with_code(code: &str, reason: impl Into<String>) -> Self {
         Refusal {
             code: code.to_owned(),
             reason: reason.into(),
@@ -84,6 +83,11 @@ impl Refusal {
             approval_id: None,
             approval_url: None,
         }
+    }
+
+    /// The guard refused the token itself.
+    pub fn from_token(denial: TokenDenial) -> Self {
+        Self::with_code(denial.code.as_str(), denial.reason)
     }
 
     pub fn from_decision(decision: &Decision) -> Self {
