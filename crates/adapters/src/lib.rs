@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use capgate_core::guard::{
-    Authorized, Decision, DenyCode, Guard, Ledger, Outcome, Request as GuardRequest,
+    Authorized, Decision, DenyCode, Enforcement, Guard, Ledger, Outcome, Request as GuardRequest,
 };
 
 /// The header an agent may use instead of `Authorization: Bearer`.
@@ -79,28 +79,24 @@ pub fn extract_token(headers: &HeaderMap) -> TokenHeader {
     }
 }
 
-/// The one place an adapter's mode picks how the guard is asked about one operation: in
-/// enforce mode a deny is final (and without a ledger, an allow that still has obligations
-/// is a deny); in shadow mode the request goes through with the deny it would have had.
+/// The one place an adapter's mode becomes the guard's [`Enforcement`]: in enforce mode a
+/// deny is final (and without a ledger, an allow that still has obligations is a deny); in
+/// shadow mode the request goes through with the deny it would have had.
 pub async fn authorize<T>(
     guard: &Guard,
     mode: Mode,
     ledger: Option<&dyn Ledger>,
     token: &str,
-    request: &GuardRequest,
+    operations: &[GuardRequest],
     payload: T,
 ) -> Result<Authorized<T>, Box<Decision>> {
-    match (mode, ledger) {
-        (Mode::Enforce, Some(ledger)) => {
-            guard.authorize_with(token, request, payload, ledger).await
-        }
-        (Mode::Enforce, None) => guard.authorize(token, request, payload),
-        (Mode::Shadow, ledger) => {
-            guard
-                .authorize_shadow(token, request, payload, ledger)
-                .await
-        }
-    }
+    let enforcement = match mode {
+        Mode::Enforce => Enforcement::Enforce(ledger),
+        Mode::Shadow => Enforcement::Shadow(ledger),
+    };
+    guard
+        .authorize(token, operations, payload, enforcement)
+        .await
 }
 
 /// Removes every header that could carry the agent's token toward the upstream.

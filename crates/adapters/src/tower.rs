@@ -194,8 +194,15 @@ where
             strip_token_headers(&mut parts.headers);
             let request = Request::from_parts(parts, body);
             let ledger = layer.ledger.as_deref();
-            let authorized =
-                crate::authorize(&layer.guard, mode, ledger, &token, &guard_request, request).await;
+            let authorized = crate::authorize(
+                &layer.guard,
+                mode,
+                ledger,
+                &token,
+                std::slice::from_ref(&guard_request),
+                request,
+            )
+            .await;
             match authorized {
                 Ok(authorized) => {
                     let guarded = GuardedRequest {

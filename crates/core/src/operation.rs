@@ -2,7 +2,7 @@
 //! resource lives in, and protocol attributes. Every adapter's job is one translation, its
 //! protocol's traffic in, a list of these out (one per HTTP request, one per GraphQL root
 //! field invocation, one per table a statement touches); the guard authorises the list as one
-//! batch ([`crate::guard::Guard::authorize_batch`]).
+//! request ([`crate::guard::Guard::authorize`]).
 
 /// Every field comes from the adapter's own configuration, its parsing of the request, or its
 /// own lookups at the provider, never from anything the agent asserts.

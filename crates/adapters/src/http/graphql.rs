@@ -80,16 +80,10 @@ pub(super) async fn handle(
         tripwire: Default::default(),
     };
     let outgoing = Request::from_parts(parts, Body::from(body));
-    match proxy
-        .guard
-        .authorize_batch(
-            token,
-            &operations,
-            (outgoing, target),
-            proxy.ledger.as_ref(),
-        )
-        .await
-    {
+    // A proxy with GraphQL endpoints runs in enforce mode only (refused at start otherwise).
+    let ledger = Some(proxy.ledger.as_ref());
+    let payload = (outgoing, target);
+    match crate::authorize(&proxy.guard, mode, ledger, token, &operations, payload).await {
         Ok(authorized) => forward(proxy, authorized, mode).await,
         Err(decision) => deny_response(&decision, mode),
     }

@@ -408,8 +408,15 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     };
     let ledger = Some(proxy.ledger.as_ref());
     let payload = (request, target);
-    let authorized =
-        super::authorize(&proxy.guard, mode, ledger, &token, &guard_request, payload).await;
+    let authorized = super::authorize(
+        &proxy.guard,
+        mode,
+        ledger,
+        &token,
+        std::slice::from_ref(&guard_request),
+        payload,
+    )
+    .await;
     match authorized {
         Ok(authorized) => forward(&proxy, authorized, mode).await,
         Err(decision) => deny_response(&decision, mode),

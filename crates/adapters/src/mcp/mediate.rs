@@ -529,7 +529,7 @@ pub(super) async fn authorize_operation<T>(
         gateway.config.mode,
         ledger,
         token,
-        request,
+        std::slice::from_ref(request),
         payload,
     )
     .await

@@ -248,6 +248,16 @@ pub enum Stage {
     Prepare,
 }
 
+/// How a request is authorised: the one choice an adapter makes (its mode, and whether it
+/// can fulfil obligations through a ledger).
+#[derive(Clone, Copy)]
+pub enum Enforcement<'a> {
+    /// A deny is final.
+    Enforce(Option<&'a dyn Ledger>),
+    /// The request goes through either way, carrying the deny enforce mode would have made.
+    Shadow(Option<&'a dyn Ledger>),
+}
+
 /// A batch that was not authorised: the decision that stopped it and which operation (by
 /// its index in the request) it is about.
 #[derive(Debug)]
@@ -434,83 +444,83 @@ impl Guard {
         decision
     }
 
-    /// Decides and, on allow, wraps `payload` as proof of the decision.
-    pub fn authorize<T>(
-        &self,
-        token: &str,
-        request: &Request,
-        payload: T,
-    ) -> Result<Authorized<T>, Box<Decision>> {
-        let started = Instant::now();
-        let (decision, _) = self.evaluate(token, request, SystemTime::now(), started);
-        log_decision(&self.config.adapter, request, &decision, "enforce");
-        let authorized = into_authorized(decision, payload);
-        let outcome = match &authorized {
-            Ok(_) => &Outcome::Allow,
-            Err(decision) => &decision.outcome,
-        };
-        self.metrics.record(request.verb, outcome, started);
-        authorized
-    }
-
-    /// Decides, then fulfils what an allow still requires through `ledger` (consume the
-    /// approval, count against velocity limits, record in the audit trail) before wrapping
-    /// `payload`. Any failure there is a deny. An approval-required outcome gets its request
-    /// created at the broker so the agent can be told its id.
-    pub async fn authorize_with<T>(
-        &self,
-        token: &str,
-        request: &Request,
-        payload: T,
-        ledger: &dyn Ledger,
-    ) -> Result<Authorized<T>, Box<Decision>> {
-        let started = Instant::now();
-        let (decision, verified) = self.evaluate(token, request, SystemTime::now(), started);
-        let decision = self
-            .settle(
-                token,
-                request,
-                decision,
-                verified.as_deref(),
-                ledger,
-                started,
-            )
-            .await;
-        into_authorized(decision, payload)
-    }
-
-    /// One decision for every operation of a request (the root fields of a GraphQL document,
-    /// the elements of a batch): `payload` is wrapped only if each operation is allowed and
-    /// its obligations are fulfilled. Every operation is decided first, with no side effect;
-    /// the batch stops at its first deny, else at its first approval-required operation (whose
-    /// approval request is created, so an operator is never asked about a batch that would be
-    /// denied anyway). Only when all are allowed are their obligations fulfilled, in order; a
-    /// failure there denies the whole batch (obligations already fulfilled stay fulfilled:
-    /// an approval consumed by an earlier operation is spent, failing closed).
-    pub async fn authorize_batch<T>(
+    /// The one way an adapter is allowed to forward: every operation of the request is
+    /// decided and `payload` wrapped as proof only as `enforcement` says.
+    ///
+    /// In enforce mode with a ledger, every operation is decided first, with no side effect;
+    /// the request stops at its first deny, else at its first approval-required operation
+    /// (whose approval request is created, so an operator is never asked about a request that
+    /// would be denied anyway). Only when all are allowed are their obligations fulfilled
+    /// (consume the approval, count against velocity limits, record in the audit trail), in
+    /// order; a failure there denies the whole request (obligations already fulfilled stay
+    /// fulfilled: an approval consumed by an earlier operation is spent, failing closed).
+    /// Without a ledger, an allow that still carries obligations is a deny
+    /// (`obligations_unfulfilled`). In shadow mode each operation is decided, logged and
+    /// recorded as in enforce mode (a non-read only once its record is stored), then the
+    /// request goes through carrying the first deny enforce mode would have made. A request of
+    /// no operation authorises nothing.
+    pub async fn authorize<T>(
         &self,
         token: &str,
         operations: &[Operation],
         payload: T,
-        ledger: &dyn Ledger,
+        enforcement: Enforcement<'_>,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        self.authorize_each(
-            token,
-            operations.len(),
-            |index| {
-                operations
-                    .get(index)
-                    .map(|operation| (operation, Stage::Run))
-            },
-            payload,
-            ledger,
-        )
-        .await
-        .map_err(|refusal| refusal.decision)
+        match enforcement {
+            Enforcement::Enforce(Some(ledger)) => self
+                .authorize_each(
+                    token,
+                    operations.len(),
+                    |index| {
+                        operations
+                            .get(index)
+                            .map(|operation| (operation, Stage::Run))
+                    },
+                    payload,
+                    ledger,
+                )
+                .await
+                .map_err(|refusal| refusal.decision),
+            Enforcement::Enforce(None) => self.authorize_unsettled(token, operations, payload),
+            Enforcement::Shadow(ledger) => {
+                self.authorize_shadow(token, operations, payload, ledger)
+                    .await
+            }
+        }
     }
 
-    /// [`Guard::authorize_batch`] for a request whose operations do not all run now: each is
-    /// asked about at its [`Stage`]. The refusal names the operation it is about.
+    /// Enforce mode without a ledger: only allows with nothing left to do pass.
+    fn authorize_unsettled<T>(
+        &self,
+        token: &str,
+        operations: &[Operation],
+        payload: T,
+    ) -> Result<Authorized<T>, Box<Decision>> {
+        if operations.is_empty() {
+            return Err(Box::new(self.empty_batch()));
+        }
+        let (now, started) = (SystemTime::now(), Instant::now());
+        let mut ids = Vec::with_capacity(operations.len());
+        for operation in operations {
+            let (decision, _) = self.evaluate(token, operation, now, started);
+            log_decision(&self.config.adapter, operation, &decision, "enforce");
+            let settled = into_authorized(decision, ());
+            let outcome = match &settled {
+                Ok(_) => &Outcome::Allow,
+                Err(decision) => &decision.outcome,
+            };
+            self.metrics.record(operation.verb, outcome, started);
+            ids.push(settled?.decision_id);
+        }
+        Ok(Authorized {
+            inner: payload,
+            decision_id: ids.join(","),
+            shadow_deny: None,
+        })
+    }
+
+    /// [`Guard::authorize`] in enforce mode for a request whose operations do not all run
+    /// now: each is asked about at its [`Stage`]. The refusal names the operation it is about.
     pub async fn authorize_staged<T>(
         &self,
         token: &str,
@@ -766,57 +776,68 @@ impl Guard {
     /// Shadow mode: decides and logs as usual, then lets `payload` through either way,
     /// recording the deny it would have made. Still the guard's decision, never a bypass, and
     /// still audited: a non-read verb goes through only once its record is stored.
-    pub async fn authorize_shadow<T>(
+    async fn authorize_shadow<T>(
         &self,
         token: &str,
-        request: &Request,
+        operations: &[Operation],
         payload: T,
         ledger: Option<&dyn Ledger>,
     ) -> Result<Authorized<T>, Box<Decision>> {
-        let started = Instant::now();
-        let (mut decision, verified) = self.evaluate(token, request, SystemTime::now(), started);
-        log_decision(&self.config.adapter, request, &decision, "shadow");
-        let mut event = decision_event(
-            &self.config.adapter,
-            request,
-            &decision,
-            token,
-            verified.as_deref(),
-        );
-        if let Some(detail) = event.detail.as_object_mut() {
-            detail.insert("mode".into(), "shadow".into());
+        if operations.is_empty() {
+            return Err(Box::new(self.empty_batch()));
         }
-        let recorded = match ledger {
-            Some(ledger) if request.verb == Verb::Read => {
-                ledger.record_later(event);
-                Ok(())
+        let mut ids = Vec::with_capacity(operations.len());
+        let mut shadow_deny = None;
+        for request in operations {
+            let started = Instant::now();
+            let (mut decision, verified) =
+                self.evaluate(token, request, SystemTime::now(), started);
+            log_decision(&self.config.adapter, request, &decision, "shadow");
+            let mut event = decision_event(
+                &self.config.adapter,
+                request,
+                &decision,
+                token,
+                verified.as_deref(),
+            );
+            if let Some(detail) = event.detail.as_object_mut() {
+                detail.insert("mode".into(), "shadow".into());
             }
-            Some(ledger) => ledger.audit(event).await.map_err(|denial| {
-                (
-                    DenyCode::AuditUnavailable,
-                    format!("{} ({})", denial.reason, denial.code),
-                )
-            }),
-            None if request.verb == Verb::Read => Ok(()),
-            None => Err((
-                DenyCode::ObligationsUnfulfilled,
-                "shadow mode cannot record this write: no ledger".to_owned(),
-            )),
-        };
-        if let Err((code, reason)) = recorded {
-            decision.outcome = Outcome::Deny { code, reason };
+            let recorded = match ledger {
+                Some(ledger) if request.verb == Verb::Read => {
+                    ledger.record_later(event);
+                    Ok(())
+                }
+                Some(ledger) => ledger.audit(event).await.map_err(|denial| {
+                    (
+                        DenyCode::AuditUnavailable,
+                        format!("{} ({})", denial.reason, denial.code),
+                    )
+                }),
+                None if request.verb == Verb::Read => Ok(()),
+                None => Err((
+                    DenyCode::ObligationsUnfulfilled,
+                    "shadow mode cannot record this write: no ledger".to_owned(),
+                )),
+            };
+            if let Err((code, reason)) = recorded {
+                decision.outcome = Outcome::Deny { code, reason };
+                self.metrics
+                    .record(request.verb, &decision.outcome, started);
+                return Err(Box::new(decision));
+            }
+            // Shadow mode counts what enforce mode would have decided.
             self.metrics
                 .record(request.verb, &decision.outcome, started);
-            return Err(Box::new(decision));
+            ids.push(decision.id.clone());
+            if !decision.is_allow() && shadow_deny.is_none() {
+                shadow_deny = Some(Box::new(decision));
+            }
         }
-        // Shadow mode counts what enforce mode would have decided.
-        self.metrics
-            .record(request.verb, &decision.outcome, started);
-        let decision_id = decision.id.clone();
         Ok(Authorized {
             inner: payload,
-            decision_id,
-            shadow_deny: (!decision.is_allow()).then(|| Box::new(decision)),
+            decision_id: ids.join(","),
+            shadow_deny,
         })
     }
 

@@ -155,19 +155,31 @@ impl Ledger for RecordingLedger {
     }
 }
 
-#[test]
-fn an_allow_wraps_exactly_its_payload_and_names_its_decision() {
+#[tokio::test]
+async fn an_allow_wraps_exactly_its_payload_and_names_its_decision() {
     let f = fixture(true, true);
     let token = token_from(&f.keypair, &[("pg://staging/", Verb::Read)], 600);
     let authorized = f
         .guard
-        .authorize(&token, &op("pg://staging/public.t", Verb::Read), "SELECT 1")
+        .authorize(
+            &token,
+            &[op("pg://staging/public.t", Verb::Read)],
+            "SELECT 1",
+            Enforcement::Enforce(None),
+        )
+        .await
         .expect("a read the token grants");
     assert_eq!(*authorized.get(), "SELECT 1");
     assert!(!authorized.decision_id().is_empty());
     let denied = f
         .guard
-        .authorize(&token, &op("pg://prod/public.t", Verb::Read), "SELECT 1")
+        .authorize(
+            &token,
+            &[op("pg://prod/public.t", Verb::Read)],
+            "SELECT 1",
+            Enforcement::Enforce(None),
+        )
+        .await
         .expect_err("another environment's resource");
     assert_eq!(code_of(&denied), "policy_denied");
 }
@@ -232,13 +244,24 @@ async fn a_write_is_allowed_only_once_its_obligations_are_fulfilled() {
     let write = op("pg://staging/public.t", Verb::Write);
     let without_ledger = f
         .guard
-        .authorize(&token, &write, ())
+        .authorize(
+            &token,
+            std::slice::from_ref(&write),
+            (),
+            Enforcement::Enforce(None),
+        )
+        .await
         .expect_err("no ledger to record the write");
     assert_eq!(code_of(&without_ledger), "obligations_unfulfilled");
 
     let ledger = RecordingLedger::default();
     f.guard
-        .authorize_with(&token, &write, (), &ledger)
+        .authorize(
+            &token,
+            std::slice::from_ref(&write),
+            (),
+            Enforcement::Enforce(Some(&ledger)),
+        )
         .await
         .expect("recorded, then allowed");
     assert_eq!(ledger.audited.lock().expect("lock").len(), 1);
@@ -249,7 +272,12 @@ async fn a_write_is_allowed_only_once_its_obligations_are_fulfilled() {
     };
     let denied = f
         .guard
-        .authorize_with(&token, &write, (), &down)
+        .authorize(
+            &token,
+            std::slice::from_ref(&write),
+            (),
+            Enforcement::Enforce(Some(&down)),
+        )
         .await
         .expect_err("unrecordable");
     assert_eq!(code_of(&denied), "audit_unavailable");
@@ -273,7 +301,7 @@ async fn a_batch_passes_whole_or_not_at_all() {
     ];
     let authorized = f
         .guard
-        .authorize_batch(&token, &both, "query", &ledger)
+        .authorize(&token, &both, "query", Enforcement::Enforce(Some(&ledger)))
         .await
         .expect("both reads granted");
     assert_eq!(authorized.decision_id().split(',').count(), 2);
@@ -283,13 +311,18 @@ async fn a_batch_passes_whole_or_not_at_all() {
     ];
     let denied = f
         .guard
-        .authorize_batch(&token, &mixed, "mutation", &ledger)
+        .authorize(
+            &token,
+            &mixed,
+            "mutation",
+            Enforcement::Enforce(Some(&ledger)),
+        )
         .await
         .expect_err("one operation is not granted");
     assert_eq!(code_of(&denied), "policy_denied");
     let empty = f
         .guard
-        .authorize_batch(&token, &[], "nothing", &ledger)
+        .authorize(&token, &[], "nothing", Enforcement::Enforce(Some(&ledger)))
         .await
         .expect_err("nothing to authorise");
     assert_eq!(code_of(&empty), "policy_denied");
@@ -358,4 +391,38 @@ fn a_request_that_touches_nothing_still_needs_a_valid_token() {
         .authorize_token(&forged, "SELECT 1")
         .expect_err("a forged token");
     assert_eq!(code_of(&refused), "token_bad_signature");
+}
+
+#[tokio::test]
+async fn shadow_mode_lets_a_request_through_carrying_the_deny_it_would_have_had() {
+    let f = fixture(true, true);
+    let token = token_from(&f.keypair, &[("http://railway/volumes/", Verb::Read)], 600);
+    let ledger = RecordingLedger::default();
+    let both = [
+        op("http://railway/volumes/v1", Verb::Read),
+        op("http://railway/backups/b1", Verb::Read),
+    ];
+    let shadowed = f
+        .guard
+        .authorize(&token, &both, "query", Enforcement::Shadow(Some(&ledger)))
+        .await
+        .expect("shadow mode lets it through");
+    let would_have = shadowed
+        .shadow_deny()
+        .expect("the second read is not granted");
+    assert_eq!(code_of(would_have), "policy_denied");
+    let enforced = f
+        .guard
+        .authorize(&token, &both, "query", Enforcement::Enforce(Some(&ledger)))
+        .await
+        .expect_err("enforce mode denies the same request");
+    assert_eq!(code_of(&enforced), "policy_denied");
+    // A write in shadow mode still goes through only once its record is stored.
+    let write = [op("http://railway/volumes/v1", Verb::Write)];
+    let unrecorded = f
+        .guard
+        .authorize(&token, &write, "mutation", Enforcement::Shadow(None))
+        .await
+        .expect_err("no ledger to record the write");
+    assert_eq!(code_of(&unrecorded), "obligations_unfulfilled");
 }
