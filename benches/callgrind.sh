@@ -172,7 +172,7 @@ case $mode in
   update)
     {
       echo "# Instructions per request (callgrind Ir) from benches/callgrind.sh; --check fails when one"
-      echo "# grows by more than its tolerance (TOLERANCE, 20%). Measured $(date -u +%F) on $(basename "$CAPGATE_BIN"),"
+      echo "# grows by more than its tolerance (TOLERANCE, 20%). Measured $(date -u +%F) on $(git -C "$(dirname "$0")/.." rev-parse --short HEAD 2>/dev/null || echo "an unknown commit") ($(basename "$CAPGATE_BIN")),"
       echo "# $(valgrind --version), N1=$N1 N2=$N2, TOKIO_WORKER_THREADS=2."
       for key in "${KEYS[@]}"; do echo "$key ${COUNT[$key]}"; done
     } >"$BASELINE"
