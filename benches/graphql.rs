@@ -19,12 +19,11 @@ use capgate::adapters::graphql::{Endpoint, GraphqlConfig, Upstream};
 use capgate::adapters::http::{Proxy, ProxyConfig, UpstreamConfig};
 use capgate::adapters::Mode;
 use capgate::config::RunLimits;
-use capgate::containment::audit::AuditEvent;
-use capgate::containment::Operation;
-use capgate::guard::{ContainmentView, Ledger, LedgerCode, LedgerDenial};
+use capgate::guard::{ContainmentView, Ledger};
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
 use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
+use capgate_test_support::NoBroker;
 use criterion::Criterion;
 use http::{HeaderName, HeaderValue, Method};
 use http_body_util::BodyExt;
@@ -120,32 +119,6 @@ fn judging(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// Reads carry no obligations, so a ledger that refuses everything is never consulted.
-struct ReadOnlyLedger;
-
-#[async_trait::async_trait]
-impl Ledger for ReadOnlyLedger {
-    async fn request_approval(&self, _: &str, _: &Operation) -> Result<String, LedgerDenial> {
-        Err(refused())
-    }
-    async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-    async fn count(&self, _: &str, _: Verb) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-    async fn audit(&self, _: AuditEvent) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-}
-
-fn refused() -> LedgerDenial {
-    LedgerDenial {
-        code: LedgerCode::BrokerUnreachable,
-        reason: "read-only benchmark".into(),
-    }
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
@@ -269,7 +242,7 @@ async fn through_the_proxy() {
     let keys = Arc::new(RwLock::new(Arc::new(
         keyring.public_keys().expect("public"),
     )));
-    let ledger: Arc<dyn Ledger> = Arc::new(ReadOnlyLedger);
+    let ledger: Arc<dyn Ledger> = Arc::new(NoBroker);
     let proxy = Arc::new(
         Proxy::new(config, keys, view, Arc::new(ContainmentView::new()), ledger).expect("proxy"),
     );

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 use capgate::adapters::mcp::{Gateway, McpConfig, ServerConfig, ToolConfig};
 use capgate::adapters::Mode;
 use capgate::config::RunLimits;
-use capgate::containment::audit::AuditEvent;
-use capgate::containment::Operation;
-use capgate::guard::{ContainmentView, Ledger, LedgerCode, LedgerDenial};
+use capgate::guard::{ContainmentView, Ledger};
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
 use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
+use capgate_test_support::NoBroker;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, JsonObject,
     ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig as Info, Tool,
@@ -26,32 +25,6 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt};
 use serde_json::json;
-
-/// Reads carry no obligations, so a ledger that refuses everything is never consulted.
-struct ReadOnlyLedger;
-
-#[async_trait::async_trait]
-impl Ledger for ReadOnlyLedger {
-    async fn request_approval(&self, _: &str, _: &Operation) -> Result<String, LedgerDenial> {
-        Err(refused())
-    }
-    async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-    async fn count(&self, _: &str, _: Verb) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-    async fn audit(&self, _: AuditEvent) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-}
-
-fn refused() -> LedgerDenial {
-    LedgerDenial {
-        code: LedgerCode::BrokerUnreachable,
-        reason: "read-only benchmark".into(),
-    }
-}
 
 #[derive(Clone)]
 struct Volumes;
@@ -227,7 +200,7 @@ async fn main() {
     let keys = Arc::new(RwLock::new(Arc::new(
         keyring.public_keys().expect("public"),
     )));
-    let ledger: Arc<dyn Ledger> = Arc::new(ReadOnlyLedger);
+    let ledger: Arc<dyn Ledger> = Arc::new(NoBroker);
     let gateway = Arc::new(
         Gateway::new(config, keys, view, Arc::new(ContainmentView::new()), ledger)
             .expect("gateway"),

@@ -13,12 +13,11 @@ use capgate::adapters::http::routes::RouteConfig;
 use capgate::adapters::http::{Proxy, ProxyConfig, UpstreamConfig};
 use capgate::adapters::Mode;
 use capgate::config::RunLimits;
-use capgate::containment::audit::AuditEvent;
-use capgate::containment::Operation;
-use capgate::guard::{ContainmentView, Ledger, LedgerCode, LedgerDenial};
+use capgate::guard::{ContainmentView, Ledger};
 use capgate::revocation::RevocationView;
 use capgate::scope::Verb;
 use capgate::token::{encode, mint, random_id, GrantedRight, Keyring, TokenSpec};
+use capgate_test_support::NoBroker;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -30,32 +29,6 @@ async fn serve(router: axum::Router) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, router).await });
     addr
-}
-
-/// Reads carry no obligations, so a ledger that refuses everything is never consulted.
-struct ReadOnlyLedger;
-
-#[async_trait::async_trait]
-impl Ledger for ReadOnlyLedger {
-    async fn request_approval(&self, _: &str, _: &Operation) -> Result<String, LedgerDenial> {
-        Err(refused())
-    }
-    async fn consume_approval(&self, _: &str, _: &str, _: &str) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-    async fn count(&self, _: &str, _: Verb) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-    async fn audit(&self, _: AuditEvent) -> Result<(), LedgerDenial> {
-        Err(refused())
-    }
-}
-
-fn refused() -> LedgerDenial {
-    LedgerDenial {
-        code: LedgerCode::BrokerUnreachable,
-        reason: "read-only benchmark".into(),
-    }
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
@@ -208,7 +181,7 @@ async fn main() {
     let mut slow_config = config.clone();
     slow_config.upstream.url = format!("http://{slow_upstream}");
     let containment = Arc::new(ContainmentView::new());
-    let ledger: Arc<dyn Ledger> = Arc::new(ReadOnlyLedger);
+    let ledger: Arc<dyn Ledger> = Arc::new(NoBroker);
     let proxy = Arc::new(
         Proxy::new(
             config,

@@ -63,6 +63,27 @@ fn fixture() -> Fixture {
     }
 }
 
+/// Another guard of the items app over `fixture`'s keys and revocation view.
+fn guard_of(fixture: &Fixture, limits: RunLimits, cache_capacity: usize) -> Guard {
+    Guard::new(
+        GuardConfig {
+            adapter: "items-app".into(),
+            max_token_bytes: 16 * 1024,
+            max_staleness: Duration::from_secs(3600 * 2),
+            limits,
+            cache_capacity,
+        },
+        Arc::new(RwLock::new(Arc::new(
+            fixture.keyring.public_keys().expect("keys"),
+        ))),
+        fixture.revocations.clone(),
+        PolicySet::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
+        )
+        .expect("policy"),
+    )
+}
+
 fn token(fixture: &Fixture, rights: &[(&str, Verb)], session: &str) -> String {
     let now = SystemTime::now();
     let spec = TokenSpec {
@@ -286,27 +307,12 @@ async fn a_stale_revocation_view_denies_in_process_too() {
 #[tokio::test]
 async fn hitting_a_datalog_run_limit_is_its_own_deny_reason() {
     let fixture = fixture();
-    let tight = Guard::new(
-        GuardConfig {
-            adapter: "items-app".into(),
-            max_token_bytes: 16 * 1024,
-            max_staleness: Duration::from_secs(3600 * 2),
-            limits: RunLimits {
-                max_facts: 10_000,
-                max_iterations: 100,
-                max_time: Duration::from_nanos(1),
-            },
-            cache_capacity: 0,
-        },
-        Arc::new(RwLock::new(Arc::new(
-            fixture.keyring.public_keys().expect("keys"),
-        ))),
-        fixture.revocations.clone(),
-        PolicySet::load_dir(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
-        )
-        .expect("policy"),
-    );
+    let limits = RunLimits {
+        max_facts: 10_000,
+        max_iterations: 100,
+        max_time: Duration::from_nanos(1),
+    };
+    let tight = guard_of(&fixture, limits, 0);
     let token = token(&fixture, &[("http://app/items/", Verb::Read)], &random_id());
     let request = GuardRequest {
         resource: "http://app/items/1".into(),
@@ -481,24 +487,7 @@ async fn an_approval_asked_through_the_layer_binds_the_body() {
         &approvals.public(),
     ))
     .expect("containment");
-    let guard = Guard::new(
-        GuardConfig {
-            adapter: "items-app".into(),
-            max_token_bytes: 16 * 1024,
-            max_staleness: Duration::from_secs(3600 * 2),
-            limits: RunLimits::default(),
-            cache_capacity: 100,
-        },
-        Arc::new(RwLock::new(Arc::new(
-            fixture.keyring.public_keys().expect("public"),
-        ))),
-        fixture.revocations.clone(),
-        PolicySet::load_dir(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/adapters"),
-        )
-        .expect("policy"),
-    )
-    .with_containment(view);
+    let guard = guard_of(&fixture, RunLimits::default(), 100).with_containment(view);
     let ledger = Arc::new(AskingLedger::default());
     let mut router = app_with(Arc::new(guard), Mode::Enforce, Some(ledger.clone()));
     let token = token(
